@@ -83,7 +83,9 @@ class RecalibratorSpec:
                 f"text_config), got {type(self.text_config).__name__}"
             )
         if not callable(self.rotary_position_ids):
-            raise ValueError("RecalibratorSpec.rotary_position_ids must be callable: (B, N) ids -> rotary ids")
+            raise ValueError(
+                "RecalibratorSpec.rotary_position_ids must be callable: (B, N) ids -> rotary ids"
+            )
 
 
 @dataclass
@@ -148,7 +150,9 @@ class Recalibrator(nn.Module):
     ) -> None:
         super().__init__()
         if teacher_hidden_size <= 0:
-            raise ValueError(f"teacher_hidden_size must be positive (the teacher's D_l), got {teacher_hidden_size}")
+            raise ValueError(
+                f"teacher_hidden_size must be positive (the teacher's D_l), got {teacher_hidden_size}"
+            )
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1 (the paper uses 2), got {num_blocks}")
         if attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
@@ -161,7 +165,9 @@ class Recalibrator(nn.Module):
         self._rotary_position_ids = spec.rotary_position_ids
 
         self.proj_pre = nn.Linear(self.teacher_hidden_size, self.student_hidden_size)
-        self.rec_body = nn.ModuleList(spec.decoder_layer_cls(self.config, layer_idx=i) for i in range(num_blocks))
+        self.rec_body = nn.ModuleList(
+            spec.decoder_layer_cls(self.config, layer_idx=i) for i in range(num_blocks)
+        )
         self.rotary_emb = spec.rotary_embedding_cls(config=self.config)
         self.norm = spec.norm_cls(self.student_hidden_size, eps=_norm_eps(self.config))
         self.proj_post = nn.Linear(self.student_hidden_size, self.teacher_hidden_size)
@@ -212,7 +218,9 @@ class Recalibrator(nn.Module):
         answer_parts = iter(answers.split(answer_lengths))  # each (La_k, D_s)
         if question_from_teacher:
             question_lengths = [int(q.shape[0]) for s in batch for q in s.question_segments]
-            questions = self.proj_pre(torch.cat([q for s in batch for q in s.question_segments]).to(device, dtype))
+            questions = self.proj_pre(
+                torch.cat([q for s in batch for q in s.question_segments]).to(device, dtype)
+            )
             question_parts = iter(questions.split(question_lengths))
         else:
             question_parts = iter(q.to(device, dtype) for s in batch for q in s.question_segments)
@@ -273,7 +281,9 @@ class Recalibrator(nn.Module):
     ) -> None:
         questions, answers = sample.question_segments, sample.answer_segments
         if len(answers) == 0:
-            raise ValueError(f"sample {index} has no answer segments; every sample needs at least one answer span")
+            raise ValueError(
+                f"sample {index} has no answer segments; every sample needs at least one answer span"
+            )
         if len(questions) != len(answers):
             raise ValueError(
                 f"sample {index} has {len(questions)} question segments but {len(answers)} answer segments; the "
@@ -281,7 +291,7 @@ class Recalibrator(nn.Module):
                 "change any answer output: drop them)"
             )
         path = "regularisation path (z_ql, D_l)" if question_from_teacher else "student path (z_qs, D_s)"
-        for k, (question, answer) in enumerate(zip(questions, answers)):
+        for k, (question, answer) in enumerate(zip(questions, answers, strict=True)):
             if question.ndim != 2 or question.shape[1] != question_width:
                 raise ValueError(
                     f"sample {index}, question segment {k}: expected shape (Lq, {question_width}) on the {path}, "
@@ -321,7 +331,9 @@ def alignment_similarity(
     N per-sample answer outputs ``(La_i, D_l)``, which are mean-pooled here. Once aligned the diagonal is clearly
     higher than the off-diagonal entries.
     """
-    student = student_path_outputs if isinstance(student_path_outputs, Tensor) else mean_pool(student_path_outputs)
+    student = (
+        student_path_outputs if isinstance(student_path_outputs, Tensor) else mean_pool(student_path_outputs)
+    )
     regularisation = (
         regularisation_path_outputs
         if isinstance(regularisation_path_outputs, Tensor)

@@ -13,6 +13,7 @@ The vision encoder never trains. A student model's parameters come from its fami
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -81,7 +82,9 @@ def parse_stages(text: str) -> list[Stage]:
     choices = ", ".join(f"{stage.value}={stage.name.lower()}" for stage in Stage)
     items = [item.strip() for item in text.split(",")]
     if not text.strip() or any(not item for item in items):
-        raise ValueError(f"stages must be a comma-separated list such as '1,2,3' (choices: {choices}), got {text!r}")
+        raise ValueError(
+            f"stages must be a comma-separated list such as '1,2,3' (choices: {choices}), got {text!r}"
+        )
     stages = []
     for item in items:
         if item.isdigit() and int(item) in {stage.value for stage in Stage}:
@@ -90,7 +93,7 @@ def parse_stages(text: str) -> list[Stage]:
             stages.append(Stage[item.upper()])
         else:
             raise ValueError(f"unknown stage {item!r} in {text!r}; choices: {choices}")
-    if any(later <= earlier for earlier, later in zip(stages, stages[1:])):
+    if any(later <= earlier for earlier, later in itertools.pairwise(stages)):
         raise ValueError(
             f"stages must be distinct and in increasing order (each starts from the previous one's checkpoint), "
             f"got {text!r}"

@@ -122,6 +122,7 @@ class FamilyAdapter:
     rotary_position_ids: Callable[[torch.Tensor], torch.Tensor] = identity_position_ids
     head_prefixes: tuple[str, ...] = ("lm_head",)
     processor_kwargs: dict = field(default_factory=dict)
+    text_model_attr: str = "language_model"  # the text decoder's attribute on ``model.model`` (Idefics3: text_model)
 
     # ---- loading -------------------------------------------------------------------------------------
     def load(self, path: str | Path, *, dtype: torch.dtype | None = None, device_map=None) -> LoadedVLM:
@@ -178,7 +179,7 @@ class FamilyAdapter:
         return model.get_output_embeddings()
 
     def text_model(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
+        return getattr(model.model, self.text_model_attr)
 
     def parameter_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
         """Parameters by paper part. A tied head appears in both "body" (embeddings) and "head"."""

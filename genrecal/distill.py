@@ -1,0 +1,118 @@
+"""One GenRecal training step's objective: L1 + L2 through the Recalibrator and the teacher's head, plus L3.
+
+The teacher is anything with ``score(features, answer_outputs, *, normalizer, ce_weight, kl_weight) ->
+(HeadScore, per-sample gradients)`` — :class:`genrecal.teacher.InProcessTeacher` here, the gRPC client in the
+student trainer. The head gradient comes back as a tensor and enters autograd through a surrogate
+``(r * g.detach()).sum()`` (:func:`genrecal.losses.surrogate_loss`), so the RPC boundary does not change the
+mathematics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from genrecal.families import EncodedBatch, LoadedVLM
+from genrecal.losses import student_sft_loss, surrogate_loss
+from genrecal.recalibrator import Recalibrator, RecalibratorInput
+from genrecal.stages import STAGES, Stage
+from genrecal.teacher import TeacherFeatures
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms; the ablations of the paper switch parts off."""
+
+    ce_weight: float = 1.0  # the CE part of L1/L2 (L_ar); 0 = KL-only ablation
+    kl_weight: float = 1.0
+    regularisation: bool = True  # L2, the regularisation path; False = its ablation
+    sft_weight: float = 1.0  # L3
+
+    def __post_init__(self) -> None:
+        for name in ("ce_weight", "kl_weight", "sft_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.ce_weight == 0 and self.kl_weight == 0:
+            raise ValueError("LossConfig: ce_weight and kl_weight are both 0, so L1/L2 would be empty; set one > 0")
+
+
+@dataclass
+class StepObjective:
+    loss: Tensor  # scalar to back-propagate; its gradient is exactly that of the stage's losses
+    metrics: dict[str, float] = field(default_factory=dict)  # L1_ce, L1_kl, L2_ce, L2_kl, L3, token counts
+
+
+def student_path_inputs(
+    student_hidden: Tensor, batch: EncodedBatch, features: Sequence[TeacherFeatures]
+) -> list[RecalibratorInput]:
+    """Alg. 1 inputs ``[z_qs; z_al]``: the student's question features with the teacher's answer features."""
+    inputs = []
+    for i, teacher in enumerate(features):
+        if teacher.sample_id != batch.sample_ids[i]:
+            raise ValueError(f"teacher features are for sample {teacher.sample_id!r}, the student batch has {batch.sample_ids[i]!r}")
+        segments = batch.question_segments(i)
+        if len(segments) != len(teacher.answer_segments):
+            raise ValueError(
+                f"sample {teacher.sample_id!r}: the student sees {len(segments)} answers, the teacher "
+                f"{len(teacher.answer_segments)}; both must format the same conversation"
+            )
+        questions = [student_hidden[i, s:e] for s, e in segments]  # (Lq_k, D_s)
+        inputs.append(RecalibratorInput(question_segments=questions, answer_segments=teacher.answer_segments))
+    return inputs
+
+
+def regularisation_path_inputs(features: Sequence[TeacherFeatures]) -> list[RecalibratorInput]:
+    """Alg. 2 inputs ``[z_ql; z_al]``: teacher features throughout."""
+    return [RecalibratorInput(question_segments=f.question_segments, answer_segments=f.answer_segments) for f in features]
+
+
+def genrecal_objective(
+    stage: Stage,
+    student: LoadedVLM,
+    batch: EncodedBatch,
+    *,
+    recalibrator: Recalibrator | None = None,
+    teacher=None,
+    features: Sequence[TeacherFeatures] | None = None,
+    teacher_tokens: float | None = None,
+    student_tokens: float | None = None,
+    losses: LossConfig = LossConfig(),
+) -> StepObjective:
+    """The stage's loss for one micro-batch.
+
+    ``teacher_tokens`` / ``student_tokens`` normalise L1/L2 and L3: pass the answer-token counts of the whole
+    optimizer step (all micro-batches, all ranks) so accumulated gradients equal one large batch's.
+    """
+    spec = STAGES[Stage(stage)]
+    metrics: dict[str, float] = {}
+    total = None
+    train_student = "body" in spec.trainable
+    with torch.set_grad_enabled(train_student):  # stage 1: the student is frozen, z_qs is a constant
+        hidden = student.body_hidden_states(batch)  # (B, L_s, D_s)
+
+    if "L3" in spec.losses:
+        l3, n = student_sft_loss(hidden, student.head, batch.labels(), normalizer=student_tokens)
+        total = losses.sft_weight * l3
+        metrics.update(L3=float(l3.detach()), student_tokens=float(n))
+
+    if spec.needs_teacher:
+        if recalibrator is None or teacher is None or features is None:
+            raise ValueError(f"stage {int(stage)} needs the Recalibrator, a teacher and the teacher's features")
+        paths = [("L1", student_path_inputs(hidden, batch, features), False)]
+        if losses.regularisation:
+            paths.append(("L2", regularisation_path_inputs(features), True))
+        for name, inputs, question_from_teacher in paths:
+            outputs = recalibrator(inputs, question_from_teacher=question_from_teacher)  # B x (La_l, D_l)
+            score, grads = teacher.score(
+                features, [r.detach() for r in outputs], normalizer=teacher_tokens,
+                ce_weight=losses.ce_weight, kl_weight=losses.kl_weight,
+            )
+            value = losses.ce_weight * float(score.ce) + losses.kl_weight * float(score.kl)
+            term = surrogate_loss(torch.cat(outputs), torch.cat(grads), value=value)
+            total = term if total is None else total + term
+            metrics.update({f"{name}_ce": float(score.ce), f"{name}_kl": float(score.kl)})
+        metrics["teacher_tokens"] = float(sum(f.num_answer_tokens for f in features))
+    return StepObjective(loss=total, metrics=metrics)

@@ -1,0 +1,81 @@
+"""InternVL2.5 / InternVL3 ``-hf`` (``InternVLForConditionalGeneration``): InternViT, pixel-shuffle MLP, Qwen2.
+
+Images are cut into fixed-size tiles (GotOcr2 "crop to patches", plus a thumbnail when there are several);
+each tile becomes ``<img>`` + ``image_seq_length`` ``<IMG_CONTEXT>`` tokens + ``</img>``.
+"""
+
+from __future__ import annotations
+
+from genrecal.families.base import FamilyAdapter
+from genrecal.tiny import TinySizes, add_family_tokens, padded_vocab_size
+
+# The chat template of the InternVL3 -hf checkpoints (chat_template.jinja, 481 bytes, e.g. OpenGVLab/InternVL3-14B-hf),
+# as written by huggingface/transformers src/transformers/models/internvl/convert_internvl_weights_to_hf.py.
+# No default system prompt; images render as <IMG_CONTEXT>, which the processor expands to <img>...</img>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+# Qwen2.5's chat markers, then InternVL3-hf's added tokens in their order (<video> last, after </box>).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                  "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>"]
+# Named tokens InternVLProcessor reads from the tokenizer (saved in tokenizer_config.json).
+PROCESSOR_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                    "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+TILE = 56  # px; 14-px patches -> 4x4, pixel-shuffled by 0.5 -> 2x2 = 4 <IMG_CONTEXT> tokens per tile
+PATCH = 14
+DOWNSAMPLE_RATIO = 0.5
+
+
+def tiny_recipe(sizes: TinySizes, tokenizer):
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        Qwen2Config,
+    )
+
+    tokenizer = add_family_tokens(tokenizer, SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
+    tokenizer._set_model_specific_special_tokens(PROCESSOR_TOKENS)  # no public setter for named extra tokens
+    tile = {"height": TILE, "width": TILE}
+    mean_std = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    # Up to 2 tiles (+ a thumbnail); a square image is a single tile.
+    image_processor = GotOcr2ImageProcessor(size=tile, crop_to_patches=True, min_patches=1, max_patches=2, **mean_std)
+    video_processor = InternVLVideoProcessor(size=tile, **mean_std)
+    image_seq_length = int((TILE // PATCH) ** 2 * DOWNSAMPLE_RATIO**2)
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                                  image_seq_length=image_seq_length, chat_template=CHAT_TEMPLATE)
+    ids = tokenizer.convert_tokens_to_ids
+    text_config = Qwen2Config(
+        vocab_size=padded_vocab_size(tokenizer), hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.num_layers,
+        num_attention_heads=sizes.num_heads, num_key_value_heads=sizes.num_kv_heads,
+        max_position_embeddings=4096, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    vision_config = dict(hidden_size=sizes.vision_hidden_size, num_hidden_layers=sizes.vision_layers,
+                         num_attention_heads=sizes.vision_heads, intermediate_size=2 * sizes.vision_hidden_size,
+                         image_size=TILE, patch_size=PATCH)
+    config = InternVLConfig(text_config=text_config, vision_config=vision_config, image_token_id=ids("<IMG_CONTEXT>"),
+                            image_seq_length=image_seq_length, downsample_ratio=DOWNSAMPLE_RATIO,
+                            architectures=["InternVLForConditionalGeneration"])
+    return config, processor
+
+
+ADAPTER = FamilyAdapter(
+    model_type="internvl",
+    architectures=("InternVLForConditionalGeneration",),
+    vision_encoder_prefixes=("model.vision_tower.",),
+    projector_prefixes=("model.multi_modal_projector.",),
+    body_prefixes=("model.language_model.",),
+    end_of_turn="<|im_end|>",
+    tiny_recipe=tiny_recipe,
+    processor_kwargs={"padding_side": "right"},  # InternVLProcessor pads left by default; spans assume right
+)

@@ -1,0 +1,156 @@
+"""GenRecal's three stages in one process (teacher and student side by side, plain PyTorch AdamW).
+
+This is the reference loop: the DeepSpeed trainer (``student_trainer``) runs the same objective
+(:func:`genrecal.distill.genrecal_objective`) against a remote teacher. Stages hand off through checkpoints
+only: stage ``n`` writes ``OUT/stage{n}/student`` (a plain checkpoint of the student's family) and
+``OUT/stage{n}/recalibrator.safetensors``; stage ``n+1`` starts from those files. The final student is the last
+stage's ``student`` folder, with no Recalibrator in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from genrecal.distill import LossConfig, genrecal_objective
+from genrecal.families import LoadedVLM, load_vlm
+from genrecal.recalibrator import Recalibrator
+from genrecal.sample import Sample
+from genrecal.stages import STAGES, Stage, set_trainable
+from genrecal.teacher import InProcessTeacher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageRunConfig:
+    """Optimisation settings; defaults are the paper's (AdamW, 1e-4 -> 1e-5 linear per stage, accumulation 16)."""
+
+    stages: list[int] = field(default_factory=lambda: [1, 2, 3])
+    steps_per_stage: int = 10  # optimizer steps
+    batch_size: int = 2  # samples per micro-batch
+    grad_accum: int = 16
+    lr: float = 1e-4
+    lr_end: float = 1e-5
+    weight_decay: float = 0.0
+    rec_blocks: int = 2
+    max_length: int | None = None
+    chunk_size: int = 1024
+    seed: int = 0
+    losses: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        self.stages = [int(Stage(s)) for s in self.stages]
+        for name in ("steps_per_stage", "batch_size", "grad_accum", "rec_blocks", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StageRunConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.lr_end <= self.lr:
+            raise ValueError(f"need 0 < lr_end <= lr, got lr={self.lr}, lr_end={self.lr_end}")
+
+
+def linear_decay(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_end: float):
+    """LR from ``lr`` at the first step to ``lr_end`` at the last, linearly (the paper's per-stage schedule)."""
+    span = max(steps - 1, 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (lr + (lr_end - lr) * min(step, span) / span) / lr
+    )
+
+
+def micro_batches(samples: Sequence[Sample], batch_size: int, seed: int):
+    """Endless micro-batches; each epoch is a fresh seeded shuffle."""
+    rng = random.Random(seed)
+    order = list(range(len(samples)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield [samples[i] for i in order[start : start + batch_size]]
+
+
+def save_stage(out: Path, student: LoadedVLM, recalibrator: Recalibrator | None, history: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    student.model.save_pretrained(out / "student", safe_serialization=True)
+    student.processor.save_pretrained(out / "student")
+    if recalibrator is not None:
+        save_file({k: v.contiguous() for k, v in recalibrator.state_dict().items()}, out / "recalibrator.safetensors")
+    with open(out / "metrics.jsonl", "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_stages(
+    teacher_path: str | Path | None,
+    student_path: str | Path,
+    samples: Sequence[Sample],
+    output_dir: str | Path,
+    config: StageRunConfig | None = None,
+) -> dict[int, list[dict]]:
+    """Run the configured stages; return per-stage metric histories (one dict per optimizer step)."""
+    config = config or StageRunConfig()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    needs_teacher = any(STAGES[Stage(s)].needs_teacher for s in config.stages)
+    if needs_teacher and teacher_path is None:
+        raise ValueError("stages 1 and 2 need a teacher checkpoint")
+    teacher = InProcessTeacher(load_vlm(teacher_path), max_length=config.max_length, chunk_size=config.chunk_size) if needs_teacher else None
+
+    histories: dict[int, list[dict]] = {}
+    current_student, current_recalibrator = Path(student_path), None
+    for stage_number in config.stages:
+        stage = Stage(stage_number)
+        torch.manual_seed(config.seed + stage_number)
+        student = load_vlm(current_student)
+        recalibrator = None
+        if STAGES[stage].needs_teacher:
+            recalibrator = Recalibrator(student.adapter.recalibrator_spec(student.model), teacher.hidden_size,
+                                        num_blocks=config.rec_blocks)
+            if current_recalibrator is not None:
+                recalibrator.load_state_dict(load_file(current_recalibrator), strict=True)
+        student.model.train()
+        params = set_trainable(stage, student.adapter.parameter_groups(student.model), recalibrator)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = linear_decay(optimizer, config.steps_per_stage, config.lr, config.lr_end)
+        batches = micro_batches(samples, config.batch_size, config.seed + stage_number)
+        history = []
+        for step in range(config.steps_per_stage):
+            group = [next(batches) for _ in range(config.grad_accum)]
+            row = _optimizer_step(stage, student, recalibrator, teacher, group, config)
+            row.update(stage=stage_number, step=step, lr=scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append(row)
+            logger.info("stage %d step %d %s", stage_number, step, row)
+        student.model.eval()
+        out = output_dir / f"stage{stage_number}"
+        save_stage(out, student, recalibrator, history)
+        histories[stage_number] = history
+        current_student = out / "student"
+        current_recalibrator = out / "recalibrator.safetensors" if recalibrator is not None else current_recalibrator
+    return histories
+
+
+def _optimizer_step(stage, student, recalibrator, teacher, group, config) -> dict:
+    """Accumulate one optimizer step's gradients over its micro-batches; return summed metrics."""
+    student_batches = [student.encode(samples, max_length=config.max_length) for samples in group]
+    features = [teacher.encode(samples) for samples in group] if STAGES[stage].needs_teacher else [None] * len(group)
+    # Normalise by the answer-token count of the whole step, so accumulation equals one large batch.
+    student_tokens = sum(int((b.labels()[:, 1:] != -100).sum()) for b in student_batches)
+    teacher_tokens = sum(f.num_answer_tokens for fs in features if fs for f in fs) or None
+    totals: dict[str, float] = {}
+    for batch, feats in zip(student_batches, features, strict=True):
+        objective = genrecal_objective(
+            stage, student, batch, recalibrator=recalibrator, teacher=teacher, features=feats,
+            teacher_tokens=teacher_tokens, student_tokens=student_tokens, losses=config.losses,
+        )
+        objective.loss.backward()
+        for key, value in objective.metrics.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return totals

@@ -1,0 +1,115 @@
+"""The teacher's side of GenRecal, independent of transport.
+
+For each sample the teacher (a frozen VLM) formats the conversation with its own processor and template and
+runs its body once (``no_grad``). The student needs the answer features ``z_al`` (and the question features
+``z_ql`` for the regularisation path); the teacher keeps, for scoring, its own states at its prediction
+positions (they give ``P_l``) and its answer token ids (``gt_l``). :class:`InProcessTeacher` holds both sides
+in one process; the gRPC service (``teacher_server``) splits them across the network with the same math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from genrecal.families import EncodedBatch, LoadedVLM
+from genrecal.head_scoring import HeadScore, score_with_head
+from genrecal.sample import Sample
+
+
+@dataclass
+class TeacherFeatures:
+    """One sample as the teacher sees it. Widths are the teacher's hidden size ``D_l``."""
+
+    sample_id: str
+    answer_segments: list[Tensor]  # k-th: (La_k, D_l) z_al, body states at answer-token positions of answer k
+    question_segments: list[Tensor]  # k-th: (Lq_k, D_l) z_ql, body states of the non-answer tokens before answer k
+    answer_token_ids: Tensor  # (La,) gt_l, all answers concatenated
+    prediction_states: Tensor  # (La, D_l) body states at the prediction positions (kept by the teacher for P_l)
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return int(self.answer_token_ids.shape[0])
+
+
+@torch.no_grad()
+def extract_teacher_features(vlm: LoadedVLM, batch: EncodedBatch) -> list[TeacherFeatures]:
+    """Run the teacher body once over ``batch`` and slice out what GenRecal needs, per sample."""
+    hidden = vlm.body_hidden_states(batch)  # (B, L_l, D_l)
+    features = []
+    for i, sample_id in enumerate(batch.sample_ids):
+        states = hidden[i]  # (L_l, D_l)
+        features.append(
+            TeacherFeatures(
+                sample_id=sample_id,
+                answer_segments=[states[s:e] for s, e in batch.answer_spans[i]],
+                question_segments=[states[s:e] for s, e in batch.question_segments(i)],
+                answer_token_ids=batch.answer_token_ids(i),
+                prediction_states=states[batch.prediction_positions(i)],
+            )
+        )
+    return features
+
+
+def split_rows(tensor: Tensor, counts: Sequence[int]) -> list[Tensor]:
+    """(sum(counts), ...) -> per-sample pieces."""
+    return list(torch.split(tensor, list(counts), dim=0))
+
+
+class InProcessTeacher:
+    """A frozen teacher VLM in this process: encodes samples and scores answer outputs with its head."""
+
+    def __init__(self, vlm: LoadedVLM, *, max_length: int | None = None, chunk_size: int = 1024):
+        self.vlm = vlm
+        self.max_length = max_length
+        self.chunk_size = chunk_size
+        vlm.model.eval()
+        vlm.model.requires_grad_(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vlm.head.weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vlm.head.weight.shape[0]
+
+    def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
+        model = self.vlm.model
+        batch = self.vlm.encode(samples, max_length=self.max_length).to(model.device, model.dtype)
+        return extract_teacher_features(self.vlm, batch)
+
+    def score(
+        self,
+        features: Sequence[TeacherFeatures],
+        answer_outputs: Sequence[Tensor],
+        *,
+        normalizer: float | None = None,
+        ce_weight: float = 1.0,
+        kl_weight: float = 1.0,
+    ) -> tuple[HeadScore, list[Tensor]]:
+        """Score per-sample answer outputs ``(La_i, D_l)``; return the batch score and per-sample gradients."""
+        head = self.vlm.head
+        for f, r in zip(features, answer_outputs, strict=True):
+            if r.shape != (f.num_answer_tokens, self.hidden_size):
+                raise ValueError(
+                    f"sample {f.sample_id!r}: answer outputs must be ({f.num_answer_tokens}, {self.hidden_size}), "
+                    f"got {tuple(r.shape)}"
+                )
+        inputs = torch.cat([r.detach() for r in answer_outputs]).to(head.weight.device, head.weight.dtype)
+        score = score_with_head(
+            head.weight,
+            inputs,
+            torch.cat([f.answer_token_ids for f in features]).to(head.weight.device),
+            torch.cat([f.prediction_states for f in features]),
+            head_bias=head.bias,
+            ce_weight=ce_weight,
+            kl_weight=kl_weight,
+            normalizer=normalizer,
+            chunk_size=self.chunk_size,
+        )
+        grads = split_rows(score.grad_inputs, [f.num_answer_tokens for f in features])
+        return score, grads

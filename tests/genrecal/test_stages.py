@@ -1,0 +1,171 @@
+"""The stage table, stage parsing, and which parameters each stage trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
+
+from genrecal.losses import answer_path_loss, student_sft_loss
+from genrecal.recalibrator import Recalibrator, RecalibratorInput, RecalibratorSpec
+from genrecal.stages import STAGES, STUDENT_GROUPS, Stage, parse_stages, set_trainable
+
+D_S, D_L, VOCAB = 16, 24, 40
+
+
+def test_stage_table_matches_the_paper():
+    assert [int(s) for s in Stage] == [1, 2, 3]
+    assert STAGES[Stage.ALIGNMENT].losses == {"L1", "L2"}
+    assert STAGES[Stage.DISTILLATION].losses == {"L1", "L2", "L3"}
+    assert STAGES[Stage.SFT].losses == {"L3"}
+    assert STAGES[Stage.ALIGNMENT].trainable == {"recalibrator"}
+    assert STAGES[Stage.DISTILLATION].trainable == {"recalibrator", "body"}
+    assert STAGES[Stage.SFT].trainable == {"projector", "body", "head"}
+    assert [STAGES[s].needs_teacher for s in Stage] == [True, True, False]
+    assert all("vision_encoder" not in spec.trainable for spec in STAGES.values())
+    with pytest.raises(TypeError):
+        STAGES[Stage.SFT] = STAGES[Stage.ALIGNMENT]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1,2,3", [Stage.ALIGNMENT, Stage.DISTILLATION, Stage.SFT]),
+        (" 2 , 3 ", [Stage.DISTILLATION, Stage.SFT]),
+        ("alignment,SFT", [Stage.ALIGNMENT, Stage.SFT]),
+        ("3", [Stage.SFT]),
+    ],
+)
+def test_parse_stages(text, expected):
+    assert parse_stages(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "comma-separated"),
+        ("1,,2", "comma-separated"),
+        ("4", "unknown stage '4'"),
+        ("x", "1=alignment"),
+        ("3,1", "increasing"),
+        ("1,1", "distinct"),
+    ],
+)
+def test_parse_stages_rejects_bad_lists(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_stages(text)
+
+
+class ToyStudent(nn.Module):
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.vision_encoder = nn.Linear(4, 4)
+        self.projector = nn.Linear(4, 4)
+        self.embed = nn.Embedding(VOCAB, 4)
+        self.layer = nn.Linear(4, 4)
+        self.head = nn.Linear(4, VOCAB, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def groups(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            "vision_encoder": list(self.vision_encoder.parameters()),
+            "projector": list(self.projector.parameters()),
+            "body": [*self.embed.parameters(), *self.layer.parameters()],
+            "head": list(self.head.parameters()),
+        }
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("stage", list(Stage))
+def test_set_trainable(stage, tied):
+    student, recalibrator = ToyStudent(tied), nn.Linear(3, 3)
+    trainable = set_trainable(stage, student.groups(), recalibrator)
+    spec = STAGES[stage]
+    for name, parameters in student.groups().items():
+        tied_head = tied and name == "head"  # the same Parameter as the body's embedding
+        expected = name in spec.trainable or (tied_head and "body" in spec.trainable)
+        assert all(p.requires_grad == expected for p in parameters), name
+    assert all(p.requires_grad == ("recalibrator" in spec.trainable) for p in recalibrator.parameters())
+    # Each parameter once, exactly the ones that now require grad.
+    all_parameters = {id(p): p for p in [*student.parameters(), *recalibrator.parameters()]}
+    assert len(trainable) == len({id(p) for p in trainable})
+    assert {id(p) for p in trainable} == {k for k, p in all_parameters.items() if p.requires_grad}
+
+
+def test_set_trainable_rejects_missing_pieces():
+    student = ToyStudent(tied=False)
+    groups = student.groups()
+    del groups["head"]
+    with pytest.raises(ValueError, match="head"):
+        set_trainable(Stage.SFT, groups, None)
+    with pytest.raises(ValueError, match="Recalibrator"):
+        set_trainable(Stage.DISTILLATION, student.groups(), None)
+    assert set(STUDENT_GROUPS) == set(student.groups())
+
+
+def run_step(student: Qwen2ForCausalLM, recalibrator: Recalibrator, with_l3: bool) -> None:
+    """One L1 step (plus L3 when asked) from a real student body's question features."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, VOCAB, (1, 7), generator=generator)
+    hidden_states = student.model(input_ids=input_ids).last_hidden_state  # (1, 7, D_s)
+    question_features = hidden_states[0, :5]  # z_qs
+    answer_features = torch.randn(3, D_L, generator=generator)  # z_al
+    (outputs,) = recalibrator([RecalibratorInput([question_features], [answer_features])], False)
+    head_weight = torch.randn(VOCAB, D_L, generator=generator)
+    loss, _ = answer_path_loss(
+        head_weight, outputs, torch.tensor([4, 5, 6]), torch.randn(3, D_L, generator=generator)
+    )
+    if with_l3:
+        labels = input_ids.clone()
+        labels[:, :5] = -100
+        loss = loss + student_sft_loss(hidden_states, student.lm_head, labels)[0]
+    loss.backward()
+
+
+def tiny_student_and_recalibrator() -> tuple[Qwen2ForCausalLM, Recalibrator]:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        hidden_size=D_S,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    student = Qwen2ForCausalLM(config)
+    spec = RecalibratorSpec(Qwen2DecoderLayer, config, Qwen2RotaryEmbedding, Qwen2RMSNorm)
+    return student, Recalibrator(spec, D_L)
+
+
+def student_groups(student: Qwen2ForCausalLM) -> dict[str, list[nn.Parameter]]:
+    return {
+        "vision_encoder": [],
+        "projector": [],
+        "body": list(student.model.parameters()),
+        "head": list(student.lm_head.parameters()),
+    }
+
+
+def test_a_stage_1_step_leaves_the_student_without_gradients():
+    student, recalibrator = tiny_student_and_recalibrator()
+    trainable = set_trainable(Stage.ALIGNMENT, student_groups(student), recalibrator)
+    assert {id(p) for p in trainable} == {id(p) for p in recalibrator.parameters()}
+    run_step(student, recalibrator, with_l3=False)
+    assert all(p.grad is None for p in student.parameters())
+    assert all(p.grad is not None for p in recalibrator.parameters())
+
+
+def test_a_stage_2_step_trains_the_body_through_l1_and_l3_but_not_the_head():
+    student, recalibrator = tiny_student_and_recalibrator()
+    set_trainable(Stage.DISTILLATION, student_groups(student), recalibrator)
+    run_step(student, recalibrator, with_l3=True)
+    assert student.lm_head.weight.grad is None
+    assert all(p.grad is not None for p in student.model.layers.parameters())
+    assert all(p.grad is not None for p in recalibrator.parameters())
