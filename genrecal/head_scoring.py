@@ -63,7 +63,8 @@ def score_with_head(
         compute_grad: if False, ``grad_inputs`` is None and the third matmul is skipped.
         compile: ``torch.compile`` the per-chunk kernel (fuses the elementwise passes; useful on GPU only).
 
-    Softmaxes are in fp32 (fp64 if the inputs are fp64); KL is forward KL ``sum p (log p - log q)`` at temperature 1, on the same rows as CE.
+    Softmaxes are in fp32 (fp64 if the inputs are fp64); KL is forward KL ``sum p (log p - log q)`` at
+    temperature 1, on the same rows as CE.
     """
     _validate(head_weight, inputs, labels, teacher_states, head_bias, ignore_index)
     if chunk_size < 1:
@@ -76,6 +77,7 @@ def score_with_head(
 
         ce_sum = torch.zeros((), dtype=_upcast(inputs).dtype, device=inputs.device)
         kl_sum = torch.zeros_like(ce_sum)
+        inv_norm = torch.full_like(ce_sum, 1.0 / norm)  # a tensor, so a compiled kernel is not re-specialised
         grad_inputs = torch.zeros_like(inputs) if compute_grad else None  # (N, D)
         for start in range(0, num_tokens, chunk_size):
             chunk_rows = rows[start : start + chunk_size]  # (C,)
@@ -88,7 +90,7 @@ def score_with_head(
                 teacher_chunk,
                 ce_weight,
                 kl_weight,
-                1.0 / norm,
+                inv_norm,
                 compute_grad,
             )
             ce_sum += ce_chunk
@@ -106,7 +108,7 @@ def _score_chunk(
     teacher_states: torch.Tensor | None,
     ce_weight: float,
     kl_weight: float,
-    inv_norm: float,
+    inv_norm: torch.Tensor,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Summed (not normalised) CE and KL of one chunk, and the chunk's normalised gradient (C, D).
@@ -148,7 +150,7 @@ _COMPILED_SCORE_CHUNK = None
 def _compiled_score_chunk():
     global _COMPILED_SCORE_CHUNK
     if _COMPILED_SCORE_CHUNK is None:
-        _COMPILED_SCORE_CHUNK = torch.compile(_score_chunk, dynamic=False)
+        _COMPILED_SCORE_CHUNK = torch.compile(_score_chunk)  # the tail chunk's size triggers dynamic shapes
     return _COMPILED_SCORE_CHUNK
 
 

@@ -251,3 +251,11 @@ def test_chunking_bounds_peak_memory():
     # ... and chunked scoring stays within its documented ~12 bytes x chunk x V (+ the (N, D) gradient).
     assert chunked <= 13 * chunk * v + n * 32 * 4
     assert chunked < full_logits_bytes / 4
+
+
+@pytest.mark.slow
+def test_compiled_kernel_matches_eager():
+    case = make_case(seed=15, bias=True)
+    got = score_with_head(**case, chunk_size=8, normalizer=40.0, compile=True)
+    want = score_with_head(**case, chunk_size=8, normalizer=40.0)
+    assert_scores_close(got, want, rtol=1e-5, atol=1e-5)
