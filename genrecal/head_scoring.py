@@ -42,7 +42,7 @@ def score_with_head(
     ce_weight: float = 1.0,
     kl_weight: float = 1.0,
     normalizer: float | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     compute_grad: bool = True,
     ignore_index: int = IGNORE_INDEX,
     compile: bool = False,

@@ -42,7 +42,7 @@ class StageRunConfig:
     weight_decay: float = 0.0
     rec_blocks: int = 2
     max_length: int | None = None
-    chunk_size: int = 1024
+    chunk_size: int = 512
     seed: int = 0
     losses: LossConfig = field(default_factory=LossConfig)
 

@@ -57,7 +57,7 @@ def answer_path_loss(
     ce_weight: float = 1.0,
     kl_weight: float = 1.0,
     normalizer: float | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
 ) -> tuple[Tensor, HeadScore]:
     """L1 or L2 for the Recalibrator's answer outputs, with the teacher head in this process.
 

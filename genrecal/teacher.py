@@ -28,7 +28,10 @@ class TeacherFeatures:
     answer_segments: list[Tensor]  # k-th: (La_k, D_l) z_al, body states at answer-token positions of answer k
     question_segments: list[Tensor]  # k-th: (Lq_k, D_l) z_ql, body states of the non-answer tokens before answer k
     answer_token_ids: Tensor  # (La,) gt_l, all answers concatenated
-    prediction_states: Tensor  # (La, D_l) body states at the prediction positions (kept by the teacher for P_l)
+    # (La, D_l) body states at the prediction positions, for P_l. Only the teacher holds them: a remote teacher
+    # keeps them server-side under `handle` and the student's copy has None here.
+    prediction_states: Tensor | None = None
+    handle: str | None = None
 
     @property
     def num_answer_tokens(self) -> int:
@@ -62,7 +65,7 @@ def split_rows(tensor: Tensor, counts: Sequence[int]) -> list[Tensor]:
 class InProcessTeacher:
     """A frozen teacher VLM in this process: encodes samples and scores answer outputs with its head."""
 
-    def __init__(self, vlm: LoadedVLM, *, max_length: int | None = None, chunk_size: int = 1024):
+    def __init__(self, vlm: LoadedVLM, *, max_length: int | None = None, chunk_size: int = 512):
         self.vlm = vlm
         self.max_length = max_length
         self.chunk_size = chunk_size

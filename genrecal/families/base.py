@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from genrecal.errors import SampleError
+from genrecal.recalibrator import RecalibratorSpec, identity_position_ids, mrope_position_ids  # noqa: F401
 from genrecal.sample import Sample
 
 PARAMETER_GROUPS = ("vision_encoder", "projector", "body", "head")
@@ -97,15 +98,6 @@ class LoadedVLM:
     @property
     def head(self) -> nn.Linear:
         return self.adapter.head(self.model)
-
-
-def identity_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    return position_ids
-
-
-def mrope_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, N) -> (3, B, N): Qwen2-VL's 3-D M-RoPE with equal temporal/height/width ids is plain 1-D RoPE."""
-    return position_ids.unsqueeze(0).expand(3, -1, -1)
 
 
 @dataclass(frozen=True)
@@ -203,8 +195,6 @@ class FamilyAdapter:
 
     def recalibrator_spec(self, model: nn.Module):
         """What the Recalibrator is built from: the student's own decoder-layer class, config, rotary and norm."""
-        from genrecal.recalibrator import RecalibratorSpec
-
         text_model = self.text_model(model)
         return RecalibratorSpec(
             decoder_layer_cls=type(text_model.layers[0]),
@@ -267,7 +257,7 @@ def _render_and_locate_answers(adapter: FamilyAdapter, processor, sample: Sample
 
     images_seen = 0
     image_counts = []  # images rendered before each boundary
-    for k, message in enumerate(messages):
+    for message in messages:
         images_seen += sum(1 for c in message["content"] if c.get("type") == "image")
         if message["role"] == "assistant":
             image_counts.append(images_seen)

@@ -1,0 +1,68 @@
+"""Idefics3 / SmolVLM (``Idefics3ForConditionalGeneration``): SigLIP-style ViT, pixel-shuffle connector, Llama text model.
+
+Each image becomes ``<fake_token_around_image><global-img><image>*image_seq_len<fake_token_around_image>``
+(image splitting off: no ``<row_i_col_j>`` tiles); ``<end_of_utterance>`` closes every turn.
+"""
+
+from __future__ import annotations
+
+from genrecal.families.base import FamilyAdapter
+from genrecal.tiny import TinySizes, add_family_tokens, padded_vocab_size
+
+# HuggingFaceTB/SmolVLM-Instruct's chat template (Idefics3 architecture), verbatim, as embedded in
+# huggingface/transformers tests/models/smolvlm/test_processor_smolvlm.py (prepare_processor_dict). It writes the
+# bos token <|im_start|> itself; the tokenizer adds none. (Idefics3-8B-Llama3 ships the same template with
+# <|begin_of_text|> in its place.)
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>",
+                  "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))]
+PATCH_SIZE = 14
+SCALE_FACTOR = 2  # the connector's pixel shuffle folds SCALE_FACTOR^2 patches into one image token
+
+
+def tiny_recipe(sizes: TinySizes, tokenizer):
+    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+
+    tokenizer = add_family_tokens(tokenizer, SPECIAL_TOKENS, eos="<end_of_utterance>", pad="<|im_end|>")
+    tokenizer.bos_token = "<|im_start|>"
+    tokenizer.add_bos_token = False  # the template writes the bos token, as with SmolVLM's tokenizer
+    # Images are squashed to side x side (no splitting): (side / 14 / 2)^2 image tokens (56 -> 4).
+    side = sizes.image_size * SCALE_FACTOR
+    image_seq_len = (side // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
+    image_processor = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": side},
+                                             max_image_size={"longest_edge": side})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
+                                  chat_template=CHAT_TEMPLATE)
+    text_config = dict(
+        model_type="llama", vocab_size=padded_vocab_size(tokenizer), hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.num_layers,
+        num_attention_heads=sizes.num_heads, num_key_value_heads=sizes.num_kv_heads, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = dict(hidden_size=sizes.vision_hidden_size, intermediate_size=4 * sizes.vision_hidden_size,
+                         num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
+                         image_size=side, patch_size=PATCH_SIZE)
+    config = Idefics3Config(
+        text_config=text_config, vision_config=vision_config, scale_factor=SCALE_FACTOR,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
+        architectures=["Idefics3ForConditionalGeneration"],
+    )
+    return config, processor
+
+
+ADAPTER = FamilyAdapter(
+    model_type="idefics3",
+    architectures=("Idefics3ForConditionalGeneration",),
+    vision_encoder_prefixes=("model.vision_model.",),
+    projector_prefixes=("model.connector.",),
+    body_prefixes=("model.text_model.",),
+    end_of_turn="<end_of_utterance>",
+    tiny_recipe=tiny_recipe,
+    text_model_attr="text_model",
+)

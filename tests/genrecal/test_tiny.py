@@ -1,0 +1,52 @@
+"""`python -m genrecal.tiny` writes genuine checkpoint folders that load through the ordinary HF path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoConfig, AutoProcessor
+
+from genrecal.families import load_vlm
+from genrecal.tiny import TinySizes, base_tokenizer
+
+
+def test_cli_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "ckpt"
+    result = subprocess.run(
+        [sys.executable, "-m", "genrecal.tiny", "--family", "qwen2_vl", "--out", str(out), "--tokenizer", "llama2",
+         "--hidden-size", "48", "--num-heads", "4", "--num-kv-heads", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "processor_config.json"):
+        assert (out / name).is_file(), name
+    config = AutoConfig.from_pretrained(out)
+    assert config.architectures == ["Qwen2VLForConditionalGeneration"]
+    assert config.text_config.hidden_size == 48
+    processor = AutoProcessor.from_pretrained(out)
+    assert len(processor.tokenizer) >= 32000 and config.text_config.vocab_size >= len(processor.tokenizer)
+    assert json.loads((out / "genrecal_tiny.json").read_text())["tokenizer"] == "llama2"
+    assert load_vlm(out).head.weight.shape[1] == 48
+
+
+def test_cli_rejects_unknown_family(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "genrecal.tiny", "--family", "bert", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "invalid choice" in result.stderr
+
+
+def test_offline_tokenizers_differ():
+    gpt2, llama2 = base_tokenizer("gpt2"), base_tokenizer("llama2")
+    assert (len(gpt2), len(llama2)) == (50257, 32000)
+    text = "What colour is the large circle?"
+    assert gpt2(text).input_ids != llama2(text).input_ids
+    with pytest.raises(ValueError, match="choose one of"):
+        base_tokenizer("bert")
+
+
+def test_sizes_are_validated():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        TinySizes(hidden_size=50, num_heads=4)
