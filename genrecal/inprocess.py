@@ -154,3 +154,46 @@ def _optimizer_step(stage, student, recalibrator, teacher, group, config) -> dic
         for key, value in objective.metrics.items():
             totals[key] = totals.get(key, 0.0) + value
     return totals
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m genrecal.inprocess``: the three stages in one process on a LLaVA-style JSON data set."""
+    import argparse
+
+    from genrecal.sample import sample_from_llava
+
+    parser = argparse.ArgumentParser(prog="python -m genrecal.inprocess", description=main.__doc__)
+    parser.add_argument("--teacher", help="teacher checkpoint folder (needed for stages 1 and 2)")
+    parser.add_argument("--student", required=True, help="student checkpoint folder")
+    parser.add_argument("--data", required=True, help="LLaVA-style JSON list of {id, image, conversations}")
+    parser.add_argument("--image-folder", help="folder the records' image paths are relative to (default: the JSON's)")
+    parser.add_argument("--output", required=True, help="run folder: stage{n}/student, recalibrator, metrics")
+    parser.add_argument("--stages", default="1,2,3", help="comma-separated stages to run (default 1,2,3)")
+    defaults = StageRunConfig()
+    for name in ("steps_per_stage", "batch_size", "grad_accum", "rec_blocks", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
+                            help=f"default {getattr(defaults, name)}")
+    for name in ("lr", "lr_end"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
+                            help=f"default {getattr(defaults, name)}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from genrecal.stages import parse_stages
+
+    records = json.loads(Path(args.data).read_text())
+    image_folder = args.image_folder or Path(args.data).parent
+    samples = [sample_from_llava(record, image_folder) for record in records]
+    config = StageRunConfig(
+        stages=[int(s) for s in parse_stages(args.stages)], steps_per_stage=args.steps_per_stage,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, rec_blocks=args.rec_blocks, seed=args.seed,
+        lr=args.lr, lr_end=args.lr_end,
+    )
+    histories = run_stages(args.teacher, args.student, samples, args.output, config)
+    for stage, rows in histories.items():
+        losses = {k: (round(rows[0][k], 4), round(rows[-1][k], 4)) for k in ("L1_ce", "L2_ce", "L3") if k in rows[0]}
+        print(f"stage {stage}: first -> last {losses}")
+    print(f"final student: {Path(args.output) / f'stage{config.stages[-1]}' / 'student'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from genrecal.errors import SampleError, UnsupportedArchitectureError
-from genrecal.families import adapter_for_architecture, load_vlm, supported_architectures, supported_model_types
+from genrecal.families import (
+    adapter_for_architecture,
+    load_vlm,
+    supported_architectures,
+    supported_model_types,
+)
 from genrecal.sample import Sample, Turn
 from tests.conftest import random_image
 
