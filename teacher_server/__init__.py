@@ -1,0 +1,1 @@
+"""The GenRecal teacher service: a frozen teacher VLM behind gRPC (engine, config, errors, servicer)."""

@@ -1,0 +1,156 @@
+"""Configuration of the teacher engine: which checkpoint, how it is placed, and the serving limits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+GIB = 1 << 30
+MIB = 1 << 20
+
+# Files whose content decides how a sample is formatted and tokenised (besides config.json and the weights).
+_TOKENIZER_GLOBS = (
+    "tokenizer*.json",
+    "tokenizer.model",
+    "vocab.*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+_WEIGHT_SAMPLES = 8  # windows of the weight data hashed per safetensors file
+_WEIGHT_SAMPLE_BYTES = 4096
+
+
+@dataclass
+class EngineConfig:
+    """A served teacher and the engine's limits. Validated on construction; messages say how to fix a value."""
+
+    model_path: str | Path  # checkpoint folder (config.json, safetensors, tokenizer, processor)
+    model_name: str | None = None  # reported by Info; default: the folder name
+    revision: str | None = None  # reported by Info; default: content fingerprint (see `checkpoint_fingerprint`)
+    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16" or "float32"
+    device_map: str | dict | None = "auto"  # "auto": spread over visible GPUs with accelerate (None on CPU)
+    max_batch_tokens: int = 16384  # padded B * L budget of one teacher forward
+    max_batch_samples: int = 32  # samples of one teacher forward (across merged requests)
+    batch_wait_ms: float = 5.0  # how long the batcher waits for more requests after the first one
+    handle_store_bytes: int = 2 * GIB  # memory budget for kept prediction states; oldest evicted beyond it
+    max_request_bytes: int = 256 * MIB  # largest request the server accepts (enforced on the wire)
+    chunk_size: int = 512  # tokens per head-scoring chunk (peak extra memory ~ 12 B x chunk_size x V)
+    max_length: int = 0  # refuse samples longer than this many teacher tokens; 0 = no limit
+
+    def __post_init__(self) -> None:
+        path = Path(self.model_path).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"model_path {str(path)!r} is not a directory; point it at a checkpoint folder")
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model_path {str(path)!r} has no config.json; point it at a Hugging Face checkpoint folder "
+                "(the one holding config.json and *.safetensors)"
+            )
+        if not any(path.glob("*.safetensors")):
+            raise ValueError(f"model_path {str(path)!r} holds no *.safetensors weights; convert the checkpoint first")
+        self.model_path = path
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
+        if not (self.device_map is None or isinstance(self.device_map, str | dict)):
+            raise ValueError(
+                "device_map must be 'auto', a device string ('cpu', 'cuda:0'), an accelerate device-map dict or "
+                f"None, got {self.device_map!r}"
+            )
+        for name in ("max_batch_tokens", "max_batch_samples", "handle_store_bytes", "max_request_bytes", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 0:
+            raise ValueError(f"max_length must be a non-negative integer (0 = no limit), got {self.max_length!r}")
+        if self.max_length and self.max_length > self.max_batch_tokens:
+            raise ValueError(
+                f"max_length={self.max_length} exceeds max_batch_tokens={self.max_batch_tokens}: a sample that "
+                "long could never be run; raise max_batch_tokens or lower max_length"
+            )
+        if not self.batch_wait_ms >= 0:
+            raise ValueError(f"batch_wait_ms must be >= 0 (0 = no waiting for more requests), got {self.batch_wait_ms}")
+        if self.model_name is None:
+            self.model_name = path.resolve().name
+        if not self.model_name:
+            raise ValueError("model_name must not be empty; pass a name or leave it unset for the folder name")
+        if self.revision is None:
+            self.revision = checkpoint_fingerprint(path)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype the teacher computes in."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return DTYPES[self.dtype]
+
+    @property
+    def resolved_device_map(self) -> str | dict | None:
+        """What ``from_pretrained(device_map=...)`` gets: "auto" means accelerate on CUDA and None on CPU."""
+        if self.device_map == "auto" and not torch.cuda.is_available():
+            return None
+        return self.device_map
+
+    def to_dict(self) -> dict:
+        """JSON-friendly resolved config, for logs."""
+        out = asdict(self)
+        out["model_path"] = str(self.model_path)
+        out["resolved_dtype"] = str(self.torch_dtype).removeprefix("torch.")
+        out["resolved_device_map"] = self.resolved_device_map
+        return out
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """sha256 over config.json, the tokenizer/processor files and the weights' safetensors headers.
+
+    A safetensors header (names, dtypes, shapes, offsets) does not change when only the weights' values do
+    (two fine-tunes of one base), so a few fixed windows of each file's data are hashed as well; the weights
+    themselves are never read in full (a 72B checkpoint is ~150 GB). Cheap: a few KiB per file.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+
+    def add(name: str, data: bytes) -> None:
+        digest.update(name.encode() + b"\0" + struct.pack("<Q", len(data)) + data)
+
+    add("config.json", (path / "config.json").read_bytes())
+    tokenizer_files = sorted({p for pattern in _TOKENIZER_GLOBS for p in path.glob(pattern) if p.is_file()})
+    for file in tokenizer_files:
+        add(file.name, file.read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        header, samples = _safetensors_header_and_samples(file)
+        add(file.name + ":header", header)
+        add(file.name + ":samples", samples)
+    return "sha256:" + digest.hexdigest()
+
+
+def _safetensors_header_and_samples(file: Path) -> tuple[bytes, bytes]:
+    """The JSON header of a safetensors file and ``_WEIGHT_SAMPLES`` evenly spaced windows of its data."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{str(file)!r} is not a safetensors file (shorter than 8 bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if 8 + header_len > size:
+            raise ValueError(f"{str(file)!r} is not a safetensors file (header length {header_len} > file size)")
+        header = f.read(header_len)
+        try:
+            json.loads(header)
+        except ValueError as exc:
+            raise ValueError(f"{str(file)!r} has a corrupt safetensors header ({exc})") from exc
+        data_start, data_len = 8 + header_len, size - 8 - header_len
+        samples = []
+        for k in range(_WEIGHT_SAMPLES):
+            f.seek(data_start + (data_len * k) // _WEIGHT_SAMPLES)
+            samples.append(f.read(_WEIGHT_SAMPLE_BYTES))
+    return header, b"".join(samples)

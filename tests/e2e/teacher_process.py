@@ -1,0 +1,55 @@
+"""Start the real teacher server (`python -m teacher_server`) as a subprocess on a free localhost port."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+READY = re.compile(r"teacher server ready on ([\d.]+):(\d+)")
+
+
+class TeacherProcess:
+    def __init__(self, model: str | Path, *extra: str, timeout_s: float = 180.0):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "teacher_server", "--model", str(model), "--port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        self.lines: list[str] = []
+        self.address: str | None = None
+        ready = threading.Event()
+
+        def pump():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                match = READY.search(line)
+                if match:
+                    self.address = f"{match.group(1)}:{match.group(2)}"
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not ready.wait(0.2):
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError("teacher server did not become ready:\n" + self.log)
+        if self.address is None:
+            raise RuntimeError(f"teacher server exited with {self.proc.wait()}:\n{self.log}")
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

@@ -1,0 +1,86 @@
+"""Metrics JSONL + TensorBoard, resume truncation, and the loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from student_trainer.metrics import MetricsLogger, plot_loss_curves, read_metrics
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def scalar_events(folder):
+    """{tag: [(step, value), ...]} over every TensorBoard event file in ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_rows_and_tensorboard_scalars(tmp_path):
+    with MetricsLogger(tmp_path, stage=2) as metrics:
+        for step in range(3):
+            row = metrics.log(step, {"lr": 1e-4, "L1_ce": torch.tensor(3.0 - step), "L3": 2.5, "note": "warm"})
+    assert row["stage"] == 2 and row["step"] == 2 and isinstance(row["time"], float)
+    rows = read_metrics(tmp_path / "metrics" / "stage2.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["L1_ce"] for r in rows] == [3.0, 2.0, 1.0] and rows[0]["note"] == "warm"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = scalar_events(tmp_path / "tensorboard")
+    assert events["stage2/L1_ce"] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert "stage2/note" not in events and "stage2/time" not in events
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    metrics = MetricsLogger(tmp_path, stage=1, rank=3)
+    assert metrics.log(0, {"L1_ce": 1.0}) is None
+    metrics.close()
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_resume_drops_rows_from_the_resume_step_on(tmp_path, explicit):
+    with MetricsLogger(tmp_path, stage=1, tensorboard=False) as metrics:
+        for step in range(6):
+            metrics.log(step, {"L1_ce": float(step)})
+    # The checkpoint was taken after step 3: the resumed run logs steps 4, 5, 6, ... again.
+    kwargs = {"resume_step": 4} if explicit else {}
+    with MetricsLogger(tmp_path, stage=1, tensorboard=False, **kwargs) as metrics:
+        if explicit:
+            assert [r["step"] for r in read_metrics(metrics.path)] == [0, 1, 2, 3]
+        for step in range(4, 8):
+            metrics.log(step, {"L1_ce": 10.0 + step})
+    rows = read_metrics(tmp_path / "metrics" / "stage1.jsonl")
+    assert [r["step"] for r in rows] == list(range(8))
+    assert [r["L1_ce"] for r in rows] == [0.0, 1.0, 2.0, 3.0, 14.0, 15.0, 16.0, 17.0]
+
+
+def test_resume_purges_tensorboard_points(tmp_path):
+    with MetricsLogger(tmp_path, stage=1) as metrics:
+        for step in range(4):
+            metrics.log(step, {"L3": float(step)})
+    with MetricsLogger(tmp_path, stage=1, resume_step=2) as metrics:
+        for step in range(2, 4):
+            metrics.log(step, {"L3": 10.0 + step})
+    assert scalar_events(tmp_path / "tensorboard")["stage1/L3"] == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0)]
+
+
+def test_loss_curve_png(tmp_path):
+    jsonl = tmp_path / "metrics" / "stage2.jsonl"
+    with MetricsLogger(tmp_path, stage=2, tensorboard=False) as metrics:
+        for step in range(5):
+            metrics.log(step, {"L1_ce": 4.0 - step * 0.5, "L2_ce": 3.0 - step * 0.4, "L3": 5 - step, "lr": 1e-4})
+    png = plot_loss_curves(jsonl, tmp_path / "plots" / "stage2.png")
+    data = png.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+
+    (tmp_path / "no_losses.jsonl").write_text(json.dumps({"step": 0, "lr": 1e-4}) + "\n")
+    with pytest.raises(ValueError, match="no loss columns"):
+        plot_loss_curves(tmp_path / "no_losses.jsonl", tmp_path / "x.png")
