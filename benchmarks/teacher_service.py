@@ -47,13 +47,15 @@ def make_samples(n: int, seed: int) -> list[Sample]:
     return samples
 
 
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def timed_pairs(local_fn, remote_fn, repeats: int) -> tuple[list[float], list[float]]:
+    """Alternate the two sides call by call, so machine-load drift hits both alike (this machine is noisy)."""
+    local, remote = [], []
+    for i in range(repeats):
+        for fn, times in ((local_fn, local), (remote_fn, remote)) if i % 2 == 0 else ((remote_fn, remote), (local_fn, local)):
+            start = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - start)
+    return local, remote
 
 
 def main() -> None:
@@ -80,11 +82,11 @@ def main() -> None:
             # warm-up both sides
             engine.encode(batches[0], return_question_features=True)
             client.encode(batches[0])
-            it = iter(range(10**9))
-
-            local_encode = timed(lambda: engine.encode(batches[next(it) % len(batches)], return_question_features=True),
-                                 args.requests)
-            remote_encode = timed(lambda: client.encode(batches[next(it) % len(batches)]), args.requests)
+            local_encode, remote_encode = timed_pairs(
+                lambda i: engine.encode(batches[i % len(batches)], return_question_features=True),
+                lambda i: client.encode(batches[i % len(batches)]),
+                args.requests,
+            )
 
             local_feats = engine.encode(batches[0], return_question_features=True)
             remote_feats = client.encode(batches[0])
@@ -93,8 +95,9 @@ def main() -> None:
             tokens = sum(o.shape[0] for o in outputs)
             engine.score(items)
             client.score(remote_feats, outputs)
-            local_score = timed(lambda: engine.score(items), args.requests)
-            remote_score = timed(lambda: client.score(remote_feats, outputs), args.requests)
+            local_score, remote_score = timed_pairs(
+                lambda i: engine.score(items), lambda i: client.score(remote_feats, outputs), args.requests
+            )
         finally:
             client.close()
             server.kill()
