@@ -134,3 +134,16 @@ def add_family_tokens(tokenizer, special_tokens: list[str], *, eos: str | None =
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def text_config_kwargs(sizes: TinySizes, tokenizer, *, bos: str | None = None, eos: str | None = None, **extra) -> dict:
+    """The decoder sizes and special-token ids every family's tiny text config shares (plus ``extra``)."""
+    token_id = tokenizer.convert_tokens_to_ids
+    return dict(
+        vocab_size=padded_vocab_size(tokenizer), hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.num_layers,
+        num_attention_heads=sizes.num_heads, num_key_value_heads=sizes.num_kv_heads, max_position_embeddings=4096,
+        bos_token_id=token_id(bos) if bos else tokenizer.bos_token_id,
+        eos_token_id=token_id(eos) if eos else tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **extra,
+    )

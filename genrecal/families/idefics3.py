@@ -7,7 +7,7 @@ Each image becomes ``<fake_token_around_image><global-img><image>*image_seq_len<
 from __future__ import annotations
 
 from genrecal.families.base import FamilyAdapter
-from genrecal.tiny import TinySizes, add_family_tokens, padded_vocab_size
+from genrecal.tiny import TinySizes, add_family_tokens, text_config_kwargs
 
 # HuggingFaceTB/SmolVLM-Instruct's chat template (Idefics3 architecture), verbatim, as embedded in
 # huggingface/transformers tests/models/smolvlm/test_processor_smolvlm.py (prepare_processor_dict). It writes the
@@ -39,12 +39,7 @@ def tiny_recipe(sizes: TinySizes, tokenizer):
                                              max_image_size={"longest_edge": side})
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
                                   chat_template=CHAT_TEMPLATE)
-    text_config = dict(
-        model_type="llama", vocab_size=padded_vocab_size(tokenizer), hidden_size=sizes.hidden_size,
-        intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.num_layers,
-        num_attention_heads=sizes.num_heads, num_key_value_heads=sizes.num_kv_heads, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = text_config_kwargs(sizes, tokenizer, model_type="llama")
     vision_config = dict(hidden_size=sizes.vision_hidden_size, intermediate_size=4 * sizes.vision_hidden_size,
                          num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
                          image_size=side, patch_size=PATCH_SIZE)

@@ -7,7 +7,7 @@ each tile becomes ``<img>`` + ``image_seq_length`` ``<IMG_CONTEXT>`` tokens + ``
 from __future__ import annotations
 
 from genrecal.families.base import FamilyAdapter
-from genrecal.tiny import TinySizes, add_family_tokens, padded_vocab_size
+from genrecal.tiny import TinySizes, add_family_tokens, text_config_kwargs
 
 # The chat template of the InternVL3 -hf checkpoints (chat_template.jinja, 481 bytes, e.g. OpenGVLab/InternVL3-14B-hf),
 # as written by huggingface/transformers src/transformers/models/internvl/convert_internvl_weights_to_hf.py.
@@ -54,11 +54,7 @@ def tiny_recipe(sizes: TinySizes, tokenizer):
                                   image_seq_length=image_seq_length, chat_template=CHAT_TEMPLATE)
     ids = tokenizer.convert_tokens_to_ids
     text_config = Qwen2Config(
-        vocab_size=padded_vocab_size(tokenizer), hidden_size=sizes.hidden_size,
-        intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.num_layers,
-        num_attention_heads=sizes.num_heads, num_key_value_heads=sizes.num_kv_heads,
-        max_position_embeddings=4096, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        **text_config_kwargs(sizes, tokenizer, bos="<|endoftext|>", eos="<|im_end|>", tie_word_embeddings=True)
     )
     vision_config = dict(hidden_size=sizes.vision_hidden_size, num_hidden_layers=sizes.vision_layers,
                          num_attention_heads=sizes.vision_heads, intermediate_size=2 * sizes.vision_hidden_size,

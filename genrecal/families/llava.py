@@ -7,7 +7,7 @@ trained with ``</s>`` after each answer, so ``end_of_turn`` is None and the enco
 from __future__ import annotations
 
 from genrecal.families.base import FamilyAdapter
-from genrecal.tiny import TinySizes, add_family_tokens, padded_vocab_size
+from genrecal.tiny import TinySizes, add_family_tokens, text_config_kwargs
 
 # llava-hf/llava-1.5-7b-hf's chat template, verbatim, as embedded in huggingface/transformers
 # tests/models/llava/test_processor_llava.py (LlavaProcessorTest.prepare_processor_dict).
@@ -34,12 +34,7 @@ def tiny_recipe(sizes: TinySizes, tokenizer):
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)
-    text_config = dict(
-        model_type="llama", vocab_size=padded_vocab_size(tokenizer), hidden_size=sizes.hidden_size,
-        intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.num_layers,
-        num_attention_heads=sizes.num_heads, num_key_value_heads=sizes.num_kv_heads, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = text_config_kwargs(sizes, tokenizer, model_type="llama")
     vision_config = dict(
         model_type="clip_vision_model", hidden_size=sizes.vision_hidden_size,
         intermediate_size=4 * sizes.vision_hidden_size, num_hidden_layers=sizes.vision_layers,

@@ -4,7 +4,7 @@ AnyRes tiling (a base view plus grid tiles, unpadded, with a learned ``image_new
 from __future__ import annotations
 
 from genrecal.families.base import FamilyAdapter
-from genrecal.tiny import TinySizes, add_family_tokens, padded_vocab_size
+from genrecal.tiny import TinySizes, add_family_tokens, text_config_kwargs
 
 # The template the llava-hf/llava-onevision-qwen2-*-hf checkpoints ship, verbatim from huggingface/transformers
 # src/transformers/models/llava_onevision/convert_llava_onevision_weights_to_hf.py (no default system prompt;
@@ -44,13 +44,9 @@ def tiny_recipe(sizes: TinySizes, tokenizer):
     processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                         video_processor=video_processor, num_image_tokens=(side // patch) ** 2,
                                         vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE)
-    text_config = dict(
-        model_type="qwen2", vocab_size=padded_vocab_size(tokenizer), hidden_size=sizes.hidden_size,
-        intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.num_layers,
-        num_attention_heads=sizes.num_heads, num_key_value_heads=sizes.num_kv_heads, max_position_embeddings=4096,
+    text_config = text_config_kwargs(
+        sizes, tokenizer, bos="<|endoftext|>", eos="<|im_end|>", model_type="qwen2",
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
     )
     vision_config = dict(
         model_type="siglip_vision_model", hidden_size=sizes.vision_hidden_size,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from genrecal.families.base import FamilyAdapter, mrope_position_ids
-from genrecal.tiny import TinySizes, add_family_tokens, padded_vocab_size
+from genrecal.tiny import TinySizes, add_family_tokens, text_config_kwargs
 
 # Qwen2-VL-Instruct's chat template (system prompt added when absent; images as vision_start/pad/end).
 CHAT_TEMPLATE = (
@@ -35,13 +35,9 @@ def qwen_vl_tiny_parts(sizes: TinySizes, tokenizer, image_processor_cls, video_p
                               video_processor=video_processor, chat_template=CHAT_TEMPLATE)
     rotary_half = sizes.head_dim // 2
     section = [rotary_half - 2 * (rotary_half // 3), rotary_half // 3, rotary_half // 3]  # t, h, w
-    text_config = dict(
-        vocab_size=padded_vocab_size(tokenizer), hidden_size=sizes.hidden_size,
-        intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.num_layers,
-        num_attention_heads=sizes.num_heads, num_key_value_heads=sizes.num_kv_heads,
+    text_config = text_config_kwargs(
+        sizes, tokenizer, bos="<|endoftext|>", eos="<|im_end|>",
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
-        max_position_embeddings=4096, bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
     )
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
