@@ -23,6 +23,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genrecal.head_scoring import HeadScore
+from genrecal.identity import teacher_identity
 from genrecal.rpc import pb2, pb2_grpc
 from genrecal.rpc.convert import (
     ScoreCall,
@@ -147,11 +148,11 @@ class TeacherClient:
     def identity(self) -> dict:
         """What a run manifest records to refuse a different teacher later (JSON-able)."""
         info = self.info()
-        return {
-            "model_name": info.model_name, "revision": info.model_revision, "architecture": info.architecture,
-            "model_type": info.model_type, "hidden_size": info.hidden_size, "vocab_size": info.vocab_size,
-            "tokenizer_size": info.tokenizer_size, "tokenizer_fingerprint": info.tokenizer_fingerprint,
-        }
+        return teacher_identity(
+            model_name=info.model_name, revision=info.model_revision, architecture=info.architecture,
+            model_type=info.model_type, hidden_size=info.hidden_size, vocab_size=info.vocab_size,
+            tokenizer_size=info.tokenizer_size, tokenizer_fingerprint=info.tokenizer_fingerprint,
+        )
 
     @property
     def hidden_size(self) -> int:

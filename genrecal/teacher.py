@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from genrecal.families import EncodedBatch, LoadedVLM
 from genrecal.head_scoring import HeadScore, score_with_head
+from genrecal.identity import checkpoint_fingerprint, teacher_identity, tokenizer_fingerprint
 from genrecal.sample import Sample
 
 
@@ -79,6 +81,30 @@ class InProcessTeacher:
     @property
     def vocab_size(self) -> int:
         return self.vlm.head.weight.shape[0]
+
+    def identity(self) -> dict:
+        """What this teacher is, JSON-able, with the same keys and fingerprints the teacher service reports.
+
+        A run records it and refuses to continue against another teacher, in-process or remote alike.
+        """
+        model = self.vlm.model
+        config = model.config
+        folder = Path(str(getattr(model, "name_or_path", "") or ""))
+        from_folder = bool(str(folder)) and (folder / "config.json").is_file()
+        tokenizer = self.vlm.processor.tokenizer
+        return teacher_identity(
+            model_name=folder.resolve().name if from_folder else type(model).__name__,
+            revision=checkpoint_fingerprint(folder) if from_folder else None,
+            architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
+            model_type=config.model_type,
+            hidden_size=self.hidden_size,
+            vocab_size=self.vocab_size,
+            tokenizer_size=len(tokenizer),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        )
+
+    def release(self, features: Sequence[TeacherFeatures]) -> None:
+        """Nothing to free in-process (a remote teacher drops the prediction states it keeps for ``features``)."""
 
     def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
         model = self.vlm.model

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from genrecal.identity import checkpoint_fingerprint  # noqa: F401 (re-exported)
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 GIB = 1 << 30
 MIB = 1 << 20
-
-# Files whose content decides how a sample is formatted and tokenised (besides config.json and the weights).
-_TOKENIZER_GLOBS = (
-    "tokenizer*.json",
-    "tokenizer.model",
-    "vocab.*",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.*",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
-_WEIGHT_SAMPLES = 8  # windows of the weight data hashed per safetensors file
-_WEIGHT_SAMPLE_BYTES = 4096
-
 
 @dataclass
 class EngineConfig:
@@ -107,50 +90,3 @@ class EngineConfig:
         out["resolved_dtype"] = str(self.torch_dtype).removeprefix("torch.")
         out["resolved_device_map"] = self.resolved_device_map
         return out
-
-
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """sha256 over config.json, the tokenizer/processor files and the weights' safetensors headers.
-
-    A safetensors header (names, dtypes, shapes, offsets) does not change when only the weights' values do
-    (two fine-tunes of one base), so a few fixed windows of each file's data are hashed as well; the weights
-    themselves are never read in full (a 72B checkpoint is ~150 GB). Cheap: a few KiB per file.
-    """
-    path = Path(path)
-    digest = hashlib.sha256()
-
-    def add(name: str, data: bytes) -> None:
-        digest.update(name.encode() + b"\0" + struct.pack("<Q", len(data)) + data)
-
-    add("config.json", (path / "config.json").read_bytes())
-    tokenizer_files = sorted({p for pattern in _TOKENIZER_GLOBS for p in path.glob(pattern) if p.is_file()})
-    for file in tokenizer_files:
-        add(file.name, file.read_bytes())
-    for file in sorted(path.glob("*.safetensors")):
-        header, samples = _safetensors_header_and_samples(file)
-        add(file.name + ":header", header)
-        add(file.name + ":samples", samples)
-    return "sha256:" + digest.hexdigest()
-
-
-def _safetensors_header_and_samples(file: Path) -> tuple[bytes, bytes]:
-    """The JSON header of a safetensors file and ``_WEIGHT_SAMPLES`` evenly spaced windows of its data."""
-    size = file.stat().st_size
-    with file.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise ValueError(f"{str(file)!r} is not a safetensors file (shorter than 8 bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if 8 + header_len > size:
-            raise ValueError(f"{str(file)!r} is not a safetensors file (header length {header_len} > file size)")
-        header = f.read(header_len)
-        try:
-            json.loads(header)
-        except ValueError as exc:
-            raise ValueError(f"{str(file)!r} has a corrupt safetensors header ({exc})") from exc
-        data_start, data_len = 8 + header_len, size - 8 - header_len
-        samples = []
-        for k in range(_WEIGHT_SAMPLES):
-            f.seek(data_start + (data_len * k) // _WEIGHT_SAMPLES)
-            samples.append(f.read(_WEIGHT_SAMPLE_BYTES))
-    return header, b"".join(samples)

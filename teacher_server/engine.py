@@ -17,8 +17,6 @@ thread, in parallel with the device.
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 import math
 import queue
@@ -38,6 +36,7 @@ import genrecal
 from genrecal.errors import SampleError
 from genrecal.families import LoadedVLM, load_vlm
 from genrecal.head_scoring import score_with_head
+from genrecal.identity import tokenizer_fingerprint
 from genrecal.sample import Sample, load_image
 from genrecal.teacher import TeacherFeatures, extract_teacher_features, split_rows
 from teacher_server.config import EngineConfig
@@ -107,17 +106,6 @@ class EngineStats:
     handles: int = 0  # handles held now
     handle_bytes: int = 0  # bytes they hold
     evicted_handles: int = 0  # handles dropped because the store was full
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's vocabulary (token -> id, sorted by id) and its special tokens."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
-    special = {
-        "map": {key: str(value) for key, value in sorted(tokenizer.special_tokens_map.items())},
-        "all": sorted(str(token) for token in tokenizer.all_special_tokens),
-    }
-    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
 
 # ---- handle store ---------------------------------------------------------------------------------------
@@ -223,9 +211,9 @@ class _EncodeJob:
         self.features = [None] * len(self.samples)
 
     def fail(self, exc: BaseException) -> None:
+        """Record the first error; the batcher raises it to the caller once the group is done (stats first)."""
         if self.error is None:
             self.error = exc
-            self.future.set_exception(exc)
 
 
 @dataclass(eq=False)
@@ -524,11 +512,10 @@ class TeacherEngine:
                 except BaseException as exc:
                     logger.exception("batcher: unexpected error while handing out results")
                     job.fail(exc)
-            with self._stats_lock:
-                if job.error is None:
-                    self._stats.encode_requests += 1
-                else:
+            if job.error is not None:
+                with self._stats_lock:
                     self._stats.failed_encode_requests += 1
+                job.future.set_exception(job.error)
 
     def _run_entries(self, entries: list[_Entry]) -> None:
         """Format and run ``entries`` in forwards that fit the budgets; fill in their jobs' features."""
@@ -638,6 +625,8 @@ class TeacherEngine:
         for result, handle in zip(results, self._handles.put_many(kept), strict=True):
             result.handle = handle
         job.features = []  # drop the batch's device tensors
+        with self._stats_lock:  # before the caller wakes up, so it sees its own request counted
+            self._stats.encode_requests += 1
         job.future.set_result(results)
 
     def _run_score(self, job: _ScoreJob) -> None:

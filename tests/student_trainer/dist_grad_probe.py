@@ -1,0 +1,61 @@
+"""Run by ``torchrun`` from ``test_recipe.py``: the reduced gradients of one optimizer step of the real recipe.
+
+``python dist_grad_probe.py OUT.pt TEACHER STUDENT DATA WORKDIR ZERO_JSON...``: for each DeepSpeed config, one
+stage-2 step (``grad_accum`` micro-batches per rank) through :class:`student_trainer.recipe.StageRecipe`; rank 0
+saves every trainable parameter's full gradient (after DeepSpeed's reduction over ranks, before the update), the
+sample ids each rank used and the logged metrics.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
+
+from genrecal.stages import Stage
+from student_trainer.config import TrainConfig
+from student_trainer.data import load_dataset_samples
+from student_trainer.recipe import StageRecipe, connect_teacher, init_distributed
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main() -> None:
+    out, teacher, student, data, workdir, *zero_configs = sys.argv[1:]
+    torch.set_num_threads(1)
+    ctx = init_distributed()
+    results = {}
+    for ds_json in zero_configs:
+        config = TrainConfig(
+            student=student, data=data, output=str(Path(workdir) / Path(ds_json).stem), teacher_model=teacher,
+            stages="2", deepspeed=ds_json, grad_accum=2, micro_batch_size=1, steps_per_stage=4, seed=3,
+            tensorboard=False,
+        )
+        samples, _ = load_dataset_samples(config.data)
+        recipe = StageRecipe(config, Stage.DISTILLATION, ctx, samples, connect_teacher(config, ctx), student, None)
+        try:
+            recipe.setup()
+            row = recipe.accumulate_gradients(0)
+            grads = {}
+            for name, param in recipe.engine.module.named_parameters():
+                if param.requires_grad:
+                    grad = safe_get_full_grad(param)  # a collective: every rank asks
+                    grads[name] = grad.detach().float().cpu().clone()
+            used = [samples[i].sample_id for m in range(config.grad_accum) for i in recipe.batches.batch(m)]
+            results[Path(ds_json).stem] = {
+                "grads": grads, "sample_ids": ctx.all_gather_object(used), "row": row,
+                "world_size": ctx.world_size,
+            }
+        finally:
+            recipe.cleanup()
+    if ctx.is_main:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

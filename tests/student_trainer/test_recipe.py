@@ -1,0 +1,399 @@
+"""The DeepSpeed student trainer: config, loss normalisation over accumulation and ranks, the CLI end to end,
+resume after a crash, and the teacher-identity guard.
+
+The slow tests run the real thing: ``python -m student_trainer`` as a subprocess (ZeRO-3, one process, in-process
+teacher: a Qwen2-VL with the GPT-2 tokenizer; student: an InternVL with the Llama-2 tokenizer), and the recipe under
+``torchrun`` with two gloo ranks. DeepSpeed JIT-compiles a shared-memory comm op on first use (~30-80 s); it is
+cached in the pytest cache (``TORCH_EXTENSIONS_DIR``), so only the first run ever pays for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from student_trainer.config import DEFAULT_DEEPSPEED_CONFIG, TrainConfig, config_from_args
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "student_trainer" / "configs"
+PROBE = Path(__file__).with_name("dist_grad_probe.py")
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+# Answers of different lengths, so per-micro-batch means differ from the big batch's token mean.
+ANSWERS = ("{c}", "it is {c}", "the whole picture is plain {c}", "{c} again")
+# Small but real: 4 steps per stage, 2 micro-batches of 1 sample per step, a checkpoint every 2 steps.
+RUN_FLAGS = ["--steps-per-stage", "4", "--grad-accum", "2", "--micro-batch-size", "1", "--save-every", "2",
+             "--lr", "2e-3", "--lr-end", "2e-4", "--seed", "0", "--no-tensorboard"]
+
+
+# ---- fixtures -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def models(tiny_checkpoint):
+    teacher = tiny_checkpoint("qwen2_vl", tokenizer="gpt2", hidden_size=96, intermediate_size=192)
+    student = tiny_checkpoint("internvl", tokenizer="llama2", hidden_size=64)
+    return teacher, student
+
+
+@pytest.fixture(scope="session")
+def vqa_data(tmp_path_factory) -> Path:
+    """12 colour pictures with questions and answers of 1-6 words, as LLaVA JSON."""
+    root = tmp_path_factory.mktemp("vqa")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(12):
+        name = list(COLOURS)[i % 3]
+        pixels = np.clip(np.array(COLOURS[name]) + rng.integers(-20, 20, (64, 64, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "img" / f"{i}.png")
+        records.append({
+            "id": f"c{i}", "image": f"img/{i}.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour is the picture?"},
+                              {"from": "gpt", "value": ANSWERS[i % 4].format(c=name)}],
+        })
+    path = root / "train.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(request) -> dict:
+    cache = getattr(request.config, "cache", None)
+    extensions = (cache.mkdir("torch_extensions") if cache is not None
+                  else Path(tempfile.gettempdir()) / "genrecal-torch-extensions")
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=str(extensions), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def train_cli(env, *args, timeout=420) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "student_trainer", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_args(models, data, output, *extra):
+    teacher, student = models
+    return ["--teacher-model", teacher, "--student", student, "--data", data, "--output", output, *RUN_FLAGS, *extra]
+
+
+def metric_rows(output: Path, stage: int) -> list[dict]:
+    lines = (output / "metrics" / f"stage{stage}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(models, vqa_data, subprocess_env, tmp_path_factory) -> Path:
+    """Stages 1-3 through the CLI in one single process (ZeRO-3, the shipped default), never interrupted."""
+    output = tmp_path_factory.mktemp("run") / "out"
+    result = train_cli(subprocess_env, *run_args(models, vqa_data, output))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output
+
+
+# ---- fast: configuration -----------------------------------------------------------------------------------------
+def test_config_requires_exactly_one_teacher_for_stages_1_and_2(models, vqa_data, tmp_path):
+    teacher, student = models
+    base = dict(student=str(student), data=str(vqa_data), output=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="--teacher-addr HOST:PORT.*--teacher-model PATH.*--stages 3"):
+        TrainConfig(**base)
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(**base, teacher_addr="h:1", teacher_model=str(teacher))
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        TrainConfig(**base, teacher_addr="no-port")
+    assert TrainConfig(**base, stages="sft").stage_list == [3]  # stage 3 needs no teacher
+    assert TrainConfig(**base, teacher_addr="[::1]:50051").teacher_addr == "[::1]:50051"
+    with pytest.raises(ValueError, match="lr_end <= lr"):
+        TrainConfig(**base, stages="3", lr=1e-5, lr_end=1e-4)
+    with pytest.raises(ValueError, match="increasing"):
+        TrainConfig(**base, stages="3,1", teacher_addr="h:1")
+
+
+def test_config_file_then_command_line_overrides(models, vqa_data, tmp_path):
+    from student_trainer.__main__ import build_train_parser
+
+    teacher, student = models
+    file = tmp_path / "run.yaml"
+    file.write_text(f"student: {student}\ndata: {vqa_data}\noutput: {tmp_path / 'o'}\nteacher-model: {teacher}\n"
+                    "grad_accum: 4\nlr: 3.0e-4\nregularisation: false\n")
+    args = build_train_parser().parse_args(["--config", str(file), "--grad-accum", "8"])
+    config = config_from_args(args)
+    assert (config.grad_accum, config.lr, config.regularisation) == (8, 3e-4, False)  # flag > file > default
+    assert config.deepspeed == str(DEFAULT_DEEPSPEED_CONFIG) and config.micro_batch_size == 1
+    file.write_text(file.read_text() + "learning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown options \\['learning_rate'\\]"):
+        config_from_args(build_train_parser().parse_args(["--config", str(file)]))
+
+
+def test_every_flag_has_help():
+    from student_trainer.__main__ import build_align_parser, build_eval_parser, build_train_parser
+
+    for parser in (build_train_parser(), build_eval_parser(), build_align_parser()):
+        missing = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+        assert not missing, f"{parser.prog}: flags without help: {missing}"
+
+
+def test_deepspeed_config_autos_are_filled_and_conflicts_refused(models, vqa_data, tmp_path):
+    from student_trainer.recipe import resolve_deepspeed_config
+
+    _, student = models
+    config = TrainConfig(student=str(student), data=str(vqa_data), output=str(tmp_path / "o"), stages="3",
+                         grad_accum=4, micro_batch_size=2, precision="fp32", grad_clip=0.5)
+    ds = resolve_deepspeed_config(config, world_size=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 4, 16)
+    assert ds["bf16"]["enabled"] is False and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_force_ds_cpu_optimizer"] is False
+    assert "optimizer" not in ds and "scheduler" not in ds
+
+    conflicting = json.loads(DEFAULT_DEEPSPEED_CONFIG.read_text()) | {"gradient_accumulation_steps": 16}
+    (tmp_path / "ds.json").write_text(json.dumps(conflicting))
+    config.deepspeed = str(tmp_path / "ds.json")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=16.*\"auto\".*--grad-accum"):
+        resolve_deepspeed_config(config, world_size=1)
+    (tmp_path / "ds.json").write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="remove that section"):
+        resolve_deepspeed_config(config, world_size=1)
+
+
+def test_teacher_identity_and_manifest_guard(models, tmp_path):
+    from genrecal.families import load_vlm
+    from genrecal.teacher import InProcessTeacher
+    from student_trainer.recipe import DistContext, TeacherMismatchError, check_teacher_identity
+
+    teacher_path, _ = models
+    identity = InProcessTeacher(load_vlm(teacher_path)).identity()
+    assert identity["model_name"] == Path(teacher_path).name
+    assert (identity["model_type"], identity["hidden_size"]) == ("qwen2_vl", 96)
+    assert identity["revision"].startswith("sha256:") and identity["tokenizer_size"] > 50257
+    assert json.loads(json.dumps(identity)) == identity
+    assert InProcessTeacher(load_vlm(teacher_path)).identity() == identity  # a stable fingerprint
+
+    ctx = DistContext(0, 0, 1, torch.device("cpu"))
+    check_teacher_identity(tmp_path, identity, ctx, "first")  # first contact: recorded
+    assert json.loads((tmp_path / "manifest.json").read_text())["teacher"] == identity
+    check_teacher_identity(tmp_path, identity, ctx, "again")  # the same teacher: accepted
+    other = identity | {"model_name": "other-teacher", "revision": "sha256:0123"}
+    with pytest.raises(TeacherMismatchError) as info:
+        check_teacher_identity(tmp_path, other, ctx, "host:1234")
+    message = str(info.value)
+    assert identity["model_name"] in message and identity["revision"] in message
+    assert "other-teacher" in message and "sha256:0123" in message and "host:1234" in message
+
+
+# ---- slow: the real runs ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_single_process_zero3_three_stages_via_cli(uninterrupted_run, models, vqa_data):
+    from genrecal.families import load_vlm
+
+    output = uninterrupted_run
+    _, student_path = models
+    expected = {1: {"L1_ce", "L1_kl", "L2_ce", "L2_kl"}, 2: {"L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3"}, 3: {"L3"}}
+    for stage, parts in expected.items():
+        rows = metric_rows(output, stage)
+        assert [r["step"] for r in rows] == [0, 1, 2, 3]
+        for row in rows:
+            assert parts <= set(row) and not ({"L1_ce", "L2_ce", "L3"} - parts) & set(row)
+            assert all(np.isfinite(row[p]) and row[p] > 0 for p in parts)
+            assert row["tokens_per_s"] > 0 and row["samples"] == 2
+            if stage < 3:
+                assert 0 < row["teacher_wait_share"] < 1
+        assert [r["lr"] for r in rows] == pytest.approx(np.linspace(2e-3, 2e-4, 4).tolist())
+        assert [r["data_position"] for r in rows] == [2, 4, 6, 8]
+        stage_dir = output / f"stage{stage}"
+        assert (stage_dir / "DONE").is_file() and (stage_dir / "loss_curves.png").stat().st_size > 0
+        assert sorted(p.name for p in (stage_dir / "ds").glob("step*")) == ["step2", "step4"]
+        assert (stage_dir / "recalibrator.safetensors").is_file() == (stage < 3)
+    assert metric_rows(output, 1)[-1]["L1_ce"] < metric_rows(output, 1)[0]["L1_ce"]
+    assert metric_rows(output, 3)[-1]["L3"] < metric_rows(output, 3)[0]["L3"]
+
+    # Stage 1 trains only the Recalibrator; stage 2 changes the student's body.
+    original = load_file(student_path / "model.safetensors")
+    stage1, stage2 = (load_file(output / f"stage{s}" / "student" / "model.safetensors") for s in (1, 2))
+    assert all(torch.equal(original[k], stage1[k]) for k in original)
+    assert any(not torch.equal(original[k], stage2[k]) for k in original)
+
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["teacher"]["model_type"] == "qwen2_vl" and manifest["world_size"] == 1
+    saved = json.loads((output / "config.json").read_text())
+    assert saved["grad_accum"] == 2 and saved["stages"] == "1,2,3" and saved["resolved_dtype"] == "float32"
+
+    final = output / "final"
+    with safe_open(final / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if k.startswith(("recalibrator", "proj_pre", "rec_body", "proj_post"))]
+    vlm = load_vlm(final)  # strict: no missing or unexpected keys
+    assert type(vlm.model).__name__ == "InternVLForConditionalGeneration"
+    image = Image.open(vqa_data.parent / "img" / "0.png")
+    prompt = vlm.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the picture?"}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    inputs = vlm.processor(text=[prompt], images=[[image]], return_tensors="pt")
+    with torch.no_grad():
+        generated = vlm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert 1 <= generated.shape[1] - inputs["input_ids"].shape[1] <= 3
+
+
+@pytest.mark.slow
+def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env, tmp_path):
+    """Normalisation: 2 gloo ranks x 2 accumulated micro-batches give the gradient of ONE 4-sample batch's mean."""
+    from genrecal.distill import LossConfig, genrecal_objective
+    from genrecal.families import load_vlm
+    from genrecal.recalibrator import Recalibrator
+    from genrecal.stages import Stage, set_trainable
+    from genrecal.teacher import InProcessTeacher
+    from student_trainer.data import load_dataset_samples
+    from student_trainer.recipe import _seed_everything
+
+    teacher_path, student_path = models
+    out = tmp_path / "grads.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(PROBE),
+               out, teacher_path, student_path, vqa_data, tmp_path / "work", CONFIGS / "zero2.json",
+               CONFIGS / "zero3.json"]
+    result = subprocess.run(list(map(str, command)), cwd=REPO, env=subprocess_env, capture_output=True, text=True,
+                            timeout=420)
+    assert result.returncode == 0, result.stderr[-4000:]
+    probes = torch.load(out, weights_only=False)
+
+    samples, _ = load_dataset_samples(vqa_data)
+    by_id = {s.sample_id: s for s in samples}
+    teacher = InProcessTeacher(load_vlm(teacher_path))
+    student = load_vlm(student_path)
+    _seed_everything(3 + 2)  # the probe's seed + stage: the same fresh Recalibrator
+    recalibrator = Recalibrator(student.adapter.recalibrator_spec(student.model), teacher.hidden_size, num_blocks=2)
+    student.model.train()
+    set_trainable(Stage.DISTILLATION, student.adapter.parameter_groups(student.model), recalibrator)
+
+    def gradients(groups) -> dict:
+        """Plain PyTorch: sum over ``groups`` of each group's own mean loss (no cross-group normalisation)."""
+        student.model.zero_grad(set_to_none=True)
+        recalibrator.zero_grad(set_to_none=True)
+        for group in groups:
+            objective = genrecal_objective(
+                Stage.DISTILLATION, student, student.encode(group), recalibrator=recalibrator, teacher=teacher,
+                features=teacher.encode(group), losses=LossConfig(),
+            )
+            objective.loss.backward()
+        named = [(f"student.{n}", p) for n, p in student.model.named_parameters() if p.requires_grad]
+        named += [(f"recalibrator.{n}", p) for n, p in recalibrator.named_parameters()]
+        return {name: p.grad.detach().clone() for name, p in named}, float(objective.loss.detach())
+
+    def worst_relative_error(a: dict, b: dict) -> float:
+        assert set(a) == set(b)
+        return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b)
+
+    assert set(probes) == {"zero2", "zero3"}
+    for name, probe in probes.items():
+        ids_per_rank = probe["sample_ids"]
+        assert probe["world_size"] == 2 and not set(ids_per_rank[0]) & set(ids_per_rank[1])
+        big_batch = [by_id[i] for ids in ids_per_rank for i in ids]
+        reference, reference_loss = gradients([big_batch])  # ONE batch of all 4 samples
+        assert worst_relative_error(probe["grads"], reference) < 1e-4, name
+        assert probe["row"]["loss"] == pytest.approx(reference_loss, rel=1e-5)
+        assert probe["row"]["student_answer_tokens"] != 4 * 2  # the answers differ in length
+    # The check has teeth: averaging per-micro-batch means (the naive normalisation) is measurably different.
+    naive, _ = gradients([[by_id[i]] for ids in ids_per_rank for i in ids])
+    naive = {k: v / 4 for k, v in naive.items()}
+    assert worst_relative_error(naive, reference) > 1e-2
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_repeats_and_skips_no_step(uninterrupted_run, models, vqa_data, subprocess_env,
+                                                       tmp_path):
+    output = tmp_path / "out"
+    args = run_args(models, vqa_data, output)
+    # Stage 1 (4 steps) and 3 steps of stage 2: its checkpoint at step 2, step 3 logged but never checkpointed.
+    first = train_cli(subprocess_env, *args, "--stop-after-steps", "7")
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert (output / "stage1" / "DONE").is_file() and not (output / "stage2" / "DONE").exists()
+    assert [r["step"] for r in metric_rows(output, 2)] == [0, 1, 2]
+    assert (output / "stage2" / "ds" / "latest").read_text().strip() == "step2"
+
+    second = train_cli(subprocess_env, *args)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "stage 1 is done" in second.stderr and "resuming at step 2/4" in second.stderr
+    for stage in (1, 2, 3):
+        resumed, reference = metric_rows(output, stage), metric_rows(uninterrupted_run, stage)
+        assert [r["step"] for r in resumed] == [0, 1, 2, 3]  # each step exactly once
+        assert [r["data_position"] for r in resumed] == [r["data_position"] for r in reference]
+        for got, want in zip(resumed, reference, strict=True):
+            for key in ("loss", "L1_ce", "L2_kl", "L3", "lr"):
+                if key in want:
+                    assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (stage, got["step"], key)
+    final, reference = (load_file(o / "final" / "model.safetensors") for o in (output, uninterrupted_run))
+    assert set(final) == set(reference)
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_different_teacher_is_refused_naming_both(models, vqa_data, subprocess_env, tmp_path):
+    teacher_path, _ = models
+    output = tmp_path / "out"
+    output.mkdir()
+    recorded = {"model_name": "teacher-72b", "architecture": "Qwen2VLForConditionalGeneration",
+                "model_type": "qwen2_vl", "hidden_size": 8192, "vocab_size": 152064, "tokenizer_size": 151665,
+                "revision": "sha256:feedbeef"}
+    (output / "manifest.json").write_text(json.dumps({"teacher": recorded, "world_size": 1}))
+    result = train_cli(subprocess_env, *run_args(models, vqa_data, output))
+    assert result.returncode == 2
+    assert "'teacher-72b' (revision sha256:feedbeef)" in result.stderr
+    assert f"'{Path(teacher_path).name}' (revision sha256:" in result.stderr
+    assert not (output / "stage1").exists()
+
+
+@pytest.mark.slow
+def test_remote_teacher_trains_like_the_in_process_one(uninterrupted_run, models, vqa_data, subprocess_env,
+                                                       tmp_path):
+    """The CLI against a real teacher_server process: stages 1-2 log the same losses as the in-process teacher."""
+    from tests.e2e.teacher_process import TeacherProcess
+
+    teacher_path, student_path = models
+    output = tmp_path / "out"
+    server = TeacherProcess(teacher_path)
+    try:
+        result = train_cli(subprocess_env, "--teacher-addr", server.address, "--student", student_path,
+                           "--data", vqa_data, "--output", output, "--stages", "1,2", *RUN_FLAGS)
+    finally:
+        server.terminate()
+    assert result.returncode == 0, result.stderr[-4000:]
+    teacher = json.loads((output / "manifest.json").read_text())["teacher"]
+    assert teacher["model_name"] == Path(teacher_path).name and teacher["hidden_size"] == 96
+    for stage in (1, 2):
+        remote, local = metric_rows(output, stage), metric_rows(uninterrupted_run, stage)
+        assert [r["step"] for r in remote] == [0, 1, 2, 3]
+        for got, want in zip(remote, local, strict=True):
+            for key in ("L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3"):
+                if key in want:
+                    assert got[key] == pytest.approx(want[key], rel=1e-4), (stage, got["step"], key)
+    assert (output / "final" / "config.json").is_file()
+    assert not list((output / "final").glob("recalibrator*"))
+
+
+@pytest.mark.slow
+def test_eval_and_align_commands(uninterrupted_run, models, vqa_data, tmp_path, capsys):
+    from student_trainer.__main__ import main
+
+    teacher_path, _ = models
+    stage1 = uninterrupted_run / "stage1"
+    assert main(["eval", "--model", str(uninterrupted_run / "final"), "--data", str(vqa_data), "--limit", "3",
+                 "--max-new-tokens", "3", "--out", str(tmp_path / "eval.json")]) == 0
+    assert "overall" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["count"] == 3
+
+    png = tmp_path / "fig7.png"
+    assert main(["align", "--student", str(stage1 / "student"), "--recalibrator",
+                 str(stage1 / "recalibrator.safetensors"), "--teacher-model", str(teacher_path), "--data",
+                 str(vqa_data), "--limit", "4", "--out", str(png)]) == 0
+    assert "diagonal gap" in capsys.readouterr().out and png.stat().st_size > 0
