@@ -17,7 +17,7 @@ def test_uld_distance_against_a_direct_loop(rng):
     for k in range(5):
         ps = sorted(s[k].exp().tolist(), reverse=True) + [0.0] * 6
         pt = sorted(t[k].exp().tolist(), reverse=True)
-        assert got[k].item() == pytest.approx(sum(abs(a - b) for a, b in zip(ps, pt)), rel=1e-5)
+        assert got[k].item() == pytest.approx(sum(abs(a - b) for a, b in zip(ps, pt, strict=True)), rel=1e-5)
 
 
 def test_uld_is_zero_for_a_permuted_identical_distribution_and_aligns_by_position(rng):
