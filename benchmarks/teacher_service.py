@@ -31,7 +31,7 @@ from genrecal.sample import Sample, Turn  # noqa: E402
 from genrecal.tiny import TinySizes, write_tiny_checkpoint  # noqa: E402
 from teacher_server.config import EngineConfig  # noqa: E402
 from teacher_server.engine import TeacherEngine  # noqa: E402
-from tests.e2e.teacher_process import TeacherProcess  # noqa: E402
+from teacher_server.launch import TeacherProcess  # noqa: E402
 
 WORDS = ["red", "blue", "green", "circle", "square", "triangle", "small", "large", "left", "right"]
 

@@ -27,6 +27,11 @@ single-process big-batch gradient.
 from its latest DeepSpeed checkpoint: module, optimizer and scheduler states, and the client state (optimizer
 step, data position = the next micro-batch index of :class:`student_trainer.data.ShardedBatches`, every rank's
 RNG states). Metric rows of steps after that checkpoint are dropped and logged again (:class:`MetricsLogger`).
+
+**Teacher restarts.** A remote teacher that restarts mid-step costs a wait, not the run: calls are retried until
+it serves again, and samples whose server-side states were lost are re-encoded and checked against the features
+the step already holds (:class:`TimedTeacher`), so the step goes on with unchanged mathematics and is neither
+lost nor repeated.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import shutil
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +54,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from genrecal.client import HandleLost, TeacherClient, TeacherError, TeacherUnavailable
 from genrecal.distill import LossConfig, genrecal_objective
 from genrecal.families import EncodedBatch, LoadedVLM, load_vlm
 from genrecal.inprocess import linear_decay
@@ -204,12 +210,36 @@ def zero_stage(ds_config: dict) -> int:
 
 # ---- the teacher ------------------------------------------------------------------------------------------------
 class TimedTeacher:
-    """Wraps a teacher (in-process or remote: same methods) and adds up the seconds spent waiting on it."""
+    """Wraps a teacher (in-process or remote: same methods), adds up the seconds spent waiting on it, and rides out
+    a restart of a remote teacher without losing or repeating a step.
 
-    def __init__(self, teacher, **encode_kwargs):
+    **Teacher restarts.** A remote teacher keeps each sample's prediction states under a handle between
+    ``encode`` and ``score``; a restarted (or memory-pressed) teacher has lost them and ``score`` raises
+    :class:`~genrecal.client.HandleLost`. The wrapper remembers the sample behind every handle it encoded, so it
+    then re-encodes the score call's samples, checks that the new features have the originals' sample ids,
+    answer token ids and feature shapes (a different teacher cannot answer at all: the client sends the run's
+    ``expect_revision``, which such a server refuses), moves the new handles into the *existing* feature objects
+    and retries the score once. The student keeps the features it already has, and a deterministic teacher
+    recomputes the same prediction states, so the step's mathematics is unchanged. Each recovery logs a warning
+    and counts in ``recoveries``.
+
+    Waiting for the teacher to come back is bounded in two layers: the client retries UNAVAILABLE with
+    exponential backoff (0.5 s doubling, capped at 15 s, ``retries`` times: about 15 s for 5 retries, 60 s for
+    8, plus 15 s per further retry); when those are spent, the wrapper waits up to ``restart_wait_s`` seconds for
+    the teacher's health to turn SERVING (a big teacher takes minutes to load) and then repeats the call once, so
+    one call waits at most about ``2 x client backoff + restart_wait_s``. An in-process teacher has no handles
+    and never becomes unavailable: the wrapper only times it.
+    """
+
+    def __init__(self, teacher, *, restart_wait_s: float | None = None, one_request_per_step: bool = False,
+                 **encode_kwargs):
         self.teacher = teacher
         self.encode_kwargs = encode_kwargs  # e.g. the remote client's max_length
+        self.restart_wait_s = restart_wait_s  # None: give up when the client's own retries are spent
+        self.one_request_per_step = one_request_per_step  # encode_step: all micro-batches in one encode call
         self.wait_s = 0.0
+        self.recoveries = 0  # re-encodes after a lost handle (teacher restarted or evicted our states)
+        self._samples: dict[str, Sample] = {}  # handle -> the sample encoded under it (remote teachers only)
 
     def _timed(self, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -218,17 +248,117 @@ class TimedTeacher:
         finally:
             self.wait_s += time.perf_counter() - start
 
-    def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
-        return self._timed(self.teacher.encode, samples, **self.encode_kwargs)
+    def _patient(self, method: str, fn):
+        """``fn()``; when the client's UNAVAILABLE retries are spent, wait for the teacher to serve, then once more."""
+        try:
+            return fn()
+        except TeacherUnavailable as exc:
+            if not self.restart_wait_s:
+                raise
+            logger.warning(
+                "teacher unavailable for %s after the client's retries (%s); waiting up to %.0f s for it to serve "
+                "again (restarting?)", method, exc.details, self.restart_wait_s,
+            )
+            self.teacher.wait_until_serving(self.restart_wait_s)
+            return fn()
 
-    def score(self, *args, **kwargs):
-        return self._timed(self.teacher.score, *args, **kwargs)
+    def _encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
+        features = self._patient("encode", lambda: self.teacher.encode(samples, **self.encode_kwargs))
+        if len(features) != len(samples):
+            raise RuntimeError(f"the teacher returned {len(features)} features for {len(samples)} samples")
+        return features
+
+    def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
+        samples = list(samples)
+        features = self._timed(self._encode, samples)
+        for sample, f in zip(samples, features, strict=True):
+            if f.handle:
+                self._samples[f.handle] = sample
+        return features
+
+    def encode_step(self, groups: Sequence[Sequence[Sample]]) -> list[list[TeacherFeatures]]:
+        """The features of one optimizer step's micro-batches (``groups``), per micro-batch.
+
+        A remote teacher gets them in ONE request (``one_request_per_step``): one round trip and one batching wait
+        instead of ``grad_accum``, and the server splits its forwards by its own ``max_batch_tokens``. An
+        in-process teacher encodes micro-batch by micro-batch, so its forward never exceeds a micro-batch.
+        """
+        if not self.one_request_per_step:
+            return [self.encode(group) for group in groups]
+        flat = self.encode([sample for group in groups for sample in group])
+        bounds = np.cumsum([0, *map(len, groups)]).tolist()
+        return [flat[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    def score(self, features: Sequence[TeacherFeatures], *args, **kwargs):
+        return self._timed(self._score, features, *args, **kwargs)
+
+    def _score(self, features: Sequence[TeacherFeatures], *args, **kwargs):
+        def call():
+            return self._patient("score", lambda: self.teacher.score(features, *args, **kwargs))
+
+        try:
+            return call()
+        except HandleLost as lost:
+            self._reencode(features, lost)
+        return call()  # once: the handles are fresh
+
+    def _reencode(self, features: Sequence[TeacherFeatures], lost: HandleLost) -> None:
+        """Re-encode ``features``' samples and move the new handles into ``features`` (in place)."""
+        unknown = [f.sample_id for f in features if f.handle not in self._samples]
+        if unknown:
+            raise RuntimeError(
+                f"the teacher lost the handles of samples {unknown}, which were not encoded through this wrapper, "
+                "so they cannot be re-encoded"
+            ) from lost
+        samples = [self._samples[f.handle] for f in features]
+        logger.warning(
+            "teacher lost the states of %d sample(s) (%s): restarted or evicted them; re-encoding and retrying the "
+            "score", len(features), lost.details,
+        )
+        fresh = self._encode(samples)
+        for old, new in zip(features, fresh, strict=True):
+            problem = _feature_difference(old, new)
+            if problem:
+                raise TeacherMismatchError(
+                    f"after a teacher restart, sample {old.sample_id!r} re-encodes differently ({problem}): the "
+                    f"teacher at {getattr(self.teacher, 'address', '?')} is not the one this step started with. "
+                    "Restart it with the run's teacher checkpoint and rerun the command to resume"
+                )
+        stale = [replace(f) for f in features]  # the old handles, for a best-effort release
+        for old, new, sample in zip(features, fresh, samples, strict=True):
+            del self._samples[old.handle]
+            old.handle = new.handle
+            self._samples[new.handle] = sample
+        try:  # frees what an eviction left behind; after a restart there is nothing left and this is a no-op
+            self.teacher.release(stale)
+        except TeacherError as exc:
+            logger.debug("releasing stale handles failed (ignored): %s", exc)
+        self.recoveries += 1
+        logger.warning("teacher recovered: %d sample(s) re-encoded with identical answers (recovery %d)",
+                       len(features), self.recoveries)
 
     def release(self, features: Sequence[TeacherFeatures]) -> None:
-        self._timed(self.teacher.release, features)
+        for f in features:
+            if f.handle:
+                self._samples.pop(f.handle, None)
+        self._timed(self._patient, "release", lambda: self.teacher.release(features))
 
     def __getattr__(self, name):  # hidden_size, identity(), close(), ...
         return getattr(self.teacher, name)
+
+
+def _feature_difference(old: TeacherFeatures, new: TeacherFeatures) -> str | None:
+    """What differs between a sample's original and re-encoded teacher features (ids and shapes), or None."""
+    if old.sample_id != new.sample_id:
+        return f"sample id {new.sample_id!r}"
+    if not torch.equal(old.answer_token_ids.cpu(), new.answer_token_ids.cpu()):
+        return f"answer token ids {new.answer_token_ids.tolist()} instead of {old.answer_token_ids.tolist()}"
+    for name in ("answer_segments", "question_segments"):
+        before = [tuple(t.shape) for t in getattr(old, name)]
+        after = [tuple(t.shape) for t in getattr(new, name)]
+        if before != after:
+            return f"{name} shapes {after} instead of {before}"
+    return None
 
 
 def open_teacher(
@@ -242,25 +372,21 @@ def open_teacher(
     timeout_s: float = 300.0,
     retries: int = 5,
 ) -> TimedTeacher:
-    """A teacher: a connection to the service at ``addr``, or the checkpoint ``model`` loaded in this process."""
+    """A teacher: a connection to the service at ``addr``, or the checkpoint ``model`` loaded in this process.
+
+    Remote: every call has the deadline ``timeout_s``; UNAVAILABLE is retried ``retries`` times with backoff
+    (0.5 s doubling, capped at 15 s), and after that the wrapper waits up to ``timeout_s`` more for the teacher to
+    serve again (a restart) before it gives up (:class:`TimedTeacher`).
+    """
     if (addr is None) == (model is None):
         raise ValueError("pass exactly one of a teacher address (--teacher-addr) and a teacher model (--teacher-model)")
     if addr is not None:
-        try:
-            from genrecal.client import TeacherClient
-        except ImportError as exc:
-            raise RuntimeError(
-                "the remote teacher client (genrecal.client.TeacherClient) is not available in this installation; "
-                "use --teacher-model PATH to run the teacher in this process"
-            ) from exc
-        client = TeacherClient(addr, timeout_s=timeout_s, retries=retries)
+        client = TeacherClient(addr, timeout_s=timeout_s, retries=retries, backoff_s=0.5, max_backoff_s=15.0)
         client.wait_until_serving(timeout_s)
-        return TimedTeacher(client, max_length=max_length)
-    else:
-        vlm = load_vlm(model, dtype=dtype)
-        vlm.model.to(device)
-        teacher = InProcessTeacher(vlm, max_length=max_length, chunk_size=chunk_size)
-    return TimedTeacher(teacher)
+        return TimedTeacher(client, restart_wait_s=timeout_s, one_request_per_step=True, max_length=max_length)
+    vlm = load_vlm(model, dtype=dtype)
+    vlm.model.to(device)
+    return TimedTeacher(InProcessTeacher(vlm, max_length=max_length, chunk_size=chunk_size))
 
 
 def connect_teacher(config: TrainConfig, ctx: DistContext) -> TimedTeacher:
@@ -501,7 +627,7 @@ class StageRecipe:
         groups = [[self.samples[i] for i in self.batches.batch(first + m)] for m in range(config.grad_accum)]
         wait_before = self.teacher.wait_s if self.teacher is not None else 0.0
         student_batches = [self.student.encode(group, max_length=config.max_length) for group in groups]
-        features = [self.teacher.encode(group) for group in groups] if self.teacher else [None] * len(groups)
+        features = self.teacher.encode_step(groups) if self.teacher else [None] * len(groups)
 
         # Global answer-token counts of the whole step (all micro-batches, all ranks): the normalisers.
         local = [
@@ -523,11 +649,11 @@ class StageRecipe:
             engine.backward(loss * self.dp_world_size, scale_wrt_gas=False)
             if m < len(student_batches) - 1:
                 engine.step()  # not a boundary: only counts the micro-step
-            if feats is not None:
-                self.teacher.release(feats)
             for key in LOSS_PARTS:
                 totals[key] += metrics.get(key, 0.0)
             totals["loss"] += float(loss.detach())
+        if self.teacher is not None:
+            self.teacher.release([f for feats in features for f in feats])  # one call per step
         summed = dict(zip(totals, ctx.all_reduce_sum(list(totals.values())), strict=True))
         row = {k: v for k, v in summed.items() if k == "loss" or self._has_part(k)}
         row.update(

@@ -18,8 +18,8 @@ from genrecal.rpc import pb2, pb2_grpc
 from genrecal.sample import Sample, Turn
 from genrecal.teacher import InProcessTeacher
 from genrecal.wire import channel_options
+from teacher_server.launch import TeacherProcess
 from tests.conftest import random_image
-from tests.e2e.teacher_process import TeacherProcess
 
 pytestmark = pytest.mark.slow
 WORDS = ["red", "blue", "green", "circle", "square", "small", "large"]

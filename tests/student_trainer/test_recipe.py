@@ -357,7 +357,7 @@ def test_a_different_teacher_is_refused_naming_both(models, vqa_data, subprocess
 def test_remote_teacher_trains_like_the_in_process_one(uninterrupted_run, models, vqa_data, subprocess_env,
                                                        tmp_path):
     """The CLI against a real teacher_server process: stages 1-2 log the same losses as the in-process teacher."""
-    from tests.e2e.teacher_process import TeacherProcess
+    from teacher_server.launch import TeacherProcess
 
     teacher_path, student_path = models
     output = tmp_path / "out"

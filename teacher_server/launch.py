@@ -1,9 +1,14 @@
-"""Start the real teacher server (`python -m teacher_server`) as a subprocess on a free localhost port."""
+"""Start the real teacher server (`python -m teacher_server`) as a subprocess and wait until it is ready.
+
+It listens on a free localhost port by default, or on a fixed one (``port=``) so that a restarted server answers
+at the same address. Used by the demo, the benchmarks and the end-to-end tests.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -13,11 +18,18 @@ from pathlib import Path
 READY = re.compile(r"teacher server ready on ([\d.]+):(\d+)")
 
 
+def free_port() -> int:
+    """A localhost port nobody listens on right now (for a server that must come back at the same address)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class TeacherProcess:
-    def __init__(self, model: str | Path, *extra: str, timeout_s: float = 180.0):
+    def __init__(self, model: str | Path, *extra: str, timeout_s: float = 180.0, port: int = 0):
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "teacher_server", "--model", str(model), "--port", "0", *extra],
+            [sys.executable, "-m", "teacher_server", "--model", str(model), "--port", str(port), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         self.lines: list[str] = []
