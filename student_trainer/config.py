@@ -232,8 +232,10 @@ _HELP = {
     "kl_weight": "weight of the KL part of L1/L2 (0 = CE-only ablation) (default %(default)s)",
     "regularisation": "use L2, the regularisation path (--no-regularisation for its ablation) (default on)",
     "sft_weight": "weight of L3, the student's SFT loss (default %(default)s)",
-    "teacher_timeout_s": "seconds one teacher call may take (default %(default)s)",
-    "teacher_retries": "attempts to reach the teacher service before giving up (default %(default)s)",
+    "teacher_timeout_s": "seconds one teacher call may take, and how long to wait for a restarted teacher to be "
+                         "SERVING again before failing (default %(default)s)",
+    "teacher_retries": "retries of a call the teacher answers UNAVAILABLE (backoff 0.5 s doubling to 15 s) before "
+                       "waiting for its health check (default %(default)s)",
     "chunk_size": "tokens per head-scoring chunk of an in-process teacher (default %(default)s)",
     "save_every": "write a DeepSpeed checkpoint every N optimizer steps, besides each stage's end "
                   "(default %(default)s)",
