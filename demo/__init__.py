@@ -1,0 +1,1 @@
+"""The one-command demo: real offline data (easy-VQA), a CPU-trained demo teacher and an untrained student."""
