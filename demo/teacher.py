@@ -1,0 +1,217 @@
+"""The demo's default models: a teacher that has learnt easy-VQA on the CPU, and an untrained, smaller student.
+
+- Teacher (:func:`prepare_teacher`): a tiny LLaVA-1.5 (CLIP vision tower, GPT-2 tokenizer, hidden size 128) built
+  with :func:`genrecal.tiny.write_tiny_checkpoint`, then supervised-fine-tuned on easy-VQA's training split with
+  :func:`genrecal.inprocess.run_stages` stage 3 alone (plain SFT of projector, language model and head; the
+  random vision tower stays frozen, as in every GenRecal stage). 64x64 pictures become 56x56 = 16 image tokens.
+- Student (:func:`student_init`): a tiny InternVL (InternViT, Llama-2 tokenizer, hidden size 64) with random
+  weights — another family, tokenizer and chat template than the teacher's, as GenRecal is about.
+
+Both are cached under ``cache_dir/{teacher,student}``: a ``DONE`` file records the options a folder was built with,
+and a later call with the same options returns the folder at once. ``docs/demo.md`` ("Demo models") records the
+sizes tried, the timings and the accuracies.
+
+    python -m demo.teacher --cache runs/demo/cache --data runs/demo/data [--evaluate 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from genrecal.tiny import TinySizes, write_tiny_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DONE = "DONE"
+MODEL = "model"  # the finished checkpoint folder inside cache_dir/{teacher,student}
+FORMAT_VERSION = 1  # bump when the build changes in a way the options do not show
+
+
+def _teacher_sizes() -> TinySizes:
+    return TinySizes(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                     vision_hidden_size=128, vision_layers=1, vision_heads=4, image_size=56)
+
+
+def _student_sizes() -> TinySizes:
+    return TinySizes(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                     vision_hidden_size=32, vision_layers=1, vision_heads=2)
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """How the demo teacher is built and trained (defaults: see docs/demo.md, "Demo models")."""
+
+    family: str = "llava"
+    tokenizer: str = "gpt2"
+    sizes: TinySizes = field(default_factory=_teacher_sizes)
+    questions_per_type: int = 2000  # training questions drawn per type (shape, colour, yes_no) from train.json
+    steps: int = 1200  # optimizer steps
+    batch_size: int = 16
+    lr: float = 3e-3  # AdamW, linear decay to lr_end
+    lr_end: float = 3e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("questions_per_type", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TeacherRecipe.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.lr_end <= self.lr:
+            raise ValueError(f"TeacherRecipe needs 0 < lr_end <= lr, got lr={self.lr}, lr_end={self.lr_end}")
+
+
+@dataclass(frozen=True)
+class StudentRecipe:
+    """The demo student: a smaller model of another family and tokenizer than the teacher, random weights."""
+
+    family: str = "internvl"
+    tokenizer: str = "llama2"
+    sizes: TinySizes = field(default_factory=_student_sizes)
+    seed: int = 0
+
+
+def _cached(root: Path, options: dict) -> Path | None:
+    """``root/model`` when ``root/DONE`` records exactly ``options``, else None."""
+    done = root / DONE
+    if not done.is_file() or not (root / MODEL / "config.json").is_file():
+        return None
+    try:
+        recorded = json.loads(done.read_text())
+    except json.JSONDecodeError:
+        return None
+    return root / MODEL if recorded.get("options") == options else None
+
+
+def _fresh(root: Path) -> None:
+    """Empty ``root`` (a cache folder this module owns) and make sure no stale DONE survives a failed build."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+
+
+def _data_signature(data_dir: Path) -> dict:
+    """What identifies the training data: the converter's manifest options, else the file's size and mtime."""
+    manifest = data_dir / "manifest.json"
+    if manifest.is_file():
+        return {"manifest": json.loads(manifest.read_text()).get("options")}
+    stat = (data_dir / "train.json").stat()
+    return {"train_json": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
+
+
+def balanced_training_records(train_json: Path, per_type: int, seed: int) -> list[dict]:
+    """Up to ``per_type`` seeded-random records of each question type (records without a type form one group).
+
+    easy-VQA's training split is 74% yes/no questions, which a blind model answers 82% right from the wording
+    alone; balancing gives the colour and shape questions — no such shortcut — a third of the steps each.
+    """
+    records = json.loads(train_json.read_text(encoding="utf-8"))
+    by_type: dict[str, list[dict]] = {}
+    for record in records:
+        by_type.setdefault(str(record.get("type")), []).append(record)
+    rng = random.Random(f"demo-teacher/{seed}")
+    chosen = []
+    for question_type in sorted(by_type):
+        group = by_type[question_type]
+        chosen += rng.sample(group, min(per_type, len(group)))
+    return chosen
+
+
+def prepare_teacher(cache_dir: str | Path, data_dir: str | Path, *, recipe: TeacherRecipe | None = None) -> Path:
+    """Build and SFT-train the demo teacher on ``data_dir/train.json``; return its checkpoint folder.
+
+    ``data_dir`` is an easy-VQA conversion (:func:`demo.easy_vqa.convert_easy_vqa`) or any LLaVA JSON folder
+    with a ``train.json`` whose records carry a ``type``. The result is ``cache_dir/teacher/model``; when
+    ``cache_dir/teacher/DONE`` records the same recipe and data, it is returned without training.
+    """
+    from genrecal.inprocess import StageRunConfig, run_stages
+    from student_trainer.data import load_dataset_samples
+
+    recipe = recipe or TeacherRecipe()
+    data_dir = Path(data_dir)
+    train_json = data_dir / "train.json"
+    if not train_json.is_file():
+        raise ValueError(f"{train_json} does not exist; convert the data first: python -m demo.easy_vqa --out {data_dir}")
+    root = Path(cache_dir) / "teacher"
+    options = {"recipe": asdict(recipe), "data": _data_signature(data_dir), "format": FORMAT_VERSION}
+    cached = _cached(root, options)
+    if cached is not None:
+        logger.info("demo teacher: cached at %s", cached)
+        return cached
+
+    started = time.perf_counter()
+    _fresh(root)
+    init = write_tiny_checkpoint(recipe.family, root / "init", sizes=recipe.sizes, tokenizer=recipe.tokenizer,
+                                 seed=recipe.seed)
+    subset = root / "train_subset.json"  # what the teacher was trained on (image names relative to data_dir)
+    subset.write_text(json.dumps(balanced_training_records(train_json, recipe.questions_per_type, recipe.seed)))
+    samples, _ = load_dataset_samples(subset, image_folder=data_dir)
+    logger.info("demo teacher: SFT of a tiny %s (%s tokenizer) on %d questions, %d steps of %d",
+                recipe.family, recipe.tokenizer, len(samples), recipe.steps, recipe.batch_size)
+    config = StageRunConfig(stages=[3], steps_per_stage=recipe.steps, batch_size=recipe.batch_size, grad_accum=1,
+                            lr=recipe.lr, lr_end=recipe.lr_end, seed=recipe.seed)
+    history = run_stages(None, init, samples, root / "sft", config)[3]
+    (root / "sft" / "stage3" / "student").rename(root / MODEL)
+    shutil.rmtree(init)
+    seconds = time.perf_counter() - started
+    first, last = history[0]["L3"], sum(row["L3"] for row in history[-20:]) / len(history[-20:])
+    done = {"options": options, "seconds": round(seconds, 1), "samples": len(samples),
+            "L3_first": first, "L3_last20_mean": last}
+    (root / DONE).write_text(json.dumps(done, indent=2) + "\n")  # written last: marks the folder complete
+    logger.info("demo teacher: trained in %.0f s (L3 %.3f -> %.3f): %s", seconds, first, last, root / MODEL)
+    return root / MODEL
+
+
+def student_init(cache_dir: str | Path, *, recipe: StudentRecipe | None = None) -> Path:
+    """Write the demo's untrained student checkpoint (cached like the teacher); return its folder."""
+    recipe = recipe or StudentRecipe()
+    root = Path(cache_dir) / "student"
+    options = {"recipe": asdict(recipe), "format": FORMAT_VERSION}
+    cached = _cached(root, options)
+    if cached is not None:
+        return cached
+    _fresh(root)
+    write_tiny_checkpoint(recipe.family, root / MODEL, sizes=recipe.sizes, tokenizer=recipe.tokenizer, seed=recipe.seed)
+    (root / DONE).write_text(json.dumps({"options": options}, indent=2) + "\n")
+    return root / MODEL
+
+
+def main(argv: list[str] | None = None) -> None:
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m demo.teacher", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", required=True, help="cache folder: teacher/ and student/ are written here")
+    parser.add_argument("--data", required=True, help="easy-VQA folder from python -m demo.easy_vqa (train.json)")
+    parser.add_argument("--evaluate", type=int, default=0, metavar="N",
+                        help="then evaluate teacher and student on the first N questions of DATA/test.json")
+    defaults = TeacherRecipe()
+    for name in ("questions_per_type", "steps", "batch_size", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
+                            help=f"teacher recipe (default {getattr(defaults, name)})")
+    for name in ("lr", "lr_end"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
+                            help=f"teacher recipe (default {getattr(defaults, name)})")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = TeacherRecipe(questions_per_type=args.questions_per_type, steps=args.steps, batch_size=args.batch_size,
+                           seed=args.seed, lr=args.lr, lr_end=args.lr_end)
+    teacher = prepare_teacher(args.cache, args.data, recipe=recipe)
+    student = student_init(args.cache)
+    print(f"teacher: {teacher}\nstudent: {student}")
+    if args.evaluate:
+        from student_trainer.evaluate import evaluate
+
+        for name, path in (("teacher", teacher), ("untrained student", student)):
+            started = time.perf_counter()
+            report = evaluate(path, Path(args.data) / "test.json", limit=args.evaluate, batch_size=32, max_new_tokens=8)
+            print(f"\n{name} ({time.perf_counter() - started:.0f} s):\n{report.table()}")
+
+
+if __name__ == "__main__":
+    main()
