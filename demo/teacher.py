@@ -1,9 +1,10 @@
 """The demo's default models: a teacher that has learnt easy-VQA on the CPU, and an untrained, smaller student.
 
-- Teacher (:func:`prepare_teacher`): a tiny LLaVA-1.5 (CLIP vision tower, GPT-2 tokenizer, hidden size 128) built
-  with :func:`genrecal.tiny.write_tiny_checkpoint`, then supervised-fine-tuned on easy-VQA's training split with
-  :func:`genrecal.inprocess.run_stages` stage 3 alone (plain SFT of projector, language model and head; the
-  random vision tower stays frozen, as in every GenRecal stage). 64x64 pictures become 56x56 = 16 image tokens.
+- Teacher (:func:`prepare_teacher`): a tiny Qwen2-VL (GPT-2 tokenizer, hidden size 128, a 256-wide one-layer
+  ViT) built with :func:`genrecal.tiny.write_tiny_checkpoint`, its processor set to scale 64x64 pictures up to
+  112x112 (8x8 patches, merged 2x2: 16 image tokens), then supervised-fine-tuned on a type-balanced part of
+  easy-VQA's training split with :func:`genrecal.inprocess.run_stages` stage 3 alone (plain SFT of the patch
+  merger, language model and head; the random ViT stays frozen, as in every GenRecal stage).
 - Student (:func:`student_init`): a tiny InternVL (InternViT, Llama-2 tokenizer, hidden size 64) with random
   weights — another family, tokenizer and chat template than the teacher's, as GenRecal is about.
 
@@ -32,11 +33,12 @@ logger = logging.getLogger(__name__)
 DONE = "DONE"
 MODEL = "model"  # the finished checkpoint folder inside cache_dir/{teacher,student}
 FORMAT_VERSION = 1  # bump when the build changes in a way the options do not show
+DYNAMIC_RESOLUTION = ("qwen2_vl", "qwen2_5_vl")  # families whose processor takes min/max pixel counts
 
 
 def _teacher_sizes() -> TinySizes:
     return TinySizes(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
-                     vision_hidden_size=128, vision_layers=1, vision_heads=4, image_size=56)
+                     vision_hidden_size=256, vision_layers=1, vision_heads=4)
 
 
 def _student_sizes() -> TinySizes:
@@ -48,17 +50,28 @@ def _student_sizes() -> TinySizes:
 class TeacherRecipe:
     """How the demo teacher is built and trained (defaults: see docs/demo.md, "Demo models")."""
 
-    family: str = "llava"
+    family: str = "qwen2_vl"
     tokenizer: str = "gpt2"
     sizes: TinySizes = field(default_factory=_teacher_sizes)
+    # Dynamic-resolution families (Qwen2-VL / Qwen2.5-VL) only: scale pictures up to at least side x side pixels.
+    # None keeps the tiny recipe's 56x56 (4 image tokens); fixed-resolution families use sizes.image_size.
+    image_side: int | None = 112
     questions_per_type: int = 2000  # training questions drawn per type (shape, colour, yes_no) from train.json
-    steps: int = 1200  # optimizer steps
+    steps: int = 900  # optimizer steps
     batch_size: int = 16
-    lr: float = 3e-3  # AdamW, linear decay to lr_end
-    lr_end: float = 3e-4
+    lr: float = 2e-3  # AdamW, linear decay to lr_end
+    lr_end: float = 2e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.image_side is not None and self.family not in DYNAMIC_RESOLUTION:
+            raise ValueError(
+                f"TeacherRecipe.image_side applies to {DYNAMIC_RESOLUTION} only; for {self.family!r} set "
+                "sizes.image_size instead and image_side=None"
+            )
+        if self.image_side is not None and self.image_side % 28:
+            raise ValueError(f"TeacherRecipe.image_side must be a multiple of 28 (14-px patches merged 2x2), "
+                             f"got {self.image_side}")
         for name in ("questions_per_type", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TeacherRecipe.{name} must be >= 1, got {getattr(self, name)}")
@@ -93,6 +106,21 @@ def _fresh(root: Path) -> None:
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
+
+
+def set_min_image_side(checkpoint: Path, side: int) -> None:
+    """Make a Qwen2-VL-style processor scale pictures up to at least ``side`` x ``side`` pixels (saved in place).
+
+    Its ``size`` is a pixel-count range (``shortest_edge`` = min_pixels, ``longest_edge`` = max_pixels); a 64x64
+    picture then becomes ``side / 14`` x ``side / 14`` patches, ``(side / 28)^2`` image tokens after the 2x2 merge.
+    """
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    image_processor = processor.image_processor
+    pixels = side * side
+    image_processor.size = {"shortest_edge": pixels, "longest_edge": max(pixels, image_processor.size["longest_edge"])}
+    processor.save_pretrained(checkpoint)
 
 
 def _data_signature(data_dir: Path) -> dict:
@@ -148,6 +176,8 @@ def prepare_teacher(cache_dir: str | Path, data_dir: str | Path, *, recipe: Teac
     _fresh(root)
     init = write_tiny_checkpoint(recipe.family, root / "init", sizes=recipe.sizes, tokenizer=recipe.tokenizer,
                                  seed=recipe.seed)
+    if recipe.image_side is not None:
+        set_min_image_side(init, recipe.image_side)
     subset = root / "train_subset.json"  # what the teacher was trained on (image names relative to data_dir)
     subset.write_text(json.dumps(balanced_training_records(train_json, recipe.questions_per_type, recipe.seed)))
     samples, _ = load_dataset_samples(subset, image_folder=data_dir)

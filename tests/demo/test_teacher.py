@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
 
 from demo.easy_vqa import convert_easy_vqa
 from demo.teacher import (
@@ -25,8 +26,8 @@ from genrecal.tiny import TinySizes, write_tiny_checkpoint
 # A teacher small and short enough for the test suite (the demo's default trains for minutes).
 SHORT = TeacherRecipe(
     sizes=TinySizes(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-                    vision_hidden_size=32, vision_layers=1, vision_heads=2, image_size=28),
-    questions_per_type=6, steps=3, batch_size=4, lr=1e-3, lr_end=1e-4,
+                    vision_hidden_size=32, vision_layers=1, vision_heads=2),
+    image_side=84, questions_per_type=6, steps=3, batch_size=4, lr=1e-3, lr_end=1e-4,
 )
 
 
@@ -50,17 +51,20 @@ def test_a_short_preparation_gives_a_loadable_sft_trained_teacher(prepared, tmp_
     assert seconds < 60
     assert teacher == cache / "teacher" / "model"
     vlm = load_vlm(teacher)  # strict: every key present and expected
-    assert vlm.model.config.architectures == ["LlavaForConditionalGeneration"]
+    assert vlm.model.config.architectures == ["Qwen2VLForConditionalGeneration"]
+    # The processor scales a 64x64 picture up to image_side: 84 px = 6x6 patches (9 image tokens after merging).
+    inputs = vlm.processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[Image.new("RGB", (64, 64))])
+    assert inputs["image_grid_thw"].tolist() == [[1, 6, 6]]
     done = json.loads((cache / "teacher" / DONE).read_text())
     assert done["samples"] == 3 * SHORT.questions_per_type  # balanced: shape, colour, yes_no
     assert done["options"]["recipe"]["steps"] == SHORT.steps
-    # Stage-3 SFT changed the language model and projector but not the (frozen) vision tower.
-    initial = load_vlm(write_tiny_checkpoint("llava", tmp_path / "init", sizes=SHORT.sizes, tokenizer="gpt2"))
+    # Stage-3 SFT changed the language model and projector (the patch merger) but not the frozen ViT.
+    initial = load_vlm(write_tiny_checkpoint("qwen2_vl", tmp_path / "init", sizes=SHORT.sizes, tokenizer="gpt2"))
     initial, trained = initial.model.state_dict(), vlm.model.state_dict()
     assert initial.keys() == trained.keys()
-    vision = [name for name in initial if name.startswith("model.vision_tower.")]
+    vision = [n for n in initial if n.startswith("model.visual.") and not n.startswith("model.visual.merger.")]
     assert vision and all(torch.equal(initial[name], trained[name]) for name in vision)
-    for name in ("model.multi_modal_projector.linear_1.weight", "model.language_model.layers.0.mlp.up_proj.weight",
+    for name in ("model.visual.merger.mlp.0.weight", "model.language_model.layers.0.mlp.up_proj.weight",
                  "lm_head.weight"):
         assert not torch.equal(initial[name], trained[name]), name
     # The training subset is kept next to the model; its images resolve against the data folder.
@@ -118,6 +122,10 @@ def test_recipe_validation():
         TeacherRecipe(steps=0)
     with pytest.raises(ValueError, match="lr_end"):
         TeacherRecipe(lr=1e-4, lr_end=1e-3)
+    with pytest.raises(ValueError, match="sizes.image_size"):
+        TeacherRecipe(family="llava")  # a fixed-resolution family: image_side does not apply
+    with pytest.raises(ValueError, match="multiple of 28"):
+        TeacherRecipe(image_side=100)
 
 
 def test_missing_data_says_how_to_convert(tmp_path):
