@@ -202,7 +202,12 @@ def _generate(vlm: LoadedVLM, samples: list[Sample], max_new_tokens: int, pad_to
     prompts = [
         processor.apply_chat_template(s.messages()[:-1], add_generation_prompt=True, tokenize=False) for s in samples
     ]
-    kwargs = dict(text=prompts, return_tensors="pt", padding=True, **vlm.adapter.processor_kwargs)
+    # Left padding: an adapter may pin padding_side for training-style encoding (InternVL's pins "right"), which
+    # would override the tokenizer's setting and make generate continue padded rows after their pad tokens.
+    extra = dict(vlm.adapter.processor_kwargs)
+    if "padding_side" in extra:
+        extra["padding_side"] = "left"
+    kwargs = dict(text=prompts, return_tensors="pt", padding=True, **extra)
     if samples[0].images:
         kwargs["images"] = [list(s.images) for s in samples]
     inputs = processor(**kwargs).to(model.device)

@@ -61,13 +61,17 @@ def test_report_table_and_json(tmp_path):
     assert saved["per_type"] == {"colour": {"accuracy": 1.0, "count": 2}, "count": {"accuracy": 0.0, "count": 2}}
 
 
+QUESTIONS = ("What is it?", "What colour is the shape in this small picture, please?", "Which?")
+
+
 def write_vqa_set(folder, rng):
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(5):
         random_image(rng, size=32).save(folder / f"{i}.png")
         records.append({"id": f"q{i}", "image": f"{i}.png", "type": ["colour", "count"][i % 2],
-                        "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                        # Questions of different lengths, so that batches need padding.
+                        "conversations": [{"from": "human", "value": "<image>\n" + QUESTIONS[i % len(QUESTIONS)]},
                                           {"from": "gpt", "value": ["red", "2"][i % 2]}]})
     records.append({"id": "chat", "conversations": [  # multi-turn, no image, untyped: the last answer is scored
         {"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"},
