@@ -3,11 +3,17 @@
     python benchmarks/distillation.py --teacher DIR --data DIR [--seeds 0,1,2] [--steps-per-stage N] [--out runs/bench]
 
 Runs everything in ONE process with :func:`genrecal.inprocess.run_stages` (plain PyTorch AdamW, teacher and
-student side by side; not the DeepSpeed ``student_trainer``). Per seed, every variant starts from the SAME
-untrained student checkpoint (written with ``genrecal.tiny.write_tiny_checkpoint`` using that seed) and uses the
-same data-order seed, the same optimizer-step count (3N) and the same micro-batch size / accumulation:
+student side by side; not the DeepSpeed ``student_trainer``).
 
-    sft              stage 3 only, 3N steps                          (cross-tokenizer student)
+Every student starts from a *base* student, as in the paper (whose students are pretrained VLMs): per seed, a
+tiny checkpoint (``genrecal.tiny.write_tiny_checkpoint`` with that seed) plus ``--warmup-steps`` of plain SFT on
+a warm-up pool that is disjoint from the distillation data (every 4th record of ``train.json``; the other three
+quarters are the distillation data). Without that warm-up the student's head is random until stage 3 (stages 1
+and 2 never train it), which is not the setting the paper describes. Then, per seed, every variant starts from
+the SAME base checkpoint with the same data-order seed and micro-batch size / accumulation:
+
+    sft              stage 3 only, 3N steps  (equal optimizer steps)   (cross-tokenizer student)
+    sft_n            stage 3 only, N steps   (GenRecal's stage 3 without stages 1-2)
     genrecal         stages 1 -> 2 -> 3, N steps each
     genrecal_no_reg  the same without the regularisation path        (LossConfig(regularisation=False))
     genrecal_kl_only the same without L_ar, KL only                  (LossConfig(ce_weight=0))
@@ -15,11 +21,11 @@ same data-order seed, the same optimizer-step count (3N) and the same micro-batc
     same_tok_sft     stage 3 only, 3N steps                          (student that shares the teacher's tokenizer)
     same_tok_kd      stage 3 + token-level KD, 3N steps              (same-tokenizer student)
 
-plus the teacher and both untrained students. Accuracy is exact match (``student_trainer.evaluate``, greedy) on
-the same ``test.json`` subset for all. ``--data`` is a folder with LLaVA-format ``train.json`` / ``test.json``
+plus the teacher and both base students. Accuracy is exact match (``student_trainer.evaluate``, greedy) on the
+same ``test.json`` subset for all. ``--data`` is a folder with LLaVA-format ``train.json`` / ``test.json``
 (``demo/easy_vqa.py``'s layout); when it has no ``train.json``, easy-VQA is converted into it
 (``--train-limit`` / ``--test-limit``). Without ``--teacher``, ``demo.teacher.prepare_teacher(cache_dir,
-data_dir)`` is used when that module exists. Writes ``OUT/results.json`` and ``OUT/results.md`` and prints both.
+data_dir)`` is used. Writes ``OUT/results.json`` and ``OUT/results.md`` and prints both.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,25 +58,35 @@ from genrecal.tiny import TinySizes, write_tiny_checkpoint  # noqa: E402
 
 logger = logging.getLogger("benchmarks.distillation")
 
-# name -> (which student: "cross" or "same", stages, LossConfig kwargs, baseline)
-VARIANTS: dict[str, tuple[str, list[int], dict, str | None]] = {
-    "sft": ("cross", [3], {}, None),
-    "genrecal": ("cross", [1, 2, 3], {}, None),
-    "genrecal_no_reg": ("cross", [1, 2, 3], {"regularisation": False}, None),
-    "genrecal_kl_only": ("cross", [1, 2, 3], {"ce_weight": 0.0}, None),
-    "uld": ("cross", [3], {}, "uld"),
-    "same_tok_sft": ("same", [3], {}, None),
-    "same_tok_kd": ("same", [3], {}, "kd"),
+@dataclass(frozen=True)
+class Variant:
+    student: str  # "cross" (another tokenizer than the teacher's) or "same" (the teacher's tokenizer)
+    stages: tuple[int, ...]
+    losses: dict = field(default_factory=dict)  # LossConfig keyword arguments
+    baseline: str | None = None  # logit-distillation term added to stage 3 ("uld" or "kd")
+    steps_factor: int = 1  # steps per stage = steps_factor x N
+
+
+VARIANTS: dict[str, Variant] = {
+    "sft": Variant("cross", (3,), steps_factor=3),
+    "sft_n": Variant("cross", (3,)),
+    "genrecal": Variant("cross", (1, 2, 3)),
+    "genrecal_no_reg": Variant("cross", (1, 2, 3), {"regularisation": False}),
+    "genrecal_kl_only": Variant("cross", (1, 2, 3), {"ce_weight": 0.0}),
+    "uld": Variant("cross", (3,), baseline="uld", steps_factor=3),
+    "same_tok_sft": Variant("same", (3,), steps_factor=3),
+    "same_tok_kd": Variant("same", (3,), baseline="kd", steps_factor=3),
 }
 LABELS = {
     "teacher": "teacher",
-    "untrained": "untrained student (cross-tokenizer)",
+    "base": "base student, cross-tokenizer (before distillation)",
     "sft": "SFT (stage 3 only, 3N steps)",
+    "sft_n": "SFT (stage 3 only, N steps)",
     "genrecal": "GenRecal 1->2->3 (N each)",
     "genrecal_no_reg": "GenRecal w/o regularisation (L2)",
     "genrecal_kl_only": "GenRecal w/o L_ar (KL only)",
     "uld": "ULD baseline (3N steps)",
-    "untrained_same_tok": "untrained student (teacher's tokenizer)",
+    "base_same_tok": "base student, teacher's tokenizer (before distillation)",
     "same_tok_sft": "SFT, same-tokenizer student (3N)",
     "same_tok_kd": "token-level KD, same-tokenizer student (3N)",
 }
@@ -78,14 +94,17 @@ LABELS = {
 
 @dataclass
 class BenchConfig:
+    """Defaults: the configuration of the table in docs/benchmarks.md."""
+
     seeds: list[int]
-    steps_per_stage: int = 15
+    steps_per_stage: int = 200  # N
+    warmup_steps: int = 100  # SFT steps that make the base student from the tiny random checkpoint
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-3
-    lr_end: float = 1e-4
+    lr: float = 2e-3
+    lr_end: float = 2e-4
     baseline_weight: float = 1.0
-    test_limit: int = 150
+    test_limit: int = 300
     eval_batch_size: int = 16
     max_new_tokens: int = 5
     student_family: str = "internvl"
@@ -101,24 +120,38 @@ def student_sizes(hidden: int) -> TinySizes:
                      vision_hidden_size=32, vision_layers=1, vision_heads=2)
 
 
-def write_students(root: Path, seed: int, cfg: BenchConfig) -> dict[str, Path]:
-    """The two untrained students of one seed (weights seeded with the run seed); reused if already written."""
-    paths = {"cross": root / f"seed{seed}" / "student_cross", "same": root / f"seed{seed}" / "student_same"}
+def split_data(samples: list) -> tuple[list, list]:
+    """(warm-up pool, distillation data): every 4th training record, and the rest; disjoint and deterministic."""
+    return samples[::4], [s for i, s in enumerate(samples) if i % 4]
+
+
+def write_students(root: Path, seed: int, cfg: BenchConfig, warmup: list, kinds: set[str]) -> dict[str, Path]:
+    """The base students of one seed: tiny checkpoints seeded with ``seed``, then ``cfg.warmup_steps`` of SFT on
+    ``warmup`` (none when 0). Reused if already complete in ``root``."""
     specs = {"cross": (cfg.student_family, cfg.student_tokenizer, cfg.student_hidden),
              "same": (cfg.same_family, cfg.same_tokenizer, cfg.same_hidden)}
-    for kind, path in paths.items():
+    paths = {}
+    for kind in sorted(kinds):
         family, tokenizer, hidden = specs[kind]
-        if not (path / "model.safetensors").is_file():
-            write_tiny_checkpoint(family, path, sizes=student_sizes(hidden), tokenizer=tokenizer, seed=seed)
+        init = root / f"seed{seed}" / f"student_{kind}"
+        if not (init / "model.safetensors").is_file():
+            write_tiny_checkpoint(family, init, sizes=student_sizes(hidden), tokenizer=tokenizer, seed=seed)
+        paths[kind] = init
+        if cfg.warmup_steps:
+            run = root / f"seed{seed}" / f"student_{kind}_warmup"
+            if not (run / "stage3" / "student" / "model.safetensors").is_file():
+                config = StageRunConfig(stages=[3], steps_per_stage=cfg.warmup_steps, batch_size=cfg.batch_size,
+                                        grad_accum=cfg.grad_accum, lr=cfg.lr, lr_end=cfg.lr_end, seed=seed + 1000)
+                run_stages(None, init, warmup, run, config)
+            paths[kind] = run / "stage3" / "student"
     return paths
 
 
 def stage_config(variant: str, seed: int, cfg: BenchConfig) -> StageRunConfig:
-    _, stages, losses, baseline = VARIANTS[variant]
-    # Equal optimizer steps: single-stage variants run the three stages' total (3N).
-    steps = cfg.steps_per_stage * (3 if len(stages) == 1 else 1)
-    return StageRunConfig(stages=stages, steps_per_stage=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                          lr=cfg.lr, lr_end=cfg.lr_end, seed=seed, losses=LossConfig(**losses), baseline=baseline,
+    spec = VARIANTS[variant]
+    return StageRunConfig(stages=list(spec.stages), steps_per_stage=cfg.steps_per_stage * spec.steps_factor,
+                          batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, lr_end=cfg.lr_end,
+                          seed=seed, losses=LossConfig(**spec.losses), baseline=spec.baseline,
                           baseline_weight=cfg.baseline_weight)
 
 
@@ -149,7 +182,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def run_benchmark(teacher: Path, data: Path, out: Path, cfg: BenchConfig, variants: list[str] | None = None) -> dict:
-    """Every variant x seed, plus teacher and untrained students; writes ``out/results.json`` and returns it."""
+    """Every variant x seed, plus teacher and base students; writes ``out/results.json`` and returns it."""
     from student_trainer.data import load_dataset_samples
 
     variants = variants or list(VARIANTS)
@@ -159,21 +192,25 @@ def run_benchmark(teacher: Path, data: Path, out: Path, cfg: BenchConfig, varian
     out.mkdir(parents=True, exist_ok=True)
     train_json, test_json = data / "train.json", data / "test.json"
     samples, _ = load_dataset_samples(train_json)
+    warmup, samples = split_data(samples)
     started = time.time()
     results: dict = {"config": asdict(cfg), "teacher_path": str(teacher), "data": str(data),
-                     "train_samples": len(samples), "variants": {}, "timing_s": {}}
+                     "train_samples": len(samples), "warmup_samples": len(warmup), "variants": {}, "timing_s": {}}
     t0 = time.time()
     results["teacher"] = score(teacher, test_json, cfg)
     results["timing_s"]["teacher_eval"] = round(time.time() - t0, 1)
-    per_variant: dict[str, list[dict]] = {v: [] for v in ["untrained", "untrained_same_tok", *variants]}
+    kinds = {VARIANTS[v].student for v in variants}
+    base_rows = {"cross": "base", "same": "base_same_tok"}
+    per_variant: dict[str, list[dict]] = {v: [] for v in [*(base_rows[k] for k in sorted(kinds)), *variants]}
     for seed in cfg.seeds:
-        students = write_students(out / "init", seed, cfg)
-        per_variant["untrained"].append({"seed": seed, **score(students["cross"], test_json, cfg)})
-        if any(VARIANTS[v][0] == "same" for v in variants):
-            per_variant["untrained_same_tok"].append({"seed": seed, **score(students["same"], test_json, cfg)})
+        t0 = time.time()
+        students = write_students(out / "init", seed, cfg, warmup, kinds)
+        results["timing_s"][f"base_students_seed{seed}"] = round(time.time() - t0, 1)
+        for kind, path in students.items():
+            per_variant[base_rows[kind]].append({"seed": seed, **score(path, test_json, cfg)})
         for variant in variants:
             t0 = time.time()
-            final = run_variant(variant, teacher, students[VARIANTS[variant][0]], samples,
+            final = run_variant(variant, teacher, students[VARIANTS[variant].student], samples,
                                 out / "runs" / f"seed{seed}" / variant, seed, cfg)
             train_s = time.time() - t0
             result = score(final, test_json, cfg)
@@ -237,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--train-limit", type=int, default=2000, help="easy-VQA conversion only (default 2000)")
-    for name in ("steps_per_stage", "batch_size", "grad_accum", "test_limit", "eval_batch_size", "max_new_tokens",
+    for name in ("steps_per_stage", "warmup_steps", "batch_size", "grad_accum", "test_limit", "eval_batch_size", "max_new_tokens",
                  "student_hidden", "same_hidden"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=f"default {getattr(defaults, name)}")
@@ -254,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     same_family, same_tokenizer = args.same_tokenizer_student.split(":")
     cfg = BenchConfig(
         seeds=[int(s) for s in args.seeds.split(",")], steps_per_stage=args.steps_per_stage,
+        warmup_steps=args.warmup_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_end=args.lr_end,
         baseline_weight=args.baseline_weight, test_limit=args.test_limit, eval_batch_size=args.eval_batch_size,
         max_new_tokens=args.max_new_tokens, student_family=student_family, student_tokenizer=student_tokenizer,

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from demo.easy_vqa import convert_easy_vqa
-from demo.teacher import prepare_teacher, student_init
+from demo.teacher import TeacherRecipe, prepare_teacher, student_init
 from teacher_server.launch import TeacherProcess
 
 
@@ -40,10 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default="runs/demo", help="where data, models, the run and plots go")
     parser.add_argument("--train-limit", type=int, default=4000, help="training questions used (default 4000)")
     parser.add_argument("--test-limit", type=int, default=300, help="test questions evaluated (default 300)")
-    parser.add_argument("--steps-per-stage", type=int, default=12, help="trainer optimizer steps per stage")
+    parser.add_argument("--teacher-steps", type=int, default=TeacherRecipe.steps,
+                        help=f"SFT steps of the demo teacher (default {TeacherRecipe.steps}; cached per setting)")
+    parser.add_argument("--steps-per-stage", type=int, default=30, help="trainer optimizer steps per stage")
     parser.add_argument("--grad-accum", type=int, default=2, help="trainer gradient accumulation")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="trainer micro-batch size")
-    parser.add_argument("--lr", type=float, default=1e-3, help="trainer peak learning rate (decays 10x per stage)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="trainer peak learning rate (decays 10x per stage)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data subsets and training")
     parser.add_argument("--deepspeed", default="student_trainer/configs/zero2.json", help="DeepSpeed JSON")
     parser.add_argument("--fresh-run", action="store_true", help="discard a previous run (data and teacher stay cached)")
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     train, test = work / "data" / "train.json", work / "data" / "test.json"
 
     t = time.perf_counter()
-    teacher = prepare_teacher(work / "cache", work / "data")
+    teacher = prepare_teacher(work / "cache", work / "data", recipe=TeacherRecipe(steps=args.teacher_steps))
     student = student_init(work / "cache")
     timings["teacher preparation"] = time.perf_counter() - t
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -48,13 +50,13 @@ def test_every_variant_runs_and_reports_accuracy_in_unit_interval(tiny_checkpoin
     bench = load_benchmark()
     teacher = tiny_checkpoint("qwen2_vl", tokenizer="gpt2", hidden_size=64)
     data = write_data(tmp_path / "data", rng)
-    cfg = bench.BenchConfig(seeds=[0], steps_per_stage=1, batch_size=2, grad_accum=1, test_limit=4,
+    cfg = bench.BenchConfig(seeds=[0], steps_per_stage=1, warmup_steps=1, batch_size=2, grad_accum=1, test_limit=4,
                             eval_batch_size=4, max_new_tokens=2, student_hidden=32, same_hidden=32)
     results = bench.run_benchmark(Path(teacher), data, tmp_path / "out", cfg)
 
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["variants"].keys() == results["variants"].keys()
-    expected = {"untrained", "untrained_same_tok", *bench.VARIANTS}
+    expected = {"base", "base_same_tok", *bench.VARIANTS}
     assert set(saved["variants"]) == expected
     accuracies = [saved["teacher"]["accuracy"]] + [row["mean"] for row in saved["variants"].values()]
     assert all(math.isfinite(a) and 0.0 <= a <= 1.0 for a in accuracies)
@@ -63,8 +65,23 @@ def test_every_variant_runs_and_reports_accuracy_in_unit_interval(tiny_checkpoin
     runs = tmp_path / "out" / "runs" / "seed0"
     assert len((runs / "sft" / "stage3" / "metrics.jsonl").read_text().splitlines()) == 3
     assert len((runs / "uld" / "stage3" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((runs / "sft_n" / "stage3" / "metrics.jsonl").read_text().splitlines()) == 1
+    # Every variant starts from the warmed-up base student, which the warm-up changed.
+    init = tmp_path / "out" / "init" / "seed0"
+    for kind in ("cross", "same"):
+        assert len((init / f"student_{kind}_warmup" / "stage3" / "metrics.jsonl").read_text().splitlines()) == 1
+        before = load_file(init / f"student_{kind}" / "model.safetensors")
+        after = load_file(init / f"student_{kind}_warmup" / "stage3" / "student" / "model.safetensors")
+        assert before.keys() == after.keys()
+        assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(len((runs / "genrecal" / f"stage{s}" / "metrics.jsonl").read_text().splitlines()) == 1 for s in (1, 2, 3))
     assert "ULD" in (runs / "uld" / "stage3" / "metrics.jsonl").read_text()
     assert "KD" in (runs / "same_tok_kd" / "stage3" / "metrics.jsonl").read_text()
     table = bench.markdown_table(saved)
     assert "GenRecal" in table and "teacher" in table
+
+
+def test_warmup_pool_and_distillation_data_are_disjoint_and_cover_the_training_set():
+    bench = load_benchmark()
+    warmup, distill = bench.split_data(list(range(10)))
+    assert warmup == [0, 4, 8] and distill == [1, 2, 3, 5, 6, 7, 9]

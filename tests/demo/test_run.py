@@ -1,0 +1,55 @@
+"""A shortened run of the whole demo pipeline (``python -m demo.run``) as a subprocess, the way the README runs it:
+easy-VQA conversion -> teacher SFT -> teacher server -> DeepSpeed trainer stages 1-3 -> alignment plot -> the
+three evaluations and the table. Only the sizes of the run are cut; every component is the real one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_a_shortened_demo_runs_end_to_end_and_prints_the_table(tmp_path):
+    work = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "demo.run", "--workdir", str(work), "--train-limit", "30", "--test-limit", "6",
+           "--teacher-steps", "2", "--steps-per-stage", "1", "--grad-accum", "1", "--micro-batch-size", "2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # The table: one row per model, with the overall and per-type accuracy over the 6 test questions.
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    assert lines[header].split() == ["model", "accuracy", "colour", "shape", "yes_no", "n"]
+    rows = {line[:16].strip(): line[16:].split() for line in lines[header + 2 : header + 5]}
+    assert list(rows) == ["teacher", "student before", "student after"]
+    assert all(row[-1] == "6" for row in rows.values())
+
+    saved = json.loads((work / "results.json").read_text())
+    assert set(saved["accuracy"]) == {"teacher", "student before", "student after"}
+    assert all(0.0 <= a <= 1.0 for a in saved["accuracy"].values())
+    for name, row in rows.items():  # the printed table is the saved one
+        assert row[0] == f"{100 * saved['accuracy'][name]:.1f}%"
+    assert {"data", "teacher preparation", "training (stages 1-3)", "evaluation", "total"} <= set(saved["timings_s"])
+
+    # The teacher was SFT-trained with the shortened recipe and served; the student went through all three stages
+    # and came out as a plain checkpoint of its own family, changed by the training.
+    done = json.loads((work / "cache" / "teacher" / "DONE").read_text())
+    assert done["options"]["recipe"]["steps"] == 2
+    run = work / "run"
+    for stage in (1, 2, 3):
+        assert (run / f"stage{stage}" / "DONE").is_file()
+        assert (run / f"stage{stage}" / "loss_curves.png").stat().st_size > 0
+    before = load_file(work / "cache" / "student" / "model" / "model.safetensors")
+    after = load_file(run / "final" / "model.safetensors")
+    assert before.keys() == after.keys() and any((before[k] != after[k]).any() for k in before)
+    assert (work / "alignment.png").stat().st_size > 0
+    assert "teacher server on 127.0.0.1:" in result.stdout
