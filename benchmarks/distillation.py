@@ -52,6 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from demo.teacher import split_for_warmup  # noqa: E402
 from genrecal.distill import LossConfig  # noqa: E402
 from genrecal.inprocess import StageRunConfig, run_stages  # noqa: E402
 from genrecal.tiny import TinySizes, write_tiny_checkpoint  # noqa: E402
@@ -118,11 +119,6 @@ class BenchConfig:
 def student_sizes(hidden: int) -> TinySizes:
     return TinySizes(hidden_size=hidden, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=2 * hidden,
                      vision_hidden_size=32, vision_layers=1, vision_heads=2)
-
-
-def split_data(samples: list) -> tuple[list, list]:
-    """(warm-up pool, distillation data): every 4th training record, and the rest; disjoint and deterministic."""
-    return samples[::4], [s for i, s in enumerate(samples) if i % 4]
 
 
 def write_students(root: Path, seed: int, cfg: BenchConfig, warmup: list, kinds: set[str]) -> dict[str, Path]:
@@ -192,7 +188,7 @@ def run_benchmark(teacher: Path, data: Path, out: Path, cfg: BenchConfig, varian
     out.mkdir(parents=True, exist_ok=True)
     train_json, test_json = data / "train.json", data / "test.json"
     samples, _ = load_dataset_samples(train_json)
-    warmup, samples = split_data(samples)
+    warmup, samples = split_for_warmup(samples)
     started = time.time()
     results: dict = {"config": asdict(cfg), "teacher_path": str(teacher), "data": str(data),
                      "train_samples": len(samples), "warmup_samples": len(warmup), "variants": {}, "timing_s": {}}

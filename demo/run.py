@@ -1,14 +1,15 @@
 """The embedded default, end to end on the CPU: ``python -m demo.run``.
 
 1. converts a subset of easy-VQA (installed offline from PyPI) to the project's LLaVA JSON format;
-2. prepares the demo teacher (a tiny VLM SFT-trained on the training split; cached) and the untrained student
-   (another family, another real tokenizer);
+2. prepares the demo teacher (a tiny VLM SFT-trained on the training split; cached) and the base student
+   (another family, another real tokenizer; a random tiny checkpoint given a short SFT warm-up on every 4th
+   training question — the stand-in for the paper's pretrained students; the distillation uses the other 3/4);
 3. starts the teacher server (``python -m teacher_server``) on a free localhost port;
 4. runs the student trainer (``python -m student_trainer --teacher-addr ...``) through stages 1-3 against it;
 5. evaluates the teacher, the student before and the student after on the test split, prints a table, and draws
    the loss curves (per stage, by the trainer) and the paper's Fig. 7 alignment check.
 
-Everything lands under ``--workdir`` (default ``runs/demo``); the data and the teacher are cached there.
+Everything lands under ``--workdir`` (default ``runs/demo``); the data, the teacher and the base student are cached there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from demo.easy_vqa import convert_easy_vqa
-from demo.teacher import TeacherRecipe, prepare_teacher, student_init
+from demo.teacher import StudentRecipe, TeacherRecipe, prepare_teacher, student_init, write_training_splits
 from teacher_server.launch import TeacherProcess
 
 
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-limit", type=int, default=300, help="test questions evaluated (default 300)")
     parser.add_argument("--teacher-steps", type=int, default=TeacherRecipe.steps,
                         help=f"SFT steps of the demo teacher (default {TeacherRecipe.steps}; cached per setting)")
+    parser.add_argument("--student-warmup-steps", type=int, default=StudentRecipe.warmup_steps,
+                        help="SFT steps that make the base student (\"student before\") from a random one, on every "
+                             f"4th training question, which the distillation never sees (default {StudentRecipe.warmup_steps})")
     parser.add_argument("--steps-per-stage", type=int, default=30, help="trainer optimizer steps per stage")
     parser.add_argument("--grad-accum", type=int, default=2, help="trainer gradient accumulation")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="trainer micro-batch size")
@@ -61,12 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     convert_easy_vqa(work / "data", train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed)
     timings["data"] = time.perf_counter() - t
-    train, test = work / "data" / "train.json", work / "data" / "test.json"
+    test = work / "data" / "test.json"
 
     t = time.perf_counter()
     teacher = prepare_teacher(work / "cache", work / "data", recipe=TeacherRecipe(steps=args.teacher_steps))
-    student = student_init(work / "cache")
-    timings["teacher preparation"] = time.perf_counter() - t
+    warmup, train = write_training_splits(work / "data")  # the student's warm-up pool and the distillation data
+    student = student_init(work / "cache", warmup, recipe=StudentRecipe(warmup_steps=args.student_warmup_steps))
+    timings["teacher and student preparation"] = time.perf_counter() - t
 
     run = work / "run"
     if args.fresh_run and run.exists():

@@ -1,12 +1,14 @@
-"""The demo's default models: a teacher that has learnt easy-VQA on the CPU, and an untrained, smaller student.
+"""The demo's default models: a teacher that has learnt easy-VQA on the CPU, and a smaller base student.
 
 - Teacher (:func:`prepare_teacher`): a tiny Qwen2-VL (GPT-2 tokenizer, hidden size 128, a 256-wide one-layer
   ViT) built with :func:`genrecal.tiny.write_tiny_checkpoint`, its processor set to scale 64x64 pictures up to
   112x112 (8x8 patches, merged 2x2: 16 image tokens), then supervised-fine-tuned on a type-balanced part of
   easy-VQA's training split with :func:`genrecal.inprocess.run_stages` stage 3 alone (plain SFT of the patch
   merger, language model and head; the random ViT stays frozen, as in every GenRecal stage).
-- Student (:func:`student_init`): a tiny InternVL (InternViT, Llama-2 tokenizer, hidden size 64) with random
-  weights — another family, tokenizer and chat template than the teacher's, as GenRecal is about.
+- Student (:func:`student_init`): a tiny InternVL (InternViT, Llama-2 tokenizer, hidden size 64) — another family,
+  tokenizer and chat template than the teacher's, as GenRecal is about — given 100 SFT steps on a warm-up pool
+  (every 4th training question, which the distillation never sees) to stand in for the paper's pretrained
+  students; the random vision tower stays frozen.
 
 Both are cached under ``cache_dir/{teacher,student}``: a ``DONE`` file records the options a folder was built with,
 and a later call with the same options returns the folder at once. ``docs/demo.md`` ("Demo models") records the
@@ -18,6 +20,7 @@ sizes tried, the timings and the accuracies.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -81,12 +84,42 @@ class TeacherRecipe:
 
 @dataclass(frozen=True)
 class StudentRecipe:
-    """The demo student: a smaller model of another family and tokenizer than the teacher, random weights."""
+    """The demo student: a smaller model of another family and tokenizer than the teacher.
+
+    The paper distils into *pretrained* students; a random one cannot use stages 1-2 (they never train its head).
+    So the demo's "student before" is a base student: the random tiny checkpoint plus ``warmup_steps`` of plain
+    SFT on a warm-up pool that the distillation never sees (:func:`split_for_warmup`). ``warmup_steps=0`` keeps
+    it random.
+    """
 
     family: str = "internvl"
     tokenizer: str = "llama2"
     sizes: TinySizes = field(default_factory=_student_sizes)
     seed: int = 0
+    warmup_steps: int = 100
+    warmup_batch_size: int = 8
+    warmup_lr: float = 2e-3  # AdamW, linear decay to a tenth
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0 or self.warmup_batch_size < 1 or self.warmup_lr <= 0:
+            raise ValueError("StudentRecipe needs warmup_steps >= 0, warmup_batch_size >= 1 and warmup_lr > 0, got "
+                             f"{self.warmup_steps}, {self.warmup_batch_size}, {self.warmup_lr}")
+
+
+def split_for_warmup(records: list) -> tuple[list, list]:
+    """(warm-up pool, distillation data): every 4th training record, and the rest; disjoint and deterministic."""
+    return records[::4], [r for i, r in enumerate(records) if i % 4]
+
+
+def write_training_splits(data_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``train_warmup.json`` and ``train_distill.json`` (:func:`split_for_warmup` of ``train.json``) next to
+    it, so their image paths stay valid; return both paths."""
+    data_dir = Path(data_dir)
+    warmup, distill = split_for_warmup(json.loads((data_dir / "train.json").read_text(encoding="utf-8")))
+    paths = data_dir / "train_warmup.json", data_dir / "train_distill.json"
+    for path, records in zip(paths, (warmup, distill), strict=True):
+        path.write_text(json.dumps(records))
+    return paths
 
 
 def _cached(root: Path, options: dict) -> Path | None:
@@ -197,17 +230,42 @@ def prepare_teacher(cache_dir: str | Path, data_dir: str | Path, *, recipe: Teac
     return root / MODEL
 
 
-def student_init(cache_dir: str | Path, *, recipe: StudentRecipe | None = None) -> Path:
-    """Write the demo's untrained student checkpoint (cached like the teacher); return its folder."""
+def student_init(cache_dir: str | Path, warmup_json: str | Path | None = None, *,
+                 recipe: StudentRecipe | None = None) -> Path:
+    """Write the demo's base student (random tiny checkpoint + ``recipe.warmup_steps`` of SFT on the LLaVA JSON
+    ``warmup_json``; cached like the teacher); return its folder."""
+    from genrecal.inprocess import StageRunConfig, run_stages
+    from student_trainer.data import load_dataset_samples
+
     recipe = recipe or StudentRecipe()
+    if recipe.warmup_steps and (warmup_json is None or not Path(warmup_json).is_file()):
+        raise ValueError(f"the demo student's warm-up needs a LLaVA JSON of warm-up questions, got {warmup_json!r}; "
+                         "write one with demo.teacher.write_training_splits(data_dir), or set warmup_steps=0")
     root = Path(cache_dir) / "student"
     options = {"recipe": asdict(recipe), "format": FORMAT_VERSION}
+    if recipe.warmup_steps:
+        options["warmup_data_sha256"] = hashlib.sha256(Path(warmup_json).read_bytes()).hexdigest()
     cached = _cached(root, options)
     if cached is not None:
         return cached
     _fresh(root)
-    write_tiny_checkpoint(recipe.family, root / MODEL, sizes=recipe.sizes, tokenizer=recipe.tokenizer, seed=recipe.seed)
-    (root / DONE).write_text(json.dumps({"options": options}, indent=2) + "\n")
+    if not recipe.warmup_steps:
+        write_tiny_checkpoint(recipe.family, root / MODEL, sizes=recipe.sizes, tokenizer=recipe.tokenizer,
+                              seed=recipe.seed)
+        (root / DONE).write_text(json.dumps({"options": options}, indent=2) + "\n")
+        return root / MODEL
+    init = write_tiny_checkpoint(recipe.family, root / "init", sizes=recipe.sizes, tokenizer=recipe.tokenizer,
+                                 seed=recipe.seed)
+    samples, _ = load_dataset_samples(warmup_json)
+    config = StageRunConfig(stages=[3], steps_per_stage=recipe.warmup_steps, batch_size=recipe.warmup_batch_size,
+                            grad_accum=1, lr=recipe.warmup_lr, lr_end=recipe.warmup_lr / 10, seed=recipe.seed)
+    history = run_stages(None, init, samples, root / "warmup", config)[3]
+    (root / "warmup" / "stage3" / "student").rename(root / MODEL)
+    shutil.rmtree(init)
+    done = {"options": options, "samples": len(samples), "L3_first": history[0]["L3"], "L3_last": history[-1]["L3"]}
+    (root / DONE).write_text(json.dumps(done, indent=2) + "\n")  # written last: marks the folder complete
+    logger.info("demo student: %d warm-up SFT steps (L3 %.3f -> %.3f): %s", recipe.warmup_steps,
+                history[0]["L3"], history[-1]["L3"], root / MODEL)
     return root / MODEL
 
 
@@ -232,12 +290,12 @@ def main(argv: list[str] | None = None) -> None:
     recipe = TeacherRecipe(questions_per_type=args.questions_per_type, steps=args.steps, batch_size=args.batch_size,
                            seed=args.seed, lr=args.lr, lr_end=args.lr_end)
     teacher = prepare_teacher(args.cache, args.data, recipe=recipe)
-    student = student_init(args.cache)
+    student = student_init(args.cache, write_training_splits(args.data)[0])
     print(f"teacher: {teacher}\nstudent: {student}")
     if args.evaluate:
         from student_trainer.evaluate import evaluate
 
-        for name, path in (("teacher", teacher), ("untrained student", student)):
+        for name, path in (("teacher", teacher), ("base student", student)):
             started = time.perf_counter()
             report = evaluate(path, Path(args.data) / "test.json", limit=args.evaluate, batch_size=32, max_new_tokens=8)
             print(f"\n{name} ({time.perf_counter() - started:.0f} s):\n{report.table()}")

@@ -79,9 +79,3 @@ def test_every_variant_runs_and_reports_accuracy_in_unit_interval(tiny_checkpoin
     assert "KD" in (runs / "same_tok_kd" / "stage3" / "metrics.jsonl").read_text()
     table = bench.markdown_table(saved)
     assert "GenRecal" in table and "teacher" in table
-
-
-def test_warmup_pool_and_distillation_data_are_disjoint_and_cover_the_training_set():
-    bench = load_benchmark()
-    warmup, distill = bench.split_data(list(range(10)))
-    assert warmup == [0, 4, 8] and distill == [1, 2, 3, 5, 6, 7, 9]

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_a_shortened_demo_runs_end_to_end_and_prints_the_table(tmp_path):
     work = tmp_path / "demo"
     cmd = [sys.executable, "-m", "demo.run", "--workdir", str(work), "--train-limit", "30", "--test-limit", "6",
-           "--teacher-steps", "2", "--steps-per-stage", "1", "--grad-accum", "1", "--micro-batch-size", "2"]
+           "--teacher-steps", "2", "--student-warmup-steps", "2", "--steps-per-stage", "1", "--grad-accum", "1", "--micro-batch-size", "2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -38,12 +38,15 @@ def test_a_shortened_demo_runs_end_to_end_and_prints_the_table(tmp_path):
     assert all(0.0 <= a <= 1.0 for a in saved["accuracy"].values())
     for name, row in rows.items():  # the printed table is the saved one
         assert row[0] == f"{100 * saved['accuracy'][name]:.1f}%"
-    assert {"data", "teacher preparation", "training (stages 1-3)", "evaluation", "total"} <= set(saved["timings_s"])
+    assert {"data", "teacher and student preparation", "training (stages 1-3)", "evaluation", "total"} <= set(saved["timings_s"])
 
     # The teacher was SFT-trained with the shortened recipe and served; the student went through all three stages
     # and came out as a plain checkpoint of its own family, changed by the training.
     done = json.loads((work / "cache" / "teacher" / "DONE").read_text())
     assert done["options"]["recipe"]["steps"] == 2
+    done = json.loads((work / "cache" / "student" / "DONE").read_text())  # the base student ("student before")
+    assert done["options"]["recipe"]["warmup_steps"] == 2
+    assert done["samples"] == len(json.loads((work / "data" / "train_warmup.json").read_text()))
     run = work / "run"
     for stage in (1, 2, 3):
         assert (run / f"stage{stage}" / "DONE").is_file()

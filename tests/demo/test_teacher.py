@@ -19,6 +19,7 @@ from demo.teacher import (
     balanced_training_records,
     prepare_teacher,
     student_init,
+    write_training_splits,
 )
 from genrecal.families import load_vlm
 from genrecal.tiny import TinySizes, write_tiny_checkpoint
@@ -95,7 +96,7 @@ def test_other_options_retrain(tmp_path, data_dir):
 
 def test_student_is_another_family_and_tokenizer(tmp_path, prepared):
     _, teacher, _ = prepared
-    student = student_init(tmp_path)
+    student = student_init(tmp_path, recipe=StudentRecipe(warmup_steps=0))
     teacher_vlm, student_vlm = load_vlm(teacher), load_vlm(student)
     assert student_vlm.model.config.architectures != teacher_vlm.model.config.architectures
     assert student_vlm.adapter.model_type == "internvl"
@@ -105,8 +106,45 @@ def test_student_is_another_family_and_tokenizer(tmp_path, prepared):
     # Smaller than the default teacher; a second call is a cache hit.
     assert StudentRecipe().sizes.hidden_size < TeacherRecipe().sizes.hidden_size
     stamp = (tmp_path / "student" / DONE).stat().st_mtime_ns
-    assert student_init(tmp_path) == student
+    assert student_init(tmp_path, recipe=StudentRecipe(warmup_steps=0)) == student
     assert (tmp_path / "student" / DONE).stat().st_mtime_ns == stamp
+
+
+def test_base_student_is_warmed_up_on_a_pool_the_distillation_never_sees(tmp_path, data_dir):
+    warmup_json, distill_json = write_training_splits(data_dir)
+    train = json.loads((data_dir / "train.json").read_text())
+    warmup, distill = json.loads(warmup_json.read_text()), json.loads(distill_json.read_text())
+    assert len(warmup) == 30 and len(distill) == 90  # every 4th of the 120 training questions
+    assert {r["id"] for r in warmup}.isdisjoint(r["id"] for r in distill)
+    assert sorted(r["id"] for r in warmup + distill) == sorted(r["id"] for r in train)
+
+    recipe = StudentRecipe(warmup_steps=3, warmup_batch_size=4)
+    base = student_init(tmp_path, warmup_json, recipe=recipe)
+    done = json.loads((tmp_path / "student" / DONE).read_text())
+    assert done["samples"] == 30 and done["options"]["recipe"]["warmup_steps"] == 3
+    random = load_vlm(write_tiny_checkpoint("internvl", tmp_path / "random", sizes=recipe.sizes, tokenizer="llama2"))
+    trained = load_vlm(base)
+    before, after = random.model.state_dict(), trained.model.state_dict()
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["model.language_model.layers.0.mlp.up_proj.weight"],
+                           after["model.language_model.layers.0.mlp.up_proj.weight"])
+    vision = [n for n in before if n.startswith("model.vision_tower.")]
+    assert vision and all(torch.equal(before[n], after[n]) for n in vision)  # the vision tower stays frozen
+    # Same recipe and data: a cache hit; other warm-up data: rebuilt.
+    stamp = (tmp_path / "student" / DONE).stat().st_mtime_ns
+    assert student_init(tmp_path, warmup_json, recipe=recipe) == base
+    assert (tmp_path / "student" / DONE).stat().st_mtime_ns == stamp
+    other = data_dir / "other_warmup.json"  # image paths are relative to the JSON's folder
+    other.write_text(json.dumps(warmup[:20]))
+    student_init(tmp_path, other, recipe=recipe)
+    assert json.loads((tmp_path / "student" / DONE).read_text())["samples"] == 20
+
+
+def test_a_warm_up_without_data_says_what_to_pass(tmp_path):
+    with pytest.raises(ValueError, match="write_training_splits"):
+        student_init(tmp_path)
+    with pytest.raises(ValueError, match="warmup_steps >= 0"):
+        StudentRecipe(warmup_steps=-1)
 
 
 def test_balanced_training_records(data_dir):
