@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 COMMANDS = ("train", "eval", "align")
 
@@ -169,7 +170,8 @@ def align_command(argv: list[str]) -> int:
     recalibrator.to(device, dtype)
     matrix = alignment_matrix(student, teacher, recalibrator, samples, batch_size=args.batch_size)
     gap = diagonal_gap(matrix) if matrix.shape[0] >= 2 else float("nan")
-    title = f"Alignment of {os.path.basename(os.path.normpath(args.student))} (N={matrix.shape[0]}, gap {gap:.3f})"
+    name = "/".join(Path(os.path.normpath(args.student)).parts[-2:])  # e.g. stage2/student
+    title = f"Alignment (paper Fig. 7) of {name}, N={matrix.shape[0]}"  # the plot adds the gap
     path = plot_alignment(matrix, args.out, title=title)
     print(f"diagonal gap (mean diagonal - mean off-diagonal): {gap:.4f}; plot written to {path}")
     return 0
