@@ -32,6 +32,24 @@ def tiny_checkpoint(tmp_path_factory):
     return build
 
 
+@pytest.fixture(scope="session")
+def teacher_student_checkpoints(tiny_checkpoint):
+    """(teacher, student) checkpoint folders for the trainer tests: a tiny Qwen2-VL teacher with the GPT-2
+    tokenizer and a tiny InternVL student with the Llama-2 tokenizer — different families, tokenizers, sizes."""
+    teacher = tiny_checkpoint("qwen2_vl", tokenizer="gpt2", hidden_size=96, intermediate_size=192)
+    student = tiny_checkpoint("internvl", tokenizer="llama2", hidden_size=64)
+    return teacher, student
+
+
+def tiny_qwen2_config(hidden_size: int, vocab_size: int, **overrides):
+    """A 2-layer Qwen2 text config for unit tests of the losses and stages (special ids 0/1/2)."""
+    from transformers import Qwen2Config
+
+    kwargs = dict(hidden_size=hidden_size, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return Qwen2Config(**(kwargs | overrides))
+
+
 def random_image(rng: np.random.Generator, size: int = 64) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 

@@ -42,10 +42,8 @@ LOSS_KEYS = ("loss", "L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3")
 
 # ---- fixtures -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def models(tiny_checkpoint):
-    teacher = tiny_checkpoint("qwen2_vl", tokenizer="gpt2", hidden_size=96, intermediate_size=192)
-    student = tiny_checkpoint("internvl", tokenizer="llama2", hidden_size=64)
-    return teacher, student
+def models(teacher_student_checkpoints):
+    return teacher_student_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from genrecal.losses import answer_path_loss, kl_divergence, student_sft_loss, surrogate_loss
 from genrecal.recalibrator import Recalibrator, RecalibratorInput, RecalibratorSpec
+from tests.conftest import tiny_qwen2_config
 
 D_S, D_L, VOCAB = 16, 24, 37
 
@@ -96,17 +97,7 @@ def test_surrogate_gradient_equals_autograd_through_the_head(
 
 def test_surrogate_through_the_recalibrator_matches_autograd():
     torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=D_S,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=VOCAB,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = tiny_qwen2_config(D_S, VOCAB)
     recalibrator = Recalibrator(
         RecalibratorSpec(Qwen2DecoderLayer, config, Qwen2RotaryEmbedding, Qwen2RMSNorm), D_L
     )
@@ -162,18 +153,7 @@ def test_surrogate_loss_value_and_gradient():
 @pytest.fixture(scope="module")
 def tiny_student() -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=D_S,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=VOCAB,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    config = tiny_qwen2_config(D_S, VOCAB, tie_word_embeddings=False)
     return Qwen2ForCausalLM(config).eval()
 
 

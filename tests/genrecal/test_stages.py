@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from genrecal.losses import answer_path_loss, student_sft_loss
 from genrecal.recalibrator import Recalibrator, RecalibratorInput, RecalibratorSpec
 from genrecal.stages import STAGES, STUDENT_GROUPS, Stage, parse_stages, set_trainable
+from tests.conftest import tiny_qwen2_config
 
 D_S, D_L, VOCAB = 16, 24, 40
 
@@ -127,18 +128,7 @@ def run_step(student: Qwen2ForCausalLM, recalibrator: Recalibrator, with_l3: boo
 
 def tiny_student_and_recalibrator() -> tuple[Qwen2ForCausalLM, Recalibrator]:
     torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=D_S,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=VOCAB,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    config = tiny_qwen2_config(D_S, VOCAB, tie_word_embeddings=False)
     student = Qwen2ForCausalLM(config)
     spec = RecalibratorSpec(Qwen2DecoderLayer, config, Qwen2RotaryEmbedding, Qwen2RMSNorm)
     return student, Recalibrator(spec, D_L)

@@ -38,10 +38,8 @@ RUN_FLAGS = ["--steps-per-stage", "4", "--grad-accum", "2", "--micro-batch-size"
 
 # ---- fixtures -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def models(tiny_checkpoint):
-    teacher = tiny_checkpoint("qwen2_vl", tokenizer="gpt2", hidden_size=96, intermediate_size=192)
-    student = tiny_checkpoint("internvl", tokenizer="llama2", hidden_size=64)
-    return teacher, student
+def models(teacher_student_checkpoints):
+    return teacher_student_checkpoints
 
 
 @pytest.fixture(scope="session")
