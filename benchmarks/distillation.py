@@ -59,6 +59,7 @@ from genrecal.tiny import TinySizes, write_tiny_checkpoint  # noqa: E402
 
 logger = logging.getLogger("benchmarks.distillation")
 
+
 @dataclass(frozen=True)
 class Variant:
     student: str  # "cross" (another tokenizer than the teacher's) or "same" (the teacher's tokenizer)
@@ -270,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--train-limit", type=int, default=2000, help="easy-VQA conversion only (default 2000)")
-    for name in ("steps_per_stage", "warmup_steps", "batch_size", "grad_accum", "test_limit", "eval_batch_size", "max_new_tokens",
-                 "student_hidden", "same_hidden"):
+    for name in ("steps_per_stage", "warmup_steps", "batch_size", "grad_accum", "test_limit", "eval_batch_size",
+                 "max_new_tokens", "student_hidden", "same_hidden"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=f"default {getattr(defaults, name)}")
     for name in ("lr", "lr_end", "baseline_weight"):
@@ -287,8 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     same_family, same_tokenizer = args.same_tokenizer_student.split(":")
     cfg = BenchConfig(
         seeds=[int(s) for s in args.seeds.split(",")], steps_per_stage=args.steps_per_stage,
-        warmup_steps=args.warmup_steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_end=args.lr_end,
+        warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_end=args.lr_end,
         baseline_weight=args.baseline_weight, test_limit=args.test_limit, eval_batch_size=args.eval_batch_size,
         max_new_tokens=args.max_new_tokens, student_family=student_family, student_tokenizer=student_tokenizer,
         student_hidden=args.student_hidden, same_family=same_family, same_tokenizer=same_tokenizer,
