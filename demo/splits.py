@@ -79,3 +79,15 @@ def write_splits(data_dir: str | Path, *, noise: float, noise_seed: int = 0,
     for path, content in zip(paths, (warmup, distill), strict=True):
         path.write_text(json.dumps(content))
     return paths
+
+
+def picture_labels(records: list[dict]) -> dict[str, tuple[str | None, str | None]]:
+    """``{image: (colour, shape)}`` read off the colour and shape questions about each picture (None if unasked);
+    the answers of records carrying a ``clean_answer`` count as that."""
+    labels: dict[str, list] = {}
+    for record in records:
+        kind = record.get("type")
+        if kind in ("colour", "shape"):
+            value = record.get("clean_answer", answer(record))
+            labels.setdefault(record["image"], [None, None])[0 if kind == "colour" else 1] = value
+    return {image: (c, s) for image, (c, s) in labels.items()}
