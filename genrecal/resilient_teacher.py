@@ -85,9 +85,9 @@ class ResilientTeacher:
     def identity(self) -> dict:
         return self.teacher.identity()
 
-    def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
+    def encode(self, samples: Sequence[Sample], **options) -> list[TeacherFeatures]:
         samples = list(samples)
-        features = self._timed(self._encode, samples)
+        features = self._timed(self._encode, samples, **options)
         for sample, f in zip(samples, features, strict=True):
             if f.handle:
                 self._samples[f.handle] = sample
@@ -115,7 +115,7 @@ class ResilientTeacher:
         if hasattr(self.teacher, "expect_revision"):
             self.teacher.expect_revision = revision
 
-    def encode_step(self, groups: Sequence[Sequence[Sample]]) -> list[list[TeacherFeatures]]:
+    def encode_step(self, groups: Sequence[Sequence[Sample]], **options) -> list[list[TeacherFeatures]]:
         """The features of one optimizer step's micro-batches (``groups``), per micro-batch.
 
         A remote teacher gets them in ONE request (``one_request_per_step``): one round trip and one batching wait
@@ -123,8 +123,8 @@ class ResilientTeacher:
         in-process teacher encodes micro-batch by micro-batch, so its forward never exceeds a micro-batch.
         """
         if not self.one_request_per_step:
-            return [self.encode(group) for group in groups]
-        flat = self.encode([sample for group in groups for sample in group])
+            return [self.encode(group, **options) for group in groups]
+        flat = self.encode([sample for group in groups for sample in group], **options)
         bounds = np.cumsum([0, *map(len, groups)]).tolist()
         return [flat[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
@@ -150,8 +150,9 @@ class ResilientTeacher:
             self.teacher.wait_until_serving(self.restart_wait_s)
             return fn()
 
-    def _encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
-        features = self._patient("encode", lambda: self.teacher.encode(samples, **self.encode_kwargs))
+    def _encode(self, samples: Sequence[Sample], **options) -> list[TeacherFeatures]:
+        kwargs = {**self.encode_kwargs, **options}
+        features = self._patient("encode", lambda: self.teacher.encode(samples, **kwargs))
         if len(features) != len(samples):
             raise RuntimeError(f"the teacher returned {len(features)} features for {len(samples)} samples")
         return features

@@ -48,7 +48,7 @@ def run_training(config: TrainConfig, ctx: DistContext) -> Path | None:
         stages = config.stage_list
         for index, stage in enumerate(stages):
             files = layout.stage(stage)
-            if teacher is not None and not any(STAGES[s].needs_teacher for s in stages[index:]):
+            if teacher is not None and not any(config.stage_needs_teacher(s) for s in stages[index:]):
                 _close_teacher(teacher)  # free the in-process teacher's memory for the stages without it
                 teacher = None
             if files.is_done:
@@ -56,7 +56,7 @@ def run_training(config: TrainConfig, ctx: DistContext) -> Path | None:
             else:
                 if budget.exhausted:
                     raise StopRequested(f"stopped before stage {int(stage)}")
-                if STAGES[stage].needs_teacher and teacher is None:
+                if config.stage_needs_teacher(stage) and teacher is None:
                     teacher = connect_teacher(config, ctx)
                     identity = teacher.identity()
                     check_teacher_identity(layout.root, identity, ctx, config.teacher_addr or config.teacher_model)

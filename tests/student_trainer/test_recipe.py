@@ -246,6 +246,36 @@ def test_single_process_zero3_three_stages_via_cli(uninterrupted_run, models, vq
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["kd", "uld"])
+def test_logit_distillation_baselines_train_through_the_cli(kind, models, vqa_data, subprocess_env, tmp_path,
+                                                            tiny_checkpoint):
+    """Stage 3 + the KD / ULD term with an in-process teacher: the term is logged every step and training moves."""
+    teacher, cross_student = models
+    student = tiny_checkpoint("qwen2_vl", tokenizer="gpt2", seed=5) if kind == "kd" else cross_student
+    output = tmp_path / kind
+    result = train_cli(subprocess_env, *run_args((teacher, student), vqa_data, output, "--stages", "3",
+                                                 "--logit-distillation", kind, "--deepspeed", CONFIGS / "zero2.json"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = metric_rows(output, 3)
+    name = kind.upper()
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(np.isfinite(r[name]) and r[name] > 0 and r["L3"] > 0 for r in rows)
+    assert rows[-1]["L3"] + rows[-1][name] < rows[0]["L3"] + rows[0][name]
+    assert json.loads((output / "config.json").read_text())["logit_distillation"] == kind
+
+
+def test_logit_distillation_needs_a_teacher_and_a_known_kind(models, vqa_data, tmp_path):
+    teacher, student = models
+    base = dict(student=str(student), data=str(vqa_data), output=str(tmp_path / "o"), stages="3")
+    with pytest.raises(ValueError, match="needs the teacher's distributions"):
+        TrainConfig(**base, logit_distillation="kd")
+    with pytest.raises(ValueError, match="logit_distillation must be one of"):
+        TrainConfig(**base, teacher_model=str(teacher), logit_distillation="nope")
+    assert not TrainConfig(**base).needs_teacher
+    assert TrainConfig(**base, teacher_model=str(teacher), logit_distillation="uld").needs_teacher
+
+
+@pytest.mark.slow
 def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env, tmp_path):
     """Normalisation: 2 gloo ranks x 2 accumulated micro-batches give the gradient of ONE 4-sample batch's mean."""
     from genrecal.distill import LossConfig, genrecal_objective
