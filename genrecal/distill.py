@@ -21,7 +21,6 @@ from genrecal.recalibrator import Recalibrator, RecalibratorInput
 from genrecal.stages import STAGES, Stage
 from genrecal.teacher import TeacherFeatures
 
-
 LOGIT_DISTILLATION = (None, "kd", "uld")
 
 
