@@ -155,20 +155,30 @@ def evaluate_model(path: Path, test: Path, limit: int) -> dict:
             "count": report.count}
 
 
-def run_benchmark(cfg: BenchConfig, out: Path, rows: list[str]) -> dict:
+MODEL_KINDS = ("teacher", "student", "student_same_tok")
+
+
+def run_benchmark(cfg: BenchConfig, out: Path, rows: list[str], *, data: Path | None = None,
+                  models: dict[str, Path] | None = None) -> dict:
+    """Every row x seed; ``data`` (default: easy-VQA converted into OUT/data) and ``models`` (default: the demo's,
+    :func:`demo.models.prepare_models`) may be given."""
     from tqdm.auto import tqdm
 
-    from demo.easy_vqa import convert_easy_vqa
-    from demo.models import prepare_models
     from demo.splits import write_splits
     from teacher_server.launch import TeacherProcess
 
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    convert_easy_vqa(data, test_limit=cfg.test_limit, seed=0)
+    if data is None:
+        from demo.easy_vqa import convert_easy_vqa
+
+        data = out / "data"
+        convert_easy_vqa(data, test_limit=cfg.test_limit, seed=0)
     _, distill = write_splits(data, noise=cfg.label_noise, distill_limit=cfg.distill_limit)
     test = data / "test.json"
-    models = prepare_models(out / "models", data, kinds=("teacher", "student", "student_same_tok"))
+    if models is None:
+        from demo.models import prepare_models
+
+        models = prepare_models(out / "models", data, kinds=MODEL_KINDS)
     results: dict = {"config": asdict(cfg), "rows": rows, "variants": {}, "runs": {}}
     for name, path in (("teacher", models["teacher"]), ("base_student", models["student"]),
                        ("base_student_same_tok", models["student_same_tok"])):
