@@ -12,6 +12,7 @@ teacher's tokenizer, pre-trained on the warm-up pool); the data is :mod:`demo.sp
 order, micro-batch size and accumulation; the seed changes the data order and the Recalibrator's initialisation.
 
     sft               stage 3 only, 3N steps (equal optimizer steps)            cross-tokenizer student
+    sft_n             stage 3 only, N steps (GenRecal's stage 3 alone)           cross-tokenizer student
     genrecal          stages 1 -> 2 -> 3, N steps each                          cross-tokenizer student
     genrecal_no_reg   the same without the regularisation path (--no-regularisation)
     genrecal_kl_only  the same without L_ar, KL only (--ce-weight 0)
@@ -66,6 +67,7 @@ class Row:
 
 ROWS: dict[str, Row] = {
     "sft": Row("cross", "3", steps_factor=3, label="SFT (stage 3 only, 3N steps)"),
+    "sft_n": Row("cross", "3", label="SFT (stage 3 only, N steps: GenRecal's stage 3 alone)"),
     "genrecal": Row("cross", "1,2,3", teacher="server", label="GenRecal 1->2->3 (N each)"),
     "genrecal_no_reg": Row("cross", "1,2,3", ("--no-regularisation",), teacher="server",
                            label="GenRecal w/o regularisation path (L2)"),
@@ -79,6 +81,7 @@ ROWS: dict[str, Row] = {
 }
 # (a, b): report a - b, paired by seed.
 COMPARISONS = (("same_tok_kd", "same_tok_sft"), ("genrecal", "sft"), ("genrecal", "uld"), ("uld", "sft"),
+               ("genrecal", "sft_n"),
                ("genrecal", "genrecal_no_reg"), ("genrecal", "genrecal_kl_only"), ("sft", "base_student"))
 
 
@@ -90,8 +93,8 @@ class BenchConfig:
     steps_per_stage: int = 40  # N
     micro_batch_size: int = 8
     grad_accum: int = 2
-    lr: float = 2e-3
-    lr_end: float = 2e-4
+    lr: float = 1e-3
+    lr_end: float = 1e-4
     label_noise: float = 0.4
     distill_limit: int | None = None  # distillation records used (None: all)
     test_limit: int = 1000
@@ -252,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("lr", "lr_end", "label_noise"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
                             help=f"default {getattr(defaults, name)}")
+    parser.add_argument("--data", help="folder with easy-VQA's train.json/test.json (default: converted into OUT/data)")
+    for kind in MODEL_KINDS:
+        parser.add_argument(f"--{kind.replace('_', '-')}", help=f"{kind} checkpoint folder (default: demo.models')")
     args = parser.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
     unknown = sorted(set(rows) - set(ROWS))
@@ -262,7 +268,11 @@ def main(argv: list[str] | None = None) -> None:
                       lr_end=args.lr_end, label_noise=args.label_noise, distill_limit=args.distill_limit,
                       test_limit=args.test_limit, jobs=args.jobs)
     started = time.time()
-    results = run_benchmark(cfg, Path(args.out), rows)
+    given = {kind: Path(getattr(args, kind)) for kind in MODEL_KINDS if getattr(args, kind)}
+    if given and len(given) != len(MODEL_KINDS):
+        parser.error(f"give all of --{', --'.join(k.replace('_', '-') for k in MODEL_KINDS)} or none")
+    results = run_benchmark(cfg, Path(args.out), rows, data=Path(args.data) if args.data else None,
+                            models=given or None)
     table = markdown(results)
     print(table)
     import torch

@@ -8,8 +8,8 @@
 
 Each is a real-format tiny checkpoint (:func:`genrecal.tiny.write_tiny_checkpoint`, tied embeddings) pre-trained
 with every part trainable, the vision tower included (:mod:`demo.pretrain`). The base students' warm-up pool is
-yes/no questions about every 4th training picture (:mod:`demo.splits`): they see colours and shapes but were
-never asked to name them. Rec-body (2 blocks of the student's own decoder layer) is 1/3 of the student's decoder.
+the questions about every 4th training picture (:mod:`demo.splits`), which the distillation never sees.
+Rec-body (2 blocks of the student's own decoder layer) is 1/3 of the student's decoder.
 
 ``teacher`` and ``student`` ship as trained weights (``demo/weights/NAME.safetensors``, bf16, the parameters
 only; tokenizer, processor and config come from the tiny recipe). :func:`prepare_models` rebuilds the checkpoint
@@ -30,7 +30,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from demo.pretrain import PretrainConfig, pretrain
+from demo.easy_vqa import SHAPES
+from demo.pretrain import PictureLabels, PretrainConfig, pretrain
+from demo.splits import COLOURS, picture_labels
+from genrecal.head_scoring import IGNORE_INDEX
 from genrecal.tiny import TinySizes, write_tiny_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -45,10 +48,10 @@ class ModelRecipe:
     family: str
     tokenizer: str
     sizes: TinySizes
-    data: str  # "train" (the whole clean training split, type-balanced) or "warmup" (demo.splits' warm-up pool)
+    data: str  # "train" (the clean training split) or "warmup" (demo.splits' warm-up pool); both type-balanced
     pretraining: PretrainConfig
     image_side: int | None = None  # Qwen2-VL family: scale pictures to side x side px ((side / 28)^2 tokens)
-    per_type: int | None = None  # "train" only: at most this many questions of each type
+    per_type: int | None = None  # at most this many (seeded-random) questions of each type
     seed: int = 0
 
     def fingerprint(self) -> str:
@@ -60,16 +63,17 @@ RECIPES: dict[str, ModelRecipe] = {
         "qwen2_vl", "gpt2", TinySizes(hidden_size=96, num_layers=3, num_heads=3, num_kv_heads=1, intermediate_size=192,
                                       vision_hidden_size=128, vision_layers=2, vision_heads=4),
         data="train", per_type=5000, image_side=112,
-        pretraining=PretrainConfig(steps=1500, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
+        pretraining=PretrainConfig(steps=800, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
     "student": ModelRecipe(
         "internvl", "llama2", TinySizes(hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1,
                                         intermediate_size=128, vision_hidden_size=64, vision_layers=2, vision_heads=2),
-        data="warmup", pretraining=PretrainConfig(steps=1000, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
+        data="warmup", per_type=1300,
+        pretraining=PretrainConfig(steps=600, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
     "student_same_tok": ModelRecipe(
         "qwen2_vl", "gpt2", TinySizes(hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1, intermediate_size=128,
                                       vision_hidden_size=64, vision_layers=2, vision_heads=2),
-        data="warmup", image_side=56,
-        pretraining=PretrainConfig(steps=1000, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
+        data="warmup", per_type=1300, image_side=56,
+        pretraining=PretrainConfig(steps=600, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
 }
 SHIPPED = ("teacher", "student")
 
@@ -90,9 +94,23 @@ def training_records(recipe: ModelRecipe, data_dir: Path) -> list[dict]:
     from demo.teacher import balanced_training_records
 
     train_json = data_dir / "train.json"
-    if recipe.data == "train":
-        return balanced_training_records(train_json, recipe.per_type or 10**9, recipe.seed)
-    return warmup_and_distillation(json.loads(train_json.read_text(encoding="utf-8")))[0]
+    if recipe.data == "warmup":
+        warmup = warmup_and_distillation(json.loads(train_json.read_text(encoding="utf-8")))[0]
+        train_json = data_dir / "pretraining_pool.json"
+        train_json.write_text(json.dumps(warmup))
+    return balanced_training_records(train_json, recipe.per_type or 10**9, recipe.seed)
+
+
+def vision_probe_labels(records: list[dict], data_dir: Path) -> list[PictureLabels]:
+    """Per record, its picture's colour and shape (class indices), read off the clean training split's colour and
+    shape questions about that picture (:func:`demo.splits.picture_labels`); unknown -> ignored."""
+    known = picture_labels(json.loads((data_dir / "train.json").read_text(encoding="utf-8")))
+    labels = []
+    for record in records:
+        colour, shape = known.get(record["image"], (None, None))
+        labels.append(PictureLabels(COLOURS.index(colour) if colour else IGNORE_INDEX,
+                                    SHAPES.index(shape) if shape else IGNORE_INDEX))
+    return labels
 
 
 def build(name: str, data_dir: str | Path, out: str | Path, *, recipe: ModelRecipe | None = None) -> Path:
@@ -105,13 +123,18 @@ def build(name: str, data_dir: str | Path, out: str | Path, *, recipe: ModelReci
         shutil.rmtree(out)
     work = out.parent / f"{out.name}.work"
     init = write_init(recipe, work / "init")
+    records = training_records(recipe, data_dir)
     subset = work / "records.json"
-    subset.write_text(json.dumps(training_records(recipe, data_dir)))
+    subset.write_text(json.dumps(records))
     samples, _ = load_dataset_samples(subset, image_folder=data_dir)
+    if len(samples) != len(records):
+        raise ValueError(f"{subset}: {len(records) - len(samples)} records could not be read")
+    labels = vision_probe_labels(records, data_dir)
     logger.info("pre-training %s (%s, %s tokenizer) on %d questions, %d steps of %d", name, recipe.family,
                 recipe.tokenizer, len(samples), recipe.pretraining.steps, recipe.pretraining.batch_size)
     started = time.perf_counter()
-    losses = pretrain(init, samples, out, recipe.pretraining)
+    losses = pretrain(init, samples, out, recipe.pretraining, picture_labels=labels,
+                      classes=(len(COLOURS), len(SHAPES)))
     (out / "genrecal_pretraining.json").write_text(json.dumps({
         "name": name, "recipe": asdict(recipe), "fingerprint": recipe.fingerprint(), "samples": len(samples),
         "seconds": round(time.perf_counter() - started), "loss_first": losses[0],
