@@ -371,6 +371,8 @@ def open_teacher(
     chunk_size: int = 512,
     timeout_s: float = 300.0,
     retries: int = 5,
+    token_file: str | None = None,
+    tls_ca: str | None = None,
 ) -> TimedTeacher:
     """A teacher: a connection to the service at ``addr``, or the checkpoint ``model`` loaded in this process.
 
@@ -381,7 +383,8 @@ def open_teacher(
     if (addr is None) == (model is None):
         raise ValueError("pass exactly one of a teacher address (--teacher-addr) and a teacher model (--teacher-model)")
     if addr is not None:
-        client = TeacherClient(addr, timeout_s=timeout_s, retries=retries, backoff_s=0.5, max_backoff_s=15.0)
+        client = TeacherClient(addr, timeout_s=timeout_s, retries=retries, backoff_s=0.5, max_backoff_s=15.0,
+                               token_file=token_file, tls_ca=tls_ca)
         client.wait_until_serving(timeout_s)
         return TimedTeacher(client, restart_wait_s=timeout_s, one_request_per_step=True, max_length=max_length)
     vlm = load_vlm(model, dtype=dtype)
@@ -394,7 +397,7 @@ def connect_teacher(config: TrainConfig, ctx: DistContext) -> TimedTeacher:
     return open_teacher(
         addr=config.teacher_addr, model=config.teacher_model, device=ctx.device, dtype=config.torch_dtype,
         max_length=config.max_length, chunk_size=config.chunk_size, timeout_s=config.teacher_timeout_s,
-        retries=config.teacher_retries,
+        retries=config.teacher_retries, token_file=config.teacher_token_file, tls_ca=config.teacher_tls_ca,
     )
 
 
