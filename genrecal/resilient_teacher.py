@@ -227,6 +227,8 @@ def open_teacher(
     chunk_size: int = 512,
     timeout_s: float = 300.0,
     retries: int = 5,
+    token_file: str | None = None,
+    tls_ca: str | None = None,
 ) -> ResilientTeacher:
     """A teacher: a connection to the service at ``addr``, or the checkpoint ``model`` loaded in this process.
 
@@ -237,7 +239,8 @@ def open_teacher(
     if (addr is None) == (model is None):
         raise ValueError("pass exactly one of a teacher address (--teacher-addr) and a teacher model (--teacher-model)")
     if addr is not None:
-        client = TeacherClient(addr, timeout_s=timeout_s, retries=retries, backoff_s=0.5, max_backoff_s=15.0)
+        client = TeacherClient(addr, timeout_s=timeout_s, retries=retries, backoff_s=0.5, max_backoff_s=15.0,
+                               token_file=token_file, tls_ca=tls_ca)
         client.wait_until_serving(timeout_s)
         return ResilientTeacher(client, restart_wait_s=timeout_s, one_request_per_step=True, max_length=max_length)
     vlm = load_vlm(model, dtype=dtype)

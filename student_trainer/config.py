@@ -46,6 +46,8 @@ class TrainConfig:
     output: str  # run folder: checkpoints, stage exports, metrics, final student
     teacher_addr: str | None = None  # HOST:PORT of the teacher service (stages 1 and 2)
     teacher_model: str | None = None  # or: a teacher checkpoint folder run in this process (single machine)
+    teacher_token_file: str | None = None  # file holding this client's bearer token (else $GENRECAL_TEACHER_TOKEN)
+    teacher_tls_ca: str | None = None  # PEM CA of the teacher's TLS certificate: connect over TLS
     image_folder: str | None = None  # where image names in the data resolve (default: the data file's folder)
     data_limit: int | None = None  # use only the first N usable samples
     eval_data: str | None = None  # evaluated with the final student when training ends (rank 0)
@@ -223,6 +225,9 @@ _HELP = {
     "teacher_addr": "HOST:PORT of the teacher service (teacher_server), needed by stages 1 and 2",
     "teacher_model": "instead of --teacher-addr: a teacher checkpoint folder loaded in every training process "
                      "(single-machine runs, tests, benchmarks)",
+    "teacher_token_file": "file holding the bearer token the teacher service gave this training (its "
+                          "--auth-token-file); without it $GENRECAL_TEACHER_TOKEN is used, if set",
+    "teacher_tls_ca": "PEM CA bundle that signed the teacher's TLS certificate: connect over TLS and verify it",
     "image_folder": "folder that image file names in the data are relative to (default: the data file's folder)",
     "data_limit": "use only the first N usable training samples",
     "eval_data": "evaluation data; the final student is evaluated on it when training ends (eval.json)",
