@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -200,19 +200,30 @@ def run_benchmark(cfg: BenchConfig, out: Path, rows: list[str], *, data: Path | 
                 cmd = trainer_command(row, student, models["teacher"], server.address if server else None,
                                       distill, test, run_dir, seed, cfg)
                 jobs.append((name, seed, cmd, run_dir))
+        failures = []
         with ThreadPoolExecutor(max_workers=cfg.jobs) as pool, tqdm(total=len(jobs), desc="trainer runs") as bar:
             futures = {pool.submit(run_one, f"{n} seed {s}", c, d): (n, s) for n, s, c, d in jobs}
-            for future in futures:
+            for future in as_completed(futures):
                 name, seed = futures[future]
-                run = future.result()
+                bar.update(1)
+                try:
+                    run = future.result()
+                except RuntimeError as exc:  # one failed run does not stop the others; rerun to resume
+                    failures.append(str(exc))
+                    bar.write(f"seed {seed} {name:<18} FAILED (see its bench.log)")
+                    continue
                 results["runs"][f"{name}/seed{seed}"] = run
                 results["variants"].setdefault(name, {"per_seed": {}})["per_seed"][str(seed)] = run["accuracy"]
-                bar.update(1)
                 bar.write(f"seed {seed} {name:<18} {100 * run['accuracy']:.1f}%  ({run['seconds']:.0f} s)")
                 (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
     finally:
         if server is not None:
             server.terminate()
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(jobs)} runs failed (rerun the same command to resume "
+                           "them; finished runs are reused):\n" + "\n".join(failures))
+    for variant in results["variants"].values():  # seeds in order, whatever order the runs finished in
+        variant["per_seed"] = dict(sorted(variant["per_seed"].items(), key=lambda kv: int(kv[0])))
     results["paired_differences_points"] = {
         f"{a} - {b}": paired(results["variants"][a]["per_seed"], results["variants"][b]["per_seed"])
         for a, b in COMPARISONS if a in results["variants"] and b in results["variants"]}

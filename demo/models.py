@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import logging
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -78,10 +79,41 @@ RECIPES: dict[str, ModelRecipe] = {
 SHIPPED = ("teacher", "student")
 
 
+def set_min_image_side(checkpoint: Path, side: int) -> None:
+    """Make a Qwen2-VL-style processor scale pictures up to at least ``side`` x ``side`` pixels (saved in place).
+
+    Its ``size`` is a pixel-count range (``shortest_edge`` = min_pixels, ``longest_edge`` = max_pixels); a 64x64
+    picture then becomes ``side / 14`` x ``side / 14`` patches, ``(side / 28)^2`` image tokens after the 2x2 merge.
+    """
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    image_processor = processor.image_processor
+    pixels = side * side
+    image_processor.size = {"shortest_edge": pixels, "longest_edge": max(pixels, image_processor.size["longest_edge"])}
+    processor.save_pretrained(checkpoint)
+
+
+def balanced_training_records(train_json: Path, per_type: int, seed: int) -> list[dict]:
+    """Up to ``per_type`` seeded-random records of each question type (records without a type form one group).
+
+    easy-VQA's training split is 74% yes/no questions, which a blind model answers 82% right from the wording
+    alone; balancing gives the colour and shape questions — no such shortcut — a third of the steps each.
+    """
+    records = json.loads(train_json.read_text(encoding="utf-8"))
+    by_type: dict[str, list[dict]] = {}
+    for record in records:
+        by_type.setdefault(str(record.get("type")), []).append(record)
+    rng = random.Random(f"demo-teacher/{seed}")  # the name stays: it seeds the shipped models' subsets
+    chosen = []
+    for question_type in sorted(by_type):
+        group = by_type[question_type]
+        chosen += rng.sample(group, min(per_type, len(group)))
+    return chosen
+
+
 def write_init(recipe: ModelRecipe, out: Path) -> Path:
     """The recipe's random-weight checkpoint (tokenizer, processor, config), before pre-training."""
-    from demo.teacher import set_min_image_side
-
     write_tiny_checkpoint(recipe.family, out, sizes=recipe.sizes, tokenizer=recipe.tokenizer, seed=recipe.seed,
                           tie_word_embeddings=True)
     if recipe.image_side is not None:
@@ -91,7 +123,6 @@ def write_init(recipe: ModelRecipe, out: Path) -> Path:
 
 def training_records(recipe: ModelRecipe, data_dir: Path) -> list[dict]:
     from demo.splits import warmup_and_distillation
-    from demo.teacher import balanced_training_records
 
     train_json = data_dir / "train.json"
     if recipe.data == "warmup":

@@ -23,7 +23,7 @@ from genrecal.distill import LossConfig, genrecal_objective
 from genrecal.families import LoadedVLM, load_vlm
 from genrecal.recalibrator import Recalibrator
 from genrecal.sample import Sample
-from genrecal.stages import STAGES, Stage, set_trainable
+from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable
 from genrecal.teacher import InProcessTeacher
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def run_stages(
                 recalibrator.load_state_dict(load_file(current_recalibrator), strict=True)
         student.model.train()
         params = set_trainable(stage, student.adapter.parameter_groups(student.model), recalibrator)
+        frozen_modules_to_eval(student.model)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = linear_decay(optimizer, config.steps_per_stage, config.lr, config.lr_end)
         batches = micro_batches(samples, config.batch_size, config.seed + stage_number)

@@ -43,7 +43,7 @@ from genrecal.families import load_vlm
 from genrecal.recalibrator import Recalibrator
 from genrecal.resilient_teacher import ResilientTeacher
 from genrecal.sample import Sample
-from genrecal.stages import STAGES, Stage, set_trainable
+from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable
 from student_trainer.config import TrainConfig
 from student_trainer.data import ShardedBatches
 from student_trainer.deepspeed_config import resolve_deepspeed_config, zero_stage
@@ -152,6 +152,7 @@ class StageRecipe:
         self.recalibrator_keys = list(recalibrator.state_dict()) if recalibrator is not None else []
         self.student.model.train()
         params = set_trainable(self.stage, self.student.adapter.parameter_groups(self.student.model), recalibrator)
+        frozen_modules_to_eval(self.student.model)  # e.g. the vision encoder: no dropout in what never trains
         module = DistillationModule(self.student, recalibrator)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = linear_schedule(optimizer, config.steps_per_stage, config.lr, config.lr_end)

@@ -277,7 +277,10 @@ def test_logit_distillation_needs_a_teacher_and_a_known_kind(models, vqa_data, t
 
 @pytest.mark.slow
 def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env, tmp_path):
-    """Normalisation: 2 gloo ranks x 2 accumulated micro-batches give the gradient of ONE 4-sample batch's mean."""
+    """Normalisation: 2 gloo ranks x 3 accumulated micro-batches give the gradient of ONE 6-sample batch's mean.
+
+    Three micro-batches, not two: with two, an extra ``1 / grad_accum`` paired with summing instead of averaging
+    over the two ranks would cancel out and pass."""
     from genrecal.distill import LossConfig, genrecal_objective
     from genrecal.families import load_vlm
     from genrecal.recalibrator import Recalibrator
@@ -328,13 +331,14 @@ def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env
         ids_per_rank = probe["sample_ids"]
         assert probe["world_size"] == 2 and not set(ids_per_rank[0]) & set(ids_per_rank[1])
         big_batch = [by_id[i] for ids in ids_per_rank for i in ids]
-        reference, reference_loss = gradients([big_batch])  # ONE batch of all 4 samples
+        reference, reference_loss = gradients([big_batch])  # ONE batch of all 6 samples
         assert worst_relative_error(probe["grads"], reference) < 1e-4, name
         assert probe["row"]["loss"] == pytest.approx(reference_loss, rel=1e-5)
-        assert probe["row"]["student_answer_tokens"] != 4 * 2  # the answers differ in length
+        assert len(big_batch) == 6
+        assert probe["row"]["student_answer_tokens"] != 6 * 2  # the answers differ in length
     # The check has teeth: averaging per-micro-batch means (the naive normalisation) is measurably different.
     naive, _ = gradients([[by_id[i]] for ids in ids_per_rank for i in ids])
-    naive = {k: v / 4 for k, v in naive.items()}
+    naive = {k: v / 6 for k, v in naive.items()}
     assert worst_relative_error(naive, reference) > 1e-2
 
 
