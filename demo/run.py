@@ -29,6 +29,16 @@ from demo.splits import write_splits
 from teacher_server.launch import TeacherProcess
 
 
+def alignment_pairs(test_json: Path, out: Path) -> Path:
+    """The first test question of every distinct answer (13 for easy-VQA), for the Fig. 7 check: pairs that share
+    an answer have near-identical Recalibrator outputs, which would show as blocks instead of the diagonal."""
+    seen: dict[str, dict] = {}
+    for record in json.loads(test_json.read_text(encoding="utf-8")):
+        seen.setdefault(record["conversations"][-1]["value"], record)
+    out.write_text(json.dumps(list(seen.values())))
+    return out
+
+
 def _run(cmd: list[str], log: Path) -> None:
     print("$ " + " ".join(cmd), flush=True)
     with open(log, "w") as f:
@@ -92,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         _run([sys.executable, "-m", "student_trainer", "align", "--student", str(run / "stage2" / "student"),
               "--recalibrator", str(run / "stage2" / "recalibrator.safetensors"), "--teacher-addr", server.address,
-              "--data", str(test), "--limit", "24", "--out", str(work / "alignment.png")], logs / "align.log")
+              "--data", str(alignment_pairs(test, work / "data" / "alignment_pairs.json")),
+              "--out", str(work / "alignment.png")], logs / "align.log")
         timings["alignment plot"] = time.perf_counter() - t
     finally:
         server.terminate()
