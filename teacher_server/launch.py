@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 class TeacherProcess:
-    def __init__(self, model: str | Path, *extra: str, timeout_s: float = 180.0, port: int = 0):
+    def __init__(self, model: str | Path, *extra: str, timeout_s: float = 600.0, port: int = 0):
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "teacher_server", "--model", str(model), "--port", str(port), *extra],

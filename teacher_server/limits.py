@@ -36,8 +36,10 @@ class CallLimits:
 
     call_timeout_s: float = 600.0  # server-side deadline of one call (queueing, device time and streaming)
     stream_idle_s: float = 30.0  # a stream that moves no frame for this long is cancelled
-    max_calls: int = 64  # TeacherService calls in flight at once
-    max_calls_per_client: int = 8  # ... per client (token name, certificate name or peer address)
+    max_calls: int = 256  # TeacherService calls in flight at once (one worker thread each)
+    # ... per client (token name, certificate name or peer address). One token usually serves a whole training:
+    # R ranks hold up to 2R calls (a prefetched Encode and a Score each), so this must exceed 2 x ranks.
+    max_calls_per_client: int = 64
     max_inflight_bytes: int = 2048 * MIB  # request + response payload bytes held by the calls in flight
     max_image_pixels: int = 36_000_000  # width * height of one image, checked from its header before decoding
     max_concurrent_decodes: int = 4  # images decoded at once, across calls

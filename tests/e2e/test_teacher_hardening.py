@@ -168,11 +168,11 @@ def _stalled_score(address, token, started: threading.Event, stop: threading.Eve
 
 
 def test_stalled_streams_and_unread_encodes_do_not_take_the_service_down(teacher_path, rng, tmp_path):
-    # 16 + 1 clients with their own tokens; streams without progress for 10 s are cut
+    # 16 + 1 clients with their own tokens; streams without progress for 30 s are cut
     abusers = {f"abuser{i}": f"abuser-token-{i:04d}-0123456789" for i in range(16)}
     write_tokens(tmp_path / "tokens", {**TOKENS, **abusers})
     server = TeacherProcess(teacher_path, "--auth-token-file", str(tmp_path / "tokens"), "--metrics-port", "0",
-                            "--stream-idle-s", "10")
+                            "--stream-idle-s", "30")
     good = client(server, "alice")
     batch = samples(rng, 2, prefix="g")
 
@@ -202,20 +202,26 @@ def test_stalled_streams_and_unread_encodes_do_not_take_the_service_down(teacher
                                                  pb2.Turn(role="assistant", text="red")],
                        images=[_png(random_image(rng, 224))]) for i in range(8)], return_question_features=True)
         channels, unread = [], []
+        answered = metric(server, "teacher_requests_total", method="Encode", code="OK")
         for token in abusers.values():
             channel = grpc.insecure_channel(server.address, options=channel_options())
             call = channel.unary_stream(SERVICE + "Encode", request_serializer=None, response_deserializer=None)
             unread.append(call(big.SerializeToString(), timeout=120,
                                metadata=(("authorization", f"Bearer {token}"),)))
             channels.append(channel)
-        time.sleep(2.0)  # the device runs the abusers' encodes; their streams then stall
+        # The device runs the abusers' encodes (their streams then stall); measure once it is done with them.
+        deadline = time.monotonic() + 90
+        while metric(server, "teacher_requests_total", method="Encode", code="OK") < answered + 16:
+            assert time.monotonic() < deadline, "the abusers' encodes never ran"
+            time.sleep(0.2)
+        time.sleep(0.5)
 
         during = [round_trip() for _ in range(5)]
         assert statistics.median(during) <= 2 * baseline, (during, baseline)
 
         # The server cuts the stalled calls and keeps serving.
         for thread, _ in stalls:
-            thread.join(30)
+            thread.join(90)
         assert codes == [grpc.StatusCode.CANCELLED] * 16
         stop.set()
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()
@@ -228,6 +234,13 @@ def test_stalled_streams_and_unread_encodes_do_not_take_the_service_down(teacher
         good.close()
     finally:
         server.kill()
+
+
+def metric(server, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples with these labels, scraped from the server's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.split("{")[0].split(" ")[0] == name and all(f'{k}="{v}"' in line for k, v in labels.items()))
 
 
 def test_calls_beyond_the_per_client_limit_are_refused_at_once(server):
