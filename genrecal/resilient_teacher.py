@@ -86,8 +86,8 @@ class ResilientTeacher:
     def identity(self) -> dict:
         return self.teacher.identity()
 
-    def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
-        return self._timed(self._encode_untimed, samples)
+    def encode(self, samples: Sequence[Sample], **options) -> list[TeacherFeatures]:
+        return self._timed(self._encode_untimed, samples, **options)
 
     def score(self, features: Sequence[TeacherFeatures], answer_outputs: Sequence[Tensor], **kwargs
               ) -> tuple[HeadScore, list[Tensor]]:
@@ -117,7 +117,8 @@ class ResilientTeacher:
         if hasattr(self.teacher, "expect_revision"):
             self.teacher.expect_revision = revision
 
-    def encode_step(self, groups: Sequence[Sequence[Sample]], *, timed: bool = True) -> list[list[TeacherFeatures]]:
+    def encode_step(self, groups: Sequence[Sequence[Sample]], *, timed: bool = True, **options
+                    ) -> list[list[TeacherFeatures]]:
         """The features of one optimizer step's micro-batches (``groups``), per micro-batch.
 
         A remote teacher gets them in ONE request (``one_request_per_step``): one round trip and one batching wait
@@ -134,9 +135,9 @@ class ResilientTeacher:
         """
         encode = self.encode if timed else self._encode_untimed
         if not self.one_request_per_step:
-            return [encode(group) for group in groups]
+            return [encode(group, **options) for group in groups]
         unique = unique_samples(sample for group in groups for sample in group)
-        encoded = dict(zip(unique, encode(list(unique.values())), strict=True))
+        encoded = dict(zip(unique, encode(list(unique.values()), **options), strict=True))
         return [[encoded[sample.sample_id] for sample in group] for group in groups]
 
     # ---- plumbing -----------------------------------------------------------------------------------------
@@ -161,17 +162,18 @@ class ResilientTeacher:
             self.teacher.wait_until_serving(self.restart_wait_s)
             return fn()
 
-    def _encode_untimed(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
+    def _encode_untimed(self, samples: Sequence[Sample], **options) -> list[TeacherFeatures]:
         samples = list(samples)
-        features = self._encode(samples)
+        features = self._encode(samples, **options)
         with self._lock:
             for sample, f in zip(samples, features, strict=True):
                 if f.handle:
                     self._samples[f.handle] = sample
         return features
 
-    def _encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
-        features = self._patient("encode", lambda: self.teacher.encode(samples, **self.encode_kwargs))
+    def _encode(self, samples: Sequence[Sample], **options) -> list[TeacherFeatures]:
+        kwargs = {**self.encode_kwargs, **options}
+        features = self._patient("encode", lambda: self.teacher.encode(samples, **kwargs))
         if len(features) != len(samples):
             raise RuntimeError(f"the teacher returned {len(features)} features for {len(samples)} samples")
         return features
@@ -259,6 +261,8 @@ def open_teacher(
     chunk_size: int = 512,
     timeout_s: float = 300.0,
     retries: int = 5,
+    token_file: str | None = None,
+    tls_ca: str | None = None,
 ) -> ResilientTeacher:
     """A teacher: a connection to the service at ``addr``, or the checkpoint ``model`` loaded in this process.
 
@@ -269,7 +273,8 @@ def open_teacher(
     if (addr is None) == (model is None):
         raise ValueError("pass exactly one of a teacher address (--teacher-addr) and a teacher model (--teacher-model)")
     if addr is not None:
-        client = TeacherClient(addr, timeout_s=timeout_s, retries=retries, backoff_s=0.5, max_backoff_s=15.0)
+        client = TeacherClient(addr, timeout_s=timeout_s, retries=retries, backoff_s=0.5, max_backoff_s=15.0,
+                               token_file=token_file, tls_ca=tls_ca)
         client.wait_until_serving(timeout_s)
         return ResilientTeacher(client, restart_wait_s=timeout_s, one_request_per_step=True, max_length=max_length)
     vlm = load_vlm(model, dtype=dtype)

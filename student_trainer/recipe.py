@@ -43,7 +43,7 @@ from genrecal.families import load_vlm
 from genrecal.recalibrator import Recalibrator
 from genrecal.resilient_teacher import ResilientTeacher
 from genrecal.sample import Sample
-from genrecal.stages import STAGES, Stage, set_trainable
+from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable
 from student_trainer.config import TrainConfig
 from student_trainer.data import ShardedBatches
 from student_trainer.dataset import BadRecord, MicroBatchLoader
@@ -64,7 +64,7 @@ from student_trainer.step_inputs import StepBuilder
 logger = logging.getLogger(__name__)
 
 # Loss parts summed over micro-batches and ranks (each is already divided by the global token count).
-LOSS_PARTS = ("L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3")
+LOSS_PARTS = ("L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3", "KD", "ULD")
 
 
 class StopRequested(Exception):
@@ -128,8 +128,8 @@ class StageRecipe:
         self.samples = samples  # a LazySamples data set (or any sequence of samples)
         self.bad_records: dict[int, BadRecord] = {}  # record index -> why it was skipped (this rank, this stage)
         self.builder: StepBuilder | None = None
-        self.teacher = teacher if self.spec.needs_teacher else None
-        if self.spec.needs_teacher and teacher is None:
+        self.teacher = teacher if config.stage_needs_teacher(self.stage) else None
+        if config.stage_needs_teacher(self.stage) and teacher is None:
             raise ValueError(f"stage {int(stage)} needs the teacher")
         self.student_path = Path(student_path)
         self.recalibrator_path = Path(recalibrator_path) if recalibrator_path is not None else None
@@ -169,6 +169,7 @@ class StageRecipe:
         self.recalibrator_keys = list(recalibrator.state_dict()) if recalibrator is not None else []
         self.student.model.train()
         params = set_trainable(self.stage, self.student.adapter.parameter_groups(self.student.model), recalibrator)
+        frozen_modules_to_eval(self.student.model)  # e.g. the vision encoder: no dropout in what never trains
         module = DistillationModule(self.student, recalibrator)
         optimizer = make_optimizer(params, config, self.ds_config)
         scheduler = linear_schedule(optimizer, config.steps_per_stage, config.lr, config.lr_end)
@@ -186,7 +187,8 @@ class StageRecipe:
             self.samples, self.batches, start=self.step * config.grad_accum,
             stop=config.steps_per_stage * config.grad_accum, workers=config.data_workers,
         )
-        self.builder = StepBuilder(self.samples, loader, self.student, self.teacher, config, self.bad_records)
+        self.builder = StepBuilder(self.samples, loader, self.student, self.teacher, config, self.bad_records,
+                                   encode_options=self._encode_options())
         self.inputs = StepPrefetcher(self.builder.build, self.builder.release, start=self.step,
                                      stop=config.steps_per_stage, depth=config.prefetch_steps)
         self.metrics = MetricsLogger(
@@ -261,6 +263,9 @@ class StageRecipe:
             progress.close()
         return True
 
+    def _encode_options(self) -> dict:
+        return {"answer_log_probs": True} if self.config.uses_logit_distillation(self.stage) else {}
+
     def accumulate_gradients(self, step: int) -> dict:
         """Forward and backward of optimizer step ``step``'s micro-batches; gradients end reduced over ranks.
 
@@ -318,6 +323,8 @@ class StageRecipe:
 
     def _has_part(self, key: str) -> bool:
         name = key.split("_")[0]
+        if name in ("KD", "ULD"):
+            return self.config.uses_logit_distillation(self.stage) and name == self.config.logit_distillation.upper()
         return name in self.spec.losses and (name != "L2" or self.config.regularisation)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------

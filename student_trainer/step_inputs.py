@@ -37,9 +37,11 @@ class StepBuilder:
     """
 
     def __init__(self, dataset: Sequence[Sample | BadRecord], loader: MicroBatchLoader, student: LoadedVLM,
-                 teacher: ResilientTeacher | None, config: TrainConfig, bad_records: dict[int, BadRecord]):
+                 teacher: ResilientTeacher | None, config: TrainConfig, bad_records: dict[int, BadRecord],
+                 encode_options: dict | None = None):
         self.dataset, self.loader, self.student, self.teacher = dataset, loader, student, teacher
         self.config = config
+        self.encode_options = encode_options or {}  # e.g. answer_log_probs for the logit-distillation baselines
         self.bad_records = bad_records
 
     def build(self, step: int) -> StepInputs:
@@ -49,7 +51,7 @@ class StepBuilder:
         if self.teacher is None:
             return StepInputs(step, groups, student_batches, [None] * len(groups))
         # Built ahead, the encode's time is hidden behind compute; the prefetcher times what is not.
-        features = self.teacher.encode_step(groups, timed=config.prefetch_steps == 0)
+        features = self.teacher.encode_step(groups, timed=config.prefetch_steps == 0, **self.encode_options)
         return StepInputs(step, groups, student_batches, features)
 
     def release(self, inputs: StepInputs) -> None:
