@@ -1,6 +1,12 @@
 """Time of one stage-2 training step with the teacher as a service vs the teacher in the trainer, in ONE run.
 
     python benchmarks/trainer_step.py [--steps 12] [--repeats 2] [--teacher-hidden 256] [--teacher-layers 4]
+                                      [--delay-ms 20]
+
+With ``--delay-ms D`` (default 20; 0 = off) two more sides run against the same server through a delaying TCP proxy
+in this process (every byte forwarded D/2 ms late in each direction: a D ms round trip, bandwidth unchanged):
+with the trainer's default prefetch (the next step's Encode in flight while a step computes) and with
+``--prefetch-steps 0``, to show how much of the delay prefetch hides (the Score calls still wait for it).
 
 Runs the real trainer CLI (``python -m student_trainer --stages 2``, ZeRO-3 DeepSpeed config, one process) on the
 same tiny models, data and seed, alternately against a ``teacher_server`` subprocess on localhost
@@ -11,13 +17,15 @@ a temp folder, with solid-colour training pictures like ``examples/colours.py``.
 
 Per run, the step time is the median of ``step_time_s`` in ``OUT/metrics/stage2.jsonl`` over the steps after the
 first (differences of the ``time`` column if a row lacks it); each side's figure is the median over its runs.
-Reported: remote / in-process step time (target <= 1.10); each side's ``teacher_wait_share`` (share of the step
+Reported: remote / in-process step time (target <= 1.03); each side's ``teacher_wait_share`` (share of the step
 spent inside teacher calls: the teacher's compute, plus, when remote, the RPC boundary); the extra time inside
 teacher calls of the remote step, ``wait_remote * T_remote - wait_local * T_local`` (this mixes the RPC cost with
 a batching difference: the trainer sends a step's micro-batches to a remote teacher in one Encode, and encodes them
 one by one in process); and the RPC boundary alone, from the SAME teacher calls of a step (one encode, two scores
 per micro-batch, one release) timed through the client and in this process against the same server, as a share
 of the remote step. Prints a table and one JSON line.
+
+The trainer runs with its defaults: prefetch 1 step, both Recalibrator paths in one Score call per micro-batch.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,8 +85,8 @@ def step_times(output: Path) -> tuple[list[float], list[float]]:
 def time_teacher_calls(remote, local, samples, grad_accum: int, micro_batch_size: int, steps: int) -> dict:
     """Seconds per step inside teacher calls, client vs in-process, with the SAME calls on both sides.
 
-    A step's calls as the trainer makes them against a remote teacher: one encode of the step's samples, two
-    scores (L1 and L2 paths) per micro-batch, one release. Alternates the sides step by step.
+    A step's calls as the trainer makes them against a remote teacher: one encode of the step's samples, one
+    score of both paths (L1 and L2) per micro-batch, one release. Alternates the sides step by step.
     """
     per_step = grad_accum * micro_batch_size
     generator = torch.Generator().manual_seed(0)
@@ -91,14 +100,73 @@ def time_teacher_calls(remote, local, samples, grad_accum: int, micro_batch_size
             tokens = float(sum(f.num_answer_tokens for f in features))
             for m in range(grad_accum):
                 batch = features[m * micro_batch_size:(m + 1) * micro_batch_size]
-                for _ in ("L1", "L2"):
-                    outputs = [torch.randn(f.num_answer_tokens, teacher.hidden_size, generator=generator)
-                               for f in batch]
-                    teacher.score(batch, outputs, normalizer=tokens)
+                outputs = {path: [torch.randn(f.num_answer_tokens, teacher.hidden_size, generator=generator)
+                                  for f in batch] for path in ("L1", "L2")}
+                teacher.score_paths(batch, outputs, normalizer=tokens)
             teacher.release(features)
             if k > 0:  # the first is a warm-up
                 totals[side].append(time.perf_counter() - start)
     return {side: statistics.median(times) for side, times in totals.items()}
+
+
+class DelayProxy:
+    """A localhost TCP proxy to ``target_port`` that forwards every chunk ``one_way_s`` late in each direction.
+
+    Chunks keep their order; the delay is added to each chunk's arrival time (latency, not a bandwidth limit).
+    Runs an asyncio loop in a daemon thread; ``port`` is where to connect.
+    """
+
+    def __init__(self, target_port: int, one_way_s: float):
+        import asyncio
+
+        self.target_port, self.one_way_s = target_port, one_way_s
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+            self.port = self.server.sockets[0].getsockname()[1]
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait()
+
+    async def _handle(self, reader, writer) -> None:
+        import asyncio
+
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer),
+                             return_exceptions=True)
+
+    async def _pipe(self, source, sink) -> None:
+        import asyncio
+
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                while data := await source.read(1 << 16):
+                    queue.put_nowait((self.loop.time() + self.one_way_s, data))
+            finally:
+                queue.put_nowait(None)
+
+        pumping = asyncio.ensure_future(pump())
+        try:
+            while (item := await queue.get()) is not None:
+                due, data = item
+                if due > self.loop.time():
+                    await asyncio.sleep(due - self.loop.time())
+                sink.write(data)
+                await sink.drain()
+        finally:
+            pumping.cancel()
+            sink.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def main() -> None:
@@ -116,6 +184,8 @@ def main() -> None:
                         help="OMP/torch threads of the trainer and of the server (default 1: on a 2-core machine "
                              "each process gets a core of its own)")
     parser.add_argument("--batch-wait-ms", default="5", help="the server's --batch-wait-ms (default: its default, 5)")
+    parser.add_argument("--delay-ms", type=float, default=20.0,
+                        help="round-trip delay of the proxied sides (default 20; 0 = no proxied sides)")
     args = parser.parse_args()
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads),
@@ -140,8 +210,13 @@ def main() -> None:
                   "--grad-accum", args.grad_accum, "--micro-batch-size", args.micro_batch_size, "--seed", 0,
                   "--save-every", 10**6, "--no-tensorboard", "--precision", "fp32"]
         sides = {"remote": ["--teacher-addr", server.address], "in-process": ["--teacher-model", teacher]}
-        order = [side for i in range(args.repeats)
-                 for side in (("remote", "in-process") if i % 2 == 0 else ("in-process", "remote"))]
+        proxy = None
+        if args.delay_ms > 0:
+            proxy = DelayProxy(int(server.address.rsplit(":", 1)[1]), args.delay_ms / 2000)
+            delayed = ["--teacher-addr", f"127.0.0.1:{proxy.port}"]
+            sides.update({"delayed": delayed, "delayed, no prefetch": [*delayed, "--prefetch-steps", "0"]})
+        names = list(sides)
+        order = [side for i in range(args.repeats) for side in (names if i % 2 == 0 else names[::-1])]
         calls: dict[str, float] = {}
         results: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
         losses: dict[str, list[float]] = {}
@@ -157,7 +232,7 @@ def main() -> None:
                 results[side].append((statistics.median(times), statistics.median(waits)))
                 rows = (output / "metrics" / "stage2.jsonl").read_text().splitlines()
                 losses.setdefault(side, [json.loads(r)["loss"] for r in rows])
-                print(f"run {n + 1}/{len(order)} {side:>10}: median step {1000 * results[side][-1][0]:7.1f} ms, "
+                print(f"run {n + 1}/{len(order)} {side:>20}: median step {1000 * results[side][-1][0]:7.1f} ms, "
                       f"teacher wait share {results[side][-1][1]:.3f} ({time.perf_counter() - start:.0f} s incl. "
                       "start-up)", flush=True)
             # The boundary alone: the same teacher calls through the client and in this process.
@@ -170,6 +245,8 @@ def main() -> None:
                                        args.micro_batch_size, args.steps)
             remote.close()
         finally:
+            if proxy is not None:
+                proxy.close()
             server.kill()
 
     med = statistics.median
@@ -185,8 +262,15 @@ def main() -> None:
           f"{args.student_hidden}; stage 2, {args.grad_accum} x {args.micro_batch_size} samples per step, "
           f"{args.steps} steps per run (first not timed), {args.repeats} runs per side")
     print(f"{'':30}{'in-process':>12}{'remote':>12}{'ratio':>8}{'target':>9}")
-    print(f"{'step time (ms, median)':30}{1000 * t_local:12.1f}{1000 * t_remote:12.1f}{ratio:8.3f}{'<= 1.10':>9}")
+    print(f"{'step time (ms, median)':30}{1000 * t_local:12.1f}{1000 * t_remote:12.1f}{ratio:8.3f}{'<= 1.03':>9}")
     print(f"{'teacher_wait_share':30}{w_local:12.3f}{w_remote:12.3f}")
+    delayed = {}
+    for side in ("delayed", "delayed, no prefetch"):
+        if results.get(side):
+            t, w = med(t for t, _ in results[side]), med(w for _, w in results[side])
+            delayed[side] = (t, w)
+            print(f"{side + f' (+{args.delay_ms:g} ms RTT)':30}{'':12}{1000 * t:12.1f}{t / t_local:8.3f}"
+                  f"   teacher_wait_share {w:.3f}")
     print(f"extra teacher-call time of the remote step (from the metrics): {1000 * boundary * t_remote:.1f} ms "
           f"= {boundary:.3f} of the step (remote sends a step's micro-batches in one Encode; in-process encodes "
           "them one by one)")
@@ -209,7 +293,11 @@ def main() -> None:
         "rpc_boundary_ms_per_step": round(direct_ms, 1), "rpc_boundary_share": round(direct_ms / (1000 * t_remote), 3),
         "runs_remote_ms": [round(1000 * t, 1) for t, _ in results["remote"]],
         "runs_in_process_ms": [round(1000 * t, 1) for t, _ in results["in-process"]],
-        "same_losses": same_losses,
+        "same_losses": same_losses, "delay_ms": args.delay_ms,
+        "delayed": {side: {"step_ms": round(1000 * t, 1), "ratio": round(t / t_local, 3),
+                           "teacher_wait_share": round(w, 3),
+                           "runs_ms": [round(1000 * x, 1) for x, _ in results[side]]}
+                    for side, (t, w) in delayed.items()},
     }))
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -34,7 +34,7 @@ from genrecal.rpc.convert import (
     score_request_frames,
     score_result_from_frames,
 )
-from genrecal.sample import Sample
+from genrecal.sample import Sample, source_bytes
 from genrecal.teacher import TeacherFeatures
 from genrecal.wire import (
     DEFAULT_CHUNK_BYTES,
@@ -69,7 +69,11 @@ class TeacherUnavailable(TeacherError):
 
 
 def image_bytes(image) -> bytes:
-    """A PIL image as PNG bytes (lossless, so the teacher sees exactly the student's pixels)."""
+    """What to send for a PIL image: the bytes of the file it was decoded from when known (a JPEG stays a JPEG;
+    the teacher decodes them to the same pixels), else PNG (lossless: exactly the student's pixels)."""
+    original = source_bytes(image)
+    if original is not None:
+        return original
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -222,26 +226,47 @@ class TeacherClient:
         release: bool = False,
     ) -> tuple[HeadScore, list[torch.Tensor]]:
         """Same contract as ``InProcessTeacher.score``: per-sample outputs ``(La_i, D_l)`` -> (score, gradients)."""
-        if len(features) != len(answer_outputs):
-            raise ValueError(f"{len(features)} features but {len(answer_outputs)} answer outputs")
+        return self.score_paths(features, {self.path: answer_outputs}, normalizer=normalizer, ce_weight=ce_weight,
+                                kl_weight=kl_weight, release=release)[self.path]
+
+    def score_paths(
+        self,
+        features: Sequence[TeacherFeatures],
+        outputs_by_path: Mapping[str, Sequence[torch.Tensor]],
+        *,
+        normalizer: float | None = None,
+        ce_weight: float = 1.0,
+        kl_weight: float = 1.0,
+        release: bool = False,
+    ) -> dict[str, tuple[HeadScore, list[torch.Tensor]]]:
+        """Several Recalibrator paths of the same samples (e.g. L1 and L2) in ONE Score call; the server scores
+        each path on its own, so the result equals one ``score`` per path."""
         items = []
-        for f, r in zip(features, answer_outputs, strict=True):
-            if not f.handle:
-                raise ValueError(f"sample {f.sample_id!r} has no teacher handle; encode it with this client first")
-            r = r.detach()
-            if self.wire_dtype is not None:
-                r = r.to(self.wire_dtype)
-            items.append((f.handle, self.path, r.cpu().contiguous()))
-        dtype = answer_outputs[0].dtype if answer_outputs else None
+        for path, answer_outputs in outputs_by_path.items():
+            if len(features) != len(answer_outputs):
+                raise ValueError(f"path {path!r}: {len(features)} features but {len(answer_outputs)} answer outputs")
+            for f, r in zip(features, answer_outputs, strict=True):
+                if not f.handle:
+                    raise ValueError(f"sample {f.sample_id!r} has no teacher handle; encode it with this client first")
+                r = r.detach()
+                if self.wire_dtype is not None:
+                    r = r.to(self.wire_dtype)
+                items.append((f.handle, path, r.cpu().contiguous()))
         call = ScoreCall(items, ce_weight, kl_weight, normalizer, self.wire_dtype, release)
-        paths, grads = self._call("Score", lambda: score_result_from_frames(self._stub.Score(
+        scores, grads = self._call("Score", lambda: score_result_from_frames(self._stub.Score(
             score_request_frames(call, chunk_bytes=self.chunk_bytes), timeout=self.timeout_s,
             metadata=self._metadata()), max_bytes=self.max_response_bytes))
-        (path,) = paths
-        grads = [g.to(dtype=dtype, device=r.device) for g, r in zip(grads, answer_outputs, strict=True)]
-        score = HeadScore(ce=torch.tensor(path.ce), kl=torch.tensor(path.kl),
-                          grad_inputs=torch.cat(grads) if grads else None, num_tokens=int(path.num_tokens))
-        return score, grads
+        by_name = {s.path: s for s in scores}
+        results, start = {}, 0
+        for path, answer_outputs in outputs_by_path.items():
+            path_grads = [g.to(dtype=r.dtype, device=r.device)
+                          for g, r in zip(grads[start:start + len(features)], answer_outputs, strict=True)]
+            start += len(features)
+            s = by_name[path]
+            results[path] = (HeadScore(ce=torch.tensor(s.ce), kl=torch.tensor(s.kl),
+                                       grad_inputs=torch.cat(path_grads) if path_grads else None,
+                                       num_tokens=int(s.num_tokens)), path_grads)
+        return results
 
     def release(self, features: Sequence[TeacherFeatures]) -> int:
         handles = [f.handle for f in features if f.handle]

@@ -1,8 +1,8 @@
 """One GenRecal training step's objective: L1 + L2 through the Recalibrator and the teacher's head, plus L3.
 
-The teacher is anything with ``score(features, answer_outputs, *, normalizer, ce_weight, kl_weight) ->
-(HeadScore, per-sample gradients)`` — :class:`genrecal.teacher.InProcessTeacher` here, the gRPC client in the
-student trainer. The head gradient comes back as a tensor and enters autograd through a surrogate
+The teacher is a :class:`genrecal.teacher.Teacher`: its ``score_paths(features, {path: answer_outputs}, *,
+normalizer, ce_weight, kl_weight) -> {path: (HeadScore, per-sample gradients)}`` scores L1 and L2 together —
+:class:`genrecal.teacher.InProcessTeacher` here, the gRPC client (one round trip) in the student trainer. The head gradient comes back as a tensor and enters autograd through a surrogate
 ``(r * g.detach()).sum()`` (:func:`genrecal.losses.surrogate_loss`), so the RPC boundary does not change the
 mathematics.
 """
@@ -122,12 +122,16 @@ def genrecal_objective(
         paths = [("L1", student_path_inputs(hidden, batch, features), False)]
         if losses.regularisation:
             paths.append(("L2", regularisation_path_inputs(features), True))
-        for name, inputs, question_from_teacher in paths:
-            outputs = recalibrator(inputs, question_from_teacher=question_from_teacher)  # B x (La_l, D_l)
-            score, grads = teacher.score(
-                features, [r.detach() for r in outputs], normalizer=teacher_tokens,
-                ce_weight=losses.ce_weight, kl_weight=losses.kl_weight,
-            )
+        outputs_by_path = {  # path -> B x (La_l, D_l)
+            name: recalibrator(inputs, question_from_teacher=question_from_teacher)
+            for name, inputs, question_from_teacher in paths
+        }
+        scores = teacher.score_paths(  # both paths in one call: one round trip to a remote teacher
+            features, {name: [r.detach() for r in outputs] for name, outputs in outputs_by_path.items()},
+            normalizer=teacher_tokens, ce_weight=losses.ce_weight, kl_weight=losses.kl_weight,
+        )
+        for name, outputs in outputs_by_path.items():
+            score, grads = scores[name]
             value = losses.ce_weight * float(score.ce) + losses.kl_weight * float(score.kl)
             term = surrogate_loss(torch.cat(outputs), torch.cat(grads), value=value)
             total = term if total is None else total + term

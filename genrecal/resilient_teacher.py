@@ -9,13 +9,13 @@ lost handles. :func:`open_teacher` builds one from an address or a checkpoint fo
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -72,6 +72,7 @@ class ResilientTeacher:
         self.wait_s = 0.0
         self.recoveries = 0  # re-encodes after a lost handle (teacher restarted or evicted our states)
         self._samples: dict[str, Sample] = {}  # handle -> the sample encoded under it (remote teachers only)
+        self._lock = threading.Lock()  # guards _samples: the trainer encodes ahead in a prefetch thread
 
     # ---- the Teacher protocol -----------------------------------------------------------------------------
     @property
@@ -86,21 +87,22 @@ class ResilientTeacher:
         return self.teacher.identity()
 
     def encode(self, samples: Sequence[Sample], **options) -> list[TeacherFeatures]:
-        samples = list(samples)
-        features = self._timed(self._encode, samples, **options)
-        for sample, f in zip(samples, features, strict=True):
-            if f.handle:
-                self._samples[f.handle] = sample
-        return features
+        return self._timed(self._encode_untimed, samples, **options)
 
     def score(self, features: Sequence[TeacherFeatures], answer_outputs: Sequence[Tensor], **kwargs
               ) -> tuple[HeadScore, list[Tensor]]:
-        return self._timed(self._score, features, answer_outputs, **kwargs)
+        return self._timed(self._recovering, features, lambda: self.teacher.score(features, answer_outputs, **kwargs))
+
+    def score_paths(self, features: Sequence[TeacherFeatures], outputs_by_path: Mapping[str, Sequence[Tensor]],
+                    **kwargs) -> dict[str, tuple[HeadScore, list[Tensor]]]:
+        return self._timed(self._recovering, features,
+                           lambda: self.teacher.score_paths(features, outputs_by_path, **kwargs))
 
     def release(self, features: Sequence[TeacherFeatures]) -> None:
-        for f in features:
-            if f.handle:
-                self._samples.pop(f.handle, None)
+        with self._lock:
+            for f in features:
+                if f.handle:
+                    self._samples.pop(f.handle, None)
         self._timed(self._patient, "release", lambda: self.teacher.release(features))
 
     def close(self) -> None:
@@ -115,18 +117,28 @@ class ResilientTeacher:
         if hasattr(self.teacher, "expect_revision"):
             self.teacher.expect_revision = revision
 
-    def encode_step(self, groups: Sequence[Sequence[Sample]], **options) -> list[list[TeacherFeatures]]:
+    def encode_step(self, groups: Sequence[Sequence[Sample]], *, timed: bool = True, **options
+                    ) -> list[list[TeacherFeatures]]:
         """The features of one optimizer step's micro-batches (``groups``), per micro-batch.
 
         A remote teacher gets them in ONE request (``one_request_per_step``): one round trip and one batching wait
         instead of ``grad_accum``, and the server splits its forwards by its own ``max_batch_tokens``. An
         in-process teacher encodes micro-batch by micro-batch, so its forward never exceeds a micro-batch.
+
+        A step may hold a sample more than once (a data set smaller than one step, an epoch boundary inside the
+        step); a request may not (the service refuses repeated sample ids). Each distinct sample is encoded once
+        and every occurrence gets the same :class:`TeacherFeatures` object (one handle, released once), so each
+        occurrence still counts in the losses and token counts, as with the in-process teacher.
+
+        ``timed=False`` keeps the call out of ``wait_s`` (the trainer's prefetch thread: its waiting is hidden
+        behind compute, and the trainer times what remains). Safe to call from another thread than ``score``.
         """
+        encode = self.encode if timed else self._encode_untimed
         if not self.one_request_per_step:
-            return [self.encode(group, **options) for group in groups]
-        flat = self.encode([sample for group in groups for sample in group], **options)
-        bounds = np.cumsum([0, *map(len, groups)]).tolist()
-        return [flat[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+            return [encode(group, **options) for group in groups]
+        unique = unique_samples(sample for group in groups for sample in group)
+        encoded = dict(zip(unique, encode(list(unique.values()), **options), strict=True))
+        return [[encoded[sample.sample_id] for sample in group] for group in groups]
 
     # ---- plumbing -----------------------------------------------------------------------------------------
     def _timed(self, fn, *args, **kwargs):
@@ -150,6 +162,15 @@ class ResilientTeacher:
             self.teacher.wait_until_serving(self.restart_wait_s)
             return fn()
 
+    def _encode_untimed(self, samples: Sequence[Sample], **options) -> list[TeacherFeatures]:
+        samples = list(samples)
+        features = self._encode(samples, **options)
+        with self._lock:
+            for sample, f in zip(samples, features, strict=True):
+                if f.handle:
+                    self._samples[f.handle] = sample
+        return features
+
     def _encode(self, samples: Sequence[Sample], **options) -> list[TeacherFeatures]:
         kwargs = {**self.encode_kwargs, **options}
         features = self._patient("encode", lambda: self.teacher.encode(samples, **kwargs))
@@ -157,25 +178,24 @@ class ResilientTeacher:
             raise RuntimeError(f"the teacher returned {len(features)} features for {len(samples)} samples")
         return features
 
-    def _score(self, features: Sequence[TeacherFeatures], *args, **kwargs):
-        def call():
-            return self._patient("score", lambda: self.teacher.score(features, *args, **kwargs))
-
+    def _recovering(self, features: Sequence[TeacherFeatures], score):
+        """``score()`` (a score call on ``features``); on lost handles re-encode ``features``, then once more."""
         try:
-            return call()
+            return self._patient("score", score)
         except HandleLost as lost:
             self._reencode(features, lost)
-        return call()  # once: the handles are fresh
+        return self._patient("score", score)  # once: the handles are fresh
 
     def _reencode(self, features: Sequence[TeacherFeatures], lost: HandleLost) -> None:
         """Re-encode ``features``' samples and move the new handles into ``features`` (in place)."""
-        unknown = [f.sample_id for f in features if f.handle not in self._samples]
-        if unknown:
-            raise RuntimeError(
-                f"the teacher lost the handles of samples {unknown}, which were not encoded through this wrapper, "
-                "so they cannot be re-encoded"
-            ) from lost
-        samples = [self._samples[f.handle] for f in features]
+        with self._lock:
+            unknown = [f.sample_id for f in features if f.handle not in self._samples]
+            if unknown:
+                raise RuntimeError(
+                    f"the teacher lost the handles of samples {unknown}, which were not encoded through this "
+                    "wrapper, so they cannot be re-encoded"
+                ) from lost
+            samples = [self._samples[f.handle] for f in features]
         logger.warning(
             "teacher lost the states of %d sample(s) (%s): restarted or evicted them; re-encoding and retrying the "
             "score", len(features), lost.details,
@@ -190,10 +210,11 @@ class ResilientTeacher:
                     "Restart it with the run's teacher checkpoint and rerun the command to resume"
                 )
         stale = [replace(f) for f in features]  # the old handles, for a best-effort release
-        for old, new, sample in zip(features, fresh, samples, strict=True):
-            del self._samples[old.handle]
-            old.handle = new.handle
-            self._samples[new.handle] = sample
+        with self._lock:
+            for old, new, sample in zip(features, fresh, samples, strict=True):
+                del self._samples[old.handle]
+                old.handle = new.handle
+                self._samples[new.handle] = sample
         try:  # frees what an eviction left behind; after a restart there is nothing left and this is a no-op
             self.teacher.release(stale)
         except TeacherError as exc:
@@ -201,6 +222,19 @@ class ResilientTeacher:
         self.recoveries += 1
         logger.warning("teacher recovered: %d sample(s) re-encoded with identical answers (recovery %d)",
                        len(features), self.recoveries)
+
+
+def unique_samples(samples: Iterable[Sample]) -> dict[str, Sample]:
+    """``{sample_id: sample}`` in first-seen order; two *different* samples under one id are refused."""
+    unique: dict[str, Sample] = {}
+    for sample in samples:
+        first = unique.setdefault(sample.sample_id, sample)
+        if first is not sample and (first.turns != sample.turns or len(first.images) != len(sample.images)):
+            raise ValueError(
+                f"two different samples share the id {sample.sample_id!r}; sample ids must be unique within the "
+                "data (give each record its own 'id')"
+            )
+    return unique
 
 
 def _feature_difference(old: TeacherFeatures, new: TeacherFeatures) -> str | None:

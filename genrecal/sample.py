@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from genrecal.errors import SampleError
 
 IMAGE_PLACEHOLDER = "<image>"
+SOURCE_BYTES = "genrecal.source_bytes"  # Image.info key: (size, the encoded bytes the image was decoded from)
 ROLES = ("user", "assistant")
 # LLaVA-style JSON speaker names -> roles.
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -88,23 +89,43 @@ class Sample:
         return messages
 
 
-def load_image(source: str | Path | bytes, *, sample_id: str) -> Image.Image:
-    """Open an image from a path or encoded bytes as RGB, or raise a ``SampleError`` naming the sample."""
+def load_image(source: str | Path | bytes, *, sample_id: str, keep_source: bool = False) -> Image.Image:
+    """Open an image from a path or encoded bytes as RGB, or raise a ``SampleError`` naming the sample.
+
+    ``keep_source``: remember the encoded bytes in ``image.info[SOURCE_BYTES]`` as ``(size, bytes)``, so that the
+    teacher client can send what the file holds (a JPEG stays a JPEG) instead of re-encoding the pixels
+    (:func:`source_bytes`).
+    """
     try:
         if isinstance(source, bytes | bytearray):
-            image = Image.open(io.BytesIO(source))
+            data = bytes(source)
         else:
             path = Path(source)
             if not path.is_file():
                 raise SampleError(sample_id, f"image file {str(path)!r} does not exist")
-            image = Image.open(path)
+            data = path.read_bytes()
+        image = Image.open(io.BytesIO(data))
         image.load()
     except SampleError:
         raise
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         what = "image bytes" if isinstance(source, bytes | bytearray) else f"image file {str(source)!r}"
         raise SampleError(sample_id, f"{what} cannot be decoded ({exc})") from exc
-    return image.convert("RGB")
+    rgb = image.convert("RGB")
+    if keep_source:
+        rgb.info[SOURCE_BYTES] = (rgb.size, data)
+    return rgb
+
+
+def source_bytes(image: Image.Image) -> bytes | None:
+    """The encoded bytes ``image`` was decoded from (``load_image(..., keep_source=True)``), or None.
+
+    None also when the image's size no longer matches them (PIL copies ``info`` into resized images).
+    """
+    source = image.info.get(SOURCE_BYTES)
+    if isinstance(source, tuple) and len(source) == 2 and tuple(source[0]) == image.size:
+        return source[1]
+    return None
 
 
 def sample_from_llava(record: dict, image_root: str | Path | None = None) -> Sample:

@@ -9,7 +9,7 @@ in one process; the gRPC service (``teacher_server``) splits them across the net
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -76,7 +76,8 @@ class Teacher(Protocol):
     ``encode`` returns one :class:`TeacherFeatures` per sample, in order; a remote teacher keeps the prediction
     states server-side under ``handle`` until ``release``. ``score`` takes per-sample answer outputs
     ``(La_i, D_l)`` and returns the micro-batch's :class:`~genrecal.head_scoring.HeadScore` and the per-sample
-    gradients with respect to those outputs.
+    gradients with respect to those outputs. ``score_paths`` scores several Recalibrator paths (L1 and L2) of the
+    same samples at once — the same result as one ``score`` per path, in one round trip for a remote teacher.
     """
 
     @property
@@ -98,6 +99,16 @@ class Teacher(Protocol):
         ce_weight: float = 1.0,
         kl_weight: float = 1.0,
     ) -> tuple[HeadScore, list[Tensor]]: ...
+
+    def score_paths(
+        self,
+        features: Sequence[TeacherFeatures],
+        outputs_by_path: Mapping[str, Sequence[Tensor]],
+        *,
+        normalizer: float | None = None,
+        ce_weight: float = 1.0,
+        kl_weight: float = 1.0,
+    ) -> dict[str, tuple[HeadScore, list[Tensor]]]: ...
 
     def release(self, features: Sequence[TeacherFeatures]) -> object: ...
 
@@ -194,3 +205,12 @@ class InProcessTeacher:
         )
         grads = split_rows(score.grad_inputs, [f.num_answer_tokens for f in features])
         return score, grads
+
+    def score_paths(
+        self,
+        features: Sequence[TeacherFeatures],
+        outputs_by_path: Mapping[str, Sequence[Tensor]],
+        **kwargs,
+    ) -> dict[str, tuple[HeadScore, list[Tensor]]]:
+        """``{path: score(features, outputs, **kwargs)}``: each path scored on its own, as the service does."""
+        return {path: self.score(features, outputs, **kwargs) for path, outputs in outputs_by_path.items()}

@@ -49,7 +49,7 @@ class TrainConfig:
     teacher_token_file: str | None = None  # file holding this client's bearer token (else $GENRECAL_TEACHER_TOKEN)
     teacher_tls_ca: str | None = None  # PEM CA of the teacher's TLS certificate: connect over TLS
     image_folder: str | None = None  # where image names in the data resolve (default: the data file's folder)
-    data_limit: int | None = None  # use only the first N usable samples
+    data_limit: int | None = None  # use only the first N records (bad ones included)
     eval_data: str | None = None  # evaluated with the final student when training ends (rank 0)
     eval_limit: int | None = None  # evaluate on at most N samples
     stages: str = "1,2,3"  # comma-separated stage numbers or names, increasing
@@ -80,6 +80,10 @@ class TrainConfig:
     teacher_timeout_s: float = 300.0  # per teacher call
     teacher_retries: int = 5  # connection attempts before giving up
     chunk_size: int = 512  # head-scoring chunk of an in-process teacher
+    prefetch_steps: int = 1  # steps whose inputs (data, student batches, teacher Encode) are built ahead; 0 = off
+    data_workers: int = 2  # DataLoader worker processes that read and decode records; 0 = in the trainer
+    validate_data: bool = False  # check every record up front (in data_workers processes) before training
+    log_sample_ids: bool = False  # auditing: each metrics row lists rank 0's sample ids of the step
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
     save_every: int = 100  # DeepSpeed checkpoint every N optimizer steps (and at each stage's end)
@@ -142,6 +146,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("prefetch_steps", "data_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {value!r}")
         for name in ("data_limit", "eval_limit", "max_length", "stop_after_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -229,7 +237,7 @@ _HELP = {
                           "--auth-token-file); without it $GENRECAL_TEACHER_TOKEN is used, if set",
     "teacher_tls_ca": "PEM CA bundle that signed the teacher's TLS certificate: connect over TLS and verify it",
     "image_folder": "folder that image file names in the data are relative to (default: the data file's folder)",
-    "data_limit": "use only the first N usable training samples",
+    "data_limit": "use only the first N training records (bad ones, skipped when met, included)",
     "eval_data": "evaluation data; the final student is evaluated on it when training ends (eval.json)",
     "eval_limit": "evaluate on at most N samples",
     "stages": "stages to run, comma-separated and increasing: 1=alignment, 2=distillation, 3=sft "
@@ -262,6 +270,14 @@ _HELP = {
     "teacher_retries": "retries of a call the teacher answers UNAVAILABLE (backoff 0.5 s doubling to 15 s) before "
                        "waiting for its health check (default %(default)s)",
     "chunk_size": "tokens per head-scoring chunk of an in-process teacher (default %(default)s)",
+    "data_workers": "DataLoader worker processes that read records and decode their images off the training "
+                    "thread; 0 = read in the trainer's prefetch thread (default %(default)s)",
+    "validate_data": "before training, read every record once in data_workers processes and report the bad "
+                     "ones (they are skipped anyway when met; this finds them up front)",
+    "log_sample_ids": "auditing: every metrics row also lists the sample ids of its step (rank 0's)",
+    "prefetch_steps": "optimizer steps whose inputs (data, student batches and the teacher's Encode of all their "
+                      "micro-batches) are prepared in a background thread while the current step computes, so "
+                      "the teacher's latency hides behind the student's compute; 0 = off (default %(default)s)",
     "save_every": "write a DeepSpeed checkpoint every N optimizer steps, besides each stage's end "
                   "(default %(default)s)",
     "keep_checkpoints": "DeepSpeed checkpoints kept per stage; older ones are deleted (default %(default)s)",

@@ -184,12 +184,12 @@ def _open_image(entry: object, image_folder: Path, sample_id: str) -> Image.Imag
         except OSError as exc:
             raise SampleError(sample_id, f"image cannot be decoded ({exc})") from exc
     if isinstance(entry, str):
-        return load_image(image_folder / entry, sample_id=sample_id)
+        return load_image(image_folder / entry, sample_id=sample_id, keep_source=True)
     if isinstance(entry, dict):  # an undecoded datasets.Image feature: {"bytes": ..., "path": ...}
         if entry.get("bytes"):
-            return load_image(entry["bytes"], sample_id=sample_id)
+            return load_image(entry["bytes"], sample_id=sample_id, keep_source=True)
         if entry.get("path"):
-            return load_image(image_folder / entry["path"], sample_id=sample_id)
+            return load_image(image_folder / entry["path"], sample_id=sample_id, keep_source=True)
     raise SampleError(sample_id, f"cannot read an image from a {type(entry).__name__} entry")
 
 

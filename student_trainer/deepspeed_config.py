@@ -59,10 +59,18 @@ def resolve_deepspeed_config(config: TrainConfig, world_size: int) -> dict:
             f"{config.precision!r} ({config.torch_dtype}); set it to \"auto\" or pass a matching --precision"
         )
     ds.pop("fp16", None)
-    ds.setdefault("zero_force_ds_cpu_optimizer", False)  # the client AdamW also drives ZeRO-Offload
+    # With the optimizer offloaded the trainer passes DeepSpeedCPUAdam (recipe.make_optimizer), so DeepSpeed's check
+    # that ZeRO-Offload runs its own CPU optimizer holds; without offload the check does not apply.
+    ds.setdefault("zero_force_ds_cpu_optimizer", offloaded_optimizer(ds))
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
 
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloaded_optimizer(ds_config: dict) -> bool:
+    """Does the config put the optimizer states on the CPU (or NVMe): ZeRO-Offload / ZeRO-Infinity?"""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none")).lower() in ("cpu", "nvme")

@@ -18,7 +18,7 @@ import torch
 from genrecal.resilient_teacher import ResilientTeacher, open_teacher
 from genrecal.stages import STAGES, Stage
 from student_trainer.config import TrainConfig
-from student_trainer.data import load_dataset_samples
+from student_trainer.dataset import BadRecord, LazySamples, ValidationReport, validate_records
 from student_trainer.distributed import DistContext, log_rank0
 from student_trainer.layout import check_teacher_identity, prepare_output
 from student_trainer.recipe import StageRecipe, StepBudget, StopRequested
@@ -38,10 +38,18 @@ def connect_teacher(config: TrainConfig, ctx: DistContext) -> ResilientTeacher:
 def run_training(config: TrainConfig, ctx: DistContext) -> Path | None:
     """Run (or resume) the configured stages; return ``OUT/final``, or None when stopped early."""
     layout = prepare_output(config, ctx)
-    samples, report = load_dataset_samples(config.data, image_folder=config.image_folder, limit=config.data_limit)
-    log_rank0(ctx, "training data: %d samples (%s)", len(samples), report)
+    samples = LazySamples(config.data, image_folder=config.image_folder, limit=config.data_limit)
+    log_rank0(ctx, "training data: %d records in %s (read lazily, %d worker processes per rank)", len(samples),
+              config.data, config.data_workers)
+    if config.validate_data:  # each rank checks every world_size-th record
+        parts = ctx.all_gather_object(validate_records(samples, workers=config.data_workers, rank=ctx.rank,
+                                                       world_size=ctx.world_size))
+        report = ValidationReport(sum(p.total for p in parts), sorted((b for p in parts for b in p.bad),
+                                                                      key=lambda b: b.index))
+        log_rank0(ctx, "data validation of %s: %s", config.data, report)
     teacher: ResilientTeacher | None = None
     budget = StepBudget(config.stop_after_steps)
+    bad: dict[int, BadRecord] = {}  # skipped records met by this rank, all stages
     student_path: Path = Path(config.student)
     recalibrator_path: Path | None = None
     try:
@@ -72,6 +80,7 @@ def run_training(config: TrainConfig, ctx: DistContext) -> Path | None:
                     recipe.export()
                 finally:
                     recipe.cleanup()
+                bad.update(recipe.bad_records)
             student_path = files.student
             if files.recalibrator.is_file():
                 recalibrator_path = files.recalibrator
@@ -89,6 +98,7 @@ def run_training(config: TrainConfig, ctx: DistContext) -> Path | None:
         tmp.rename(final)
     ctx.barrier()
     log_rank0(ctx, "final student: %s", final)
+    log_bad_records(ctx, bad)
     if config.eval_data is not None and ctx.is_main:
         from student_trainer.evaluate import evaluate
 
@@ -96,6 +106,19 @@ def run_training(config: TrainConfig, ctx: DistContext) -> Path | None:
         report.write(layout.eval_report)
         logger.info("evaluation on %s:\n%s", config.eval_data, report.table())
     return final  # no barrier after the evaluation: the other ranks may leave (no collective timeout)
+
+
+def log_bad_records(ctx: DistContext, bad: dict[int, BadRecord]) -> None:
+    """The run's final report of skipped records (all ranks; the first few with their reasons)."""
+    every = {}
+    for part in ctx.all_gather_object(bad):
+        every.update(part)
+    if every:
+        shown = "; ".join(f"{b.sample_id!r}: {b.reason}" for b in list(every.values())[:5])
+        log_rank0(ctx, "skipped %d bad record(s) during training (first %d: %s)", len(every),
+                  min(len(every), 5), shown)
+    else:
+        log_rank0(ctx, "no bad records met during training")
 
 
 def _close_teacher(teacher: ResilientTeacher) -> None:

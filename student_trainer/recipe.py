@@ -46,7 +46,8 @@ from genrecal.sample import Sample
 from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable
 from student_trainer.config import TrainConfig
 from student_trainer.data import ShardedBatches
-from student_trainer.deepspeed_config import resolve_deepspeed_config, zero_stage
+from student_trainer.dataset import BadRecord, MicroBatchLoader
+from student_trainer.deepspeed_config import offloaded_optimizer, resolve_deepspeed_config, zero_stage
 from student_trainer.distributed import (
     DistContext,
     get_rng_state,
@@ -57,6 +58,8 @@ from student_trainer.distributed import (
 from student_trainer.layout import RunLayout, RunRefusedError, write_json
 from student_trainer.metrics import MetricsLogger, plot_loss_curves
 from student_trainer.module import DistillationModule, split_state_dict
+from student_trainer.prefetch import StepPrefetcher
+from student_trainer.step_inputs import StepBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,17 @@ LOSS_PARTS = ("L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3", "KD", "ULD")
 
 class StopRequested(Exception):
     """``--stop-after-steps`` was reached: the run stops as if killed (no checkpoint, no export)."""
+
+
+def make_optimizer(params, config: TrainConfig, ds_config: dict) -> torch.optim.Optimizer:
+    """AdamW over ``params``; DeepSpeed's vectorised CPU Adam (in AdamW mode, the same update) when the DeepSpeed
+    config offloads the optimizer (ZeRO-Offload), where torch's AdamW would step the CPU copy several times slower.
+    """
+    if offloaded_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-compiles its C++ op on first use (~1 min)
+
+        return DeepSpeedCPUAdam(params, lr=config.lr, weight_decay=config.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_end: float):
@@ -101,7 +115,7 @@ class StageRecipe:
         config: TrainConfig,
         stage: Stage,
         ctx: DistContext,
-        samples: Sequence[Sample],
+        samples: Sequence[Sample | BadRecord],
         teacher: ResilientTeacher | None,
         student_path: str | Path,
         recalibrator_path: str | Path | None,
@@ -111,7 +125,9 @@ class StageRecipe:
         self.stage = Stage(stage)
         self.spec = STAGES[self.stage]
         self.ctx = ctx
-        self.samples = samples
+        self.samples = samples  # a LazySamples data set (or any sequence of samples)
+        self.bad_records: dict[int, BadRecord] = {}  # record index -> why it was skipped (this rank, this stage)
+        self.builder: StepBuilder | None = None
         self.teacher = teacher if config.stage_needs_teacher(self.stage) else None
         if config.stage_needs_teacher(self.stage) and teacher is None:
             raise ValueError(f"stage {int(stage)} needs the teacher")
@@ -124,6 +140,7 @@ class StageRecipe:
         self.step = 0  # optimizer steps done
         self.engine = None
         self.metrics: MetricsLogger | None = None
+        self.inputs: StepPrefetcher | None = None
         self._hf_ds_config = None
 
     # ---- setup ---------------------------------------------------------------------------------------------
@@ -154,7 +171,7 @@ class StageRecipe:
         params = set_trainable(self.stage, self.student.adapter.parameter_groups(self.student.model), recalibrator)
         frozen_modules_to_eval(self.student.model)  # e.g. the vision encoder: no dropout in what never trains
         module = DistillationModule(self.student, recalibrator)
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = make_optimizer(params, config, self.ds_config)
         scheduler = linear_schedule(optimizer, config.steps_per_stage, config.lr, config.lr_end)
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
@@ -166,16 +183,23 @@ class StageRecipe:
         )
         seed_everything(config.seed + 1000 * int(self.stage) + ctx.rank)  # per-rank randomness (dropout)
         resumed = self._load_latest_checkpoint()
+        loader = MicroBatchLoader(
+            self.samples, self.batches, start=self.step * config.grad_accum,
+            stop=config.steps_per_stage * config.grad_accum, workers=config.data_workers,
+        )
+        self.builder = StepBuilder(self.samples, loader, self.student, self.teacher, config, self.bad_records,
+                                   encode_options=self._encode_options())
+        self.inputs = StepPrefetcher(self.builder.build, self.builder.release, start=self.step,
+                                     stop=config.steps_per_stage, depth=config.prefetch_steps)
         self.metrics = MetricsLogger(
             self.layout.root, stage=int(self.stage), rank=ctx.rank, tensorboard=config.tensorboard,
             resume_step=self.step,  # rows of steps after the checkpoint are logged again
         )
         log_rank0(
-            ctx, "stage %d (%s): %s %d/%d steps; %d trainable parameters; ZeRO-%d, %s, world %d",
+            ctx, "stage %d (%s): %s %d/%d steps; %d trainable parameters; ZeRO-%d, %s, %s, world %d",
             int(self.stage), self.stage.name.lower(), "resuming at step" if resumed else "starting,",
             self.step, config.steps_per_stage, sum(getattr(p, "ds_numel", p.numel()) for p in params),
-            zero_stage(self.ds_config),
-            str(dtype).removeprefix("torch."), ctx.world_size,
+            zero_stage(self.ds_config), type(optimizer).__name__, str(dtype).removeprefix("torch."), ctx.world_size,
         )
 
     def _load_latest_checkpoint(self) -> bool:
@@ -248,12 +272,9 @@ class StageRecipe:
         Returns the step's metrics as global values: loss parts (big-batch means), token counts, samples.
         """
         config, ctx, engine = self.config, self.ctx, self.engine
-        first = step * config.grad_accum  # data position: ShardedBatches micro-batch index
-        groups = [[self.samples[i] for i in self.batches.batch(first + m)] for m in range(config.grad_accum)]
-        wait_before = self.teacher.wait_s if self.teacher is not None else 0.0
-        student_batches = [self.student.encode(group, max_length=config.max_length) for group in groups]
-        features = (self.teacher.encode_step(groups, **self._encode_options()) if self.teacher
-                    else [None] * len(groups))
+        wait_before = self._teacher_wait_s()
+        inputs = self.inputs.get(step)
+        student_batches, features = inputs.student_batches, inputs.features
 
         # Global answer-token counts of the whole step (all micro-batches, all ranks): the normalisers.
         local = [
@@ -278,18 +299,27 @@ class StageRecipe:
             for key in LOSS_PARTS:
                 totals[key] += metrics.get(key, 0.0)
             totals["loss"] += float(loss.detach())
-        if self.teacher is not None:
-            self.teacher.release([f for feats in features for f in feats])  # one call per step
-        summed = dict(zip(totals, ctx.all_reduce_sum(list(totals.values())), strict=True))
+        self.builder.release(inputs)  # one call per step, in step order
+        *values, skipped = ctx.all_reduce_sum([*totals.values(), len(self.bad_records)])  # sync point
+        summed = dict(zip(totals, values, strict=True))
         row = {k: v for k, v in summed.items() if k == "loss" or self._has_part(k)}
         row.update(
+            skipped_records=int(skipped),  # bad records met so far in this stage, all ranks
             student_answer_tokens=int(student_tokens), samples=config.micro_batch_size * config.grad_accum *
-            ctx.world_size, data_position=first + config.grad_accum, sequence_tokens=sequence_tokens,
-            teacher_wait_s=(self.teacher.wait_s - wait_before) if self.teacher is not None else 0.0,
+            ctx.world_size, data_position=(step + 1) * config.grad_accum, sequence_tokens=sequence_tokens,
+            teacher_wait_s=self._teacher_wait_s() - wait_before,
         )
         if self.teacher is not None:
             row["teacher_answer_tokens"] = int(teacher_tokens)
+        if config.log_sample_ids:
+            row["sample_ids"] = [sample.sample_id for group in inputs.groups for sample in group]  # rank 0's
         return row
+
+    def _teacher_wait_s(self) -> float:
+        """Seconds this rank has waited on the teacher: its calls, and prefetched steps that were not ready."""
+        if self.teacher is None:
+            return 0.0
+        return self.teacher.wait_s + (self.inputs.wait_s if self.inputs is not None else 0.0)
 
     def _has_part(self, key: str) -> bool:
         name = key.split("_")[0]
@@ -355,6 +385,12 @@ class StageRecipe:
         return {k: v.detach().cpu() for k, v in state.items()}
 
     def cleanup(self) -> None:
+        if self.inputs is not None:
+            self.inputs.close()  # releases the teacher handles of prefetched steps never trained on
+            self.inputs = None
+        if self.builder is not None:
+            self.builder.close()
+            self.builder = None
         if self.metrics is not None:
             self.metrics.close()
         if self.engine is not None:

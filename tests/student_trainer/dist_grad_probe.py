@@ -35,7 +35,7 @@ def main() -> None:
         config = TrainConfig(
             student=student, data=data, output=str(Path(workdir) / Path(ds_json).stem), teacher_model=teacher,
             stages="2", deepspeed=ds_json, grad_accum=3, micro_batch_size=1, steps_per_stage=4, seed=3,
-            tensorboard=False,
+            tensorboard=False, data_workers=0,  # the samples are in memory already; prefetch stays on
         )
         samples, _ = load_dataset_samples(config.data)
         recipe = StageRecipe(config, Stage.DISTILLATION, ctx, samples, connect_teacher(config, ctx), student, None)

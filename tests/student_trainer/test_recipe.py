@@ -10,10 +10,8 @@ cached in the pytest cache (``TORCH_EXTENSIONS_DIR``), so only the first run eve
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,54 +26,14 @@ from student_trainer.config import DEFAULT_DEEPSPEED_CONFIG, TrainConfig, config
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "student_trainer" / "configs"
 PROBE = Path(__file__).with_name("dist_grad_probe.py")
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-# Answers of different lengths, so per-micro-batch means differ from the big batch's token mean.
-ANSWERS = ("{c}", "it is {c}", "the whole picture is plain {c}", "{c} again")
-# Small but real: 4 steps per stage, 2 micro-batches of 1 sample per step, a checkpoint every 2 steps.
+# Small but real: 4 steps per stage, 2 micro-batches of 1 sample per step, a checkpoint every 2 steps. Records are
+# read in the prefetch thread (--data-workers 0): worker processes cost seconds at every stage's start on 2 cores;
+# test_data_runs.py and the e2e tests run with them.
 RUN_FLAGS = ["--steps-per-stage", "4", "--grad-accum", "2", "--micro-batch-size", "1", "--save-every", "2",
-             "--lr", "2e-3", "--lr-end", "2e-4", "--seed", "0", "--no-tensorboard"]
+             "--lr", "2e-3", "--lr-end", "2e-4", "--seed", "0", "--no-tensorboard", "--data-workers", "0"]
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def models(teacher_student_checkpoints):
-    return teacher_student_checkpoints
-
-
-@pytest.fixture(scope="session")
-def vqa_data(tmp_path_factory) -> Path:
-    """12 colour pictures with questions and answers of 1-6 words, as LLaVA JSON."""
-    root = tmp_path_factory.mktemp("vqa")
-    (root / "img").mkdir()
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(12):
-        name = list(COLOURS)[i % 3]
-        pixels = np.clip(np.array(COLOURS[name]) + rng.integers(-20, 20, (64, 64, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / "img" / f"{i}.png")
-        records.append({
-            "id": f"c{i}", "image": f"img/{i}.png",
-            "conversations": [{"from": "human", "value": "<image>\nWhat colour is the picture?"},
-                              {"from": "gpt", "value": ANSWERS[i % 4].format(c=name)}],
-        })
-    path = root / "train.json"
-    path.write_text(json.dumps(records))
-    return path
-
-
-@pytest.fixture(scope="session")
-def subprocess_env(request) -> dict:
-    cache = getattr(request.config, "cache", None)
-    extensions = (cache.mkdir("torch_extensions") if cache is not None
-                  else Path(tempfile.gettempdir()) / "genrecal-torch-extensions")
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=str(extensions), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
 def train_cli(env, *args, timeout=420) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "student_trainer", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -459,3 +417,71 @@ def test_linear_schedule_is_the_closed_form_and_resumes_from_its_state(steps):
     resumed.load_state_dict(scheduler.state_dict())
     second = rates(resumed_opt, resumed, steps + 2 - half)
     assert first + second == pytest.approx(expected, rel=1e-9)
+
+
+def test_two_different_samples_under_one_id_are_refused():
+    from genrecal.resilient_teacher import unique_samples
+    from genrecal.sample import Sample, Turn
+
+    def sample(answer):
+        return Sample("same", [Turn("user", "What colour?"), Turn("assistant", answer)])
+
+    first, again = sample("red"), sample("red")
+    assert list(unique_samples([first, again, sample("red")]).values()) == [first]  # equal content: one entry
+    with pytest.raises(ValueError, match="two different samples share the id 'same'"):
+        unique_samples([first, sample("blue")])
+
+
+@pytest.mark.slow
+def test_data_smaller_than_one_step_trains_all_stages_against_the_server(models, vqa_data, subprocess_env,
+                                                                        tmp_path):
+    """3 samples, 4 per step: every step holds a sample twice (an epoch boundary inside the step). Against a
+    real teacher_server (one Encode per step, which may not repeat a sample id) stages 1-3 run and log the
+    losses of the in-process teacher, which encodes every occurrence on its own."""
+    from teacher_server.launch import TeacherProcess
+
+    teacher_path, student_path = models
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(json.loads(vqa_data.read_text())[:3]))
+    (tmp_path / "img").symlink_to(vqa_data.parent / "img")
+    flags = ["--student", student_path, "--data", small, "--steps-per-stage", "2", "--grad-accum", "4",
+             "--micro-batch-size", "1", "--save-every", "100", "--lr", "2e-3", "--lr-end", "2e-4", "--seed", "0",
+             "--no-tensorboard", "--data-workers", "0"]
+    server = TeacherProcess(teacher_path)
+    try:
+        remote = train_cli(subprocess_env, "--teacher-addr", server.address, "--output", tmp_path / "remote", *flags)
+    finally:
+        server.terminate()
+    assert remote.returncode == 0, remote.stderr[-4000:]
+    local = train_cli(subprocess_env, "--teacher-model", teacher_path, "--output", tmp_path / "local", *flags)
+    assert local.returncode == 0, local.stderr[-4000:]
+    for stage in (1, 2, 3):
+        got, want = metric_rows(tmp_path / "remote", stage), metric_rows(tmp_path / "local", stage)
+        assert [r["step"] for r in got] == [0, 1] and [r["samples"] for r in got] == [4, 4]
+        for a, b in zip(got, want, strict=True):
+            for key in ("loss", "L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3", "teacher_answer_tokens"):
+                assert (key in a) == (key in b)
+                if key in a:
+                    assert a[key] == pytest.approx(b[key], rel=1e-4), (stage, a["step"], key)
+    assert (tmp_path / "remote" / "final" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_zero_offload_steps_with_deepspeed_cpu_adam_like_adamw(models, vqa_data, subprocess_env, tmp_path):
+    """A DeepSpeed config that offloads the optimizer gets DeepSpeed's CPU Adam (AdamW mode); two steps give the
+    weights that torch's AdamW gives without offload."""
+    _, student = models
+    flags = ["--stages", "3", "--student", student, "--data", vqa_data, "--steps-per-stage", "2", "--grad-accum", "2",
+             "--micro-batch-size", "1", "--save-every", "100", "--lr", "2e-3", "--lr-end", "2e-4", "--seed", "0",
+             "--weight-decay", "0.1", "--no-tensorboard", "--precision", "fp32", "--data-workers", "0"]
+    offload = train_cli(subprocess_env, *flags, "--deepspeed", CONFIGS / "zero2_offload.json",
+                        "--output", tmp_path / "offload", timeout=900)
+    assert offload.returncode == 0, offload.stderr[-4000:]
+    plain = train_cli(subprocess_env, *flags, "--deepspeed", CONFIGS / "zero2.json", "--output", tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr[-4000:]
+    assert "ZeRO-2, DeepSpeedCPUAdam, float32" in offload.stderr and "ZeRO-2, AdamW, float32" in plain.stderr
+    original = load_file(Path(student) / "model.safetensors")
+    got, want = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("offload", "plain"))
+    assert any(not torch.equal(original[k], want[k]) for k in original)  # the steps moved the weights
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)

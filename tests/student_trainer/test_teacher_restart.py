@@ -142,6 +142,9 @@ class ForgetfulTeacher:
         full = [replace(f, prediction_states=self.states[f.handle]) for f in features]
         return self.inner.score(full, outputs, **kwargs)
 
+    def score_paths(self, features, outputs_by_path, **kwargs):
+        return {path: self.score(features, outputs, **kwargs) for path, outputs in outputs_by_path.items()}
+
     def release(self, features):
         return sum(self.states.pop(f.handle, None) is not None for f in features)
 
