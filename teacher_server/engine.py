@@ -2,31 +2,27 @@
 
 One frozen teacher VLM serves many student trainings. ``encode`` formats samples with the teacher's own
 processor, runs its body and returns ``z_al`` / ``z_ql`` (GENRECAL.md, "One training sample"), keeping the
-teacher's prediction-position states and answer ids under a handle; ``score`` scores Recalibrator answer
-outputs for those handles with the teacher's head (CE + KL, ``genrecal.head_scoring``) and returns the loss
-values and ``dL/d outputs``. Same math as ``genrecal.teacher.InProcessTeacher``.
+teacher's prediction-position states and answer ids under a handle (``teacher_server.handles``); ``score``
+scores Recalibrator answer outputs for those handles with the teacher's head (CE + KL,
+``genrecal.head_scoring``) and returns the loss values and ``dL/d outputs``. Same math as
+``genrecal.teacher.InProcessTeacher``.
 
-Threads: a single device thread (the batcher) does all device work, in arrival order. Callers enqueue a job
-and wait on its future. For encode jobs the batcher takes the first one, waits up to ``batch_wait_ms`` for
-more, merges them up to ``max_batch_samples`` samples and runs one forward per ``max_batch_tokens`` of padded
-``B * L`` (halving the sample list until it fits). A request whose sample cannot be formatted or run fails
-alone: the merged batch is retried request by request. Validation and image decoding happen in the caller's
-thread, in parallel with the device.
+Threads: validation, image decoding and formatting (chat template + processor, once per sample) happen in the
+caller's thread, in parallel with the device; a sample that cannot be formatted, or is longer than a limit,
+fails its request before it is queued. The device thread (``teacher_server.batcher``) only packs, collates and
+runs forwards and head scoring. Copies to CPU and the handle store happen back in the caller's thread.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
-import queue
 import threading
 import time
-import uuid
-from collections import OrderedDict, deque
 from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -38,13 +34,13 @@ from genrecal.families import LoadedVLM, load_vlm
 from genrecal.head_scoring import score_with_head
 from genrecal.identity import tokenizer_fingerprint
 from genrecal.sample import Sample, load_image
-from genrecal.teacher import TeacherFeatures, extract_teacher_features, split_rows
+from genrecal.teacher import TeacherFeatures, split_rows
+from teacher_server.batcher import Batcher, DeviceCall, EncodeJob, FormattedSample, TransformersBody
 from teacher_server.config import EngineConfig
-from teacher_server.errors import HandleNotFound, InvalidRequest, ResourceExhausted, ShuttingDown
+from teacher_server.errors import InvalidRequest, ResourceExhausted, ShuttingDown
+from teacher_server.handles import HandleStore, KeptSample
 
 logger = logging.getLogger(__name__)
-
-_STATS_HISTORY = 1000  # forwards remembered in EngineStats' per-forward lists
 
 
 @dataclass(frozen=True)
@@ -97,146 +93,15 @@ class EngineStats:
 
     forwards: int = 0  # teacher forwards run
     encode_requests: int = 0  # encode() calls answered successfully
-    failed_encode_requests: int = 0
+    failed_encode_requests: int = 0  # encode() calls that failed once their arguments were accepted
     score_requests: int = 0  # score() calls answered successfully
-    # per forward, the most recent `_STATS_HISTORY`:
+    # per forward, the most recent 1000:
     samples_per_forward: list[int] = field(default_factory=list)
     requests_per_forward: list[int] = field(default_factory=list)
     padded_tokens_per_forward: list[int] = field(default_factory=list)  # B * L
     handles: int = 0  # handles held now
     handle_bytes: int = 0  # bytes they hold
     evicted_handles: int = 0  # handles dropped because the store was full
-
-
-# ---- handle store ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KeptSample:
-    """What the teacher keeps per encoded sample to score it later; both on the head's device."""
-
-    answer_token_ids: Tensor  # (La,) int64 gt_l
-    prediction_states: Tensor  # (La, D_l) body states at the prediction positions (give P_l)
-    nbytes: int
-
-    @property
-    def num_answer_tokens(self) -> int:
-        return int(self.answer_token_ids.shape[0])
-
-
-class HandleStore:
-    """Thread-safe LRU of kept samples, bounded in bytes; the oldest (least recently used) go first.
-
-    The newest entry is always kept, even when it alone exceeds the budget.
-    """
-
-    def __init__(self, capacity_bytes: int):
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[str, KeptSample] = OrderedDict()
-        self._lock = threading.Lock()
-        self._nbytes = 0
-        self.evicted = 0
-
-    def put_many(self, kept: Sequence[KeptSample]) -> list[str]:
-        """Store samples together; return their new handles."""
-        handles = [uuid.uuid4().hex for _ in kept]
-        evicted = 0
-        with self._lock:
-            for handle, entry in zip(handles, kept, strict=True):
-                self._entries[handle] = entry
-                self._nbytes += entry.nbytes
-            while self._nbytes > self.capacity_bytes and len(self._entries) > 1:
-                _, old = self._entries.popitem(last=False)
-                self._nbytes -= old.nbytes
-                evicted += 1
-            self.evicted += evicted
-            lost = [h for h in handles if h not in self._entries]
-        if evicted:
-            logger.debug("handle store full (%d bytes budget): evicted %d oldest handles", self.capacity_bytes, evicted)
-        if lost:
-            logger.warning(
-                "one encode request needs more than the handle store's %d bytes: %d of its %d handles were "
-                "evicted at once; raise handle_store_bytes or send fewer samples per request",
-                self.capacity_bytes, len(lost), len(handles),
-            )
-        return handles
-
-    def get(self, handle: str, *, context: str = "") -> KeptSample:
-        with self._lock:
-            entry = self._entries.get(handle)
-            if entry is None:
-                raise HandleNotFound(handle, context)
-            self._entries.move_to_end(handle)
-            return entry
-
-    def release(self, handles: Sequence[str]) -> int:
-        """Forget ``handles``; return how many existed."""
-        released = 0
-        with self._lock:
-            for handle in dict.fromkeys(handles):
-                entry = self._entries.pop(handle, None)
-                if entry is not None:
-                    self._nbytes -= entry.nbytes
-                    released += 1
-        return released
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._nbytes = 0
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return self._nbytes
-
-
-# ---- jobs for the device thread ---------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _EncodeJob:
-    samples: list[Sample]
-    return_question_features: bool
-    max_length: int | None
-    future: Future = field(default_factory=Future)
-    features: list[TeacherFeatures | None] = field(default_factory=list)
-    error: BaseException | None = None
-
-    def __post_init__(self) -> None:
-        self.features = [None] * len(self.samples)
-
-    def fail(self, exc: BaseException) -> None:
-        """Record the first error; the batcher raises it to the caller once the group is done (stats first)."""
-        if self.error is None:
-            self.error = exc
-
-
-@dataclass(eq=False)
-class _ScoreJob:
-    outputs: list[Tensor]  # per item (La_i, D_l)
-    kept: list[KeptSample]  # per item
-    paths: list[str]  # per item
-    ce_weight: float
-    kl_weight: float
-    normalizer: float | None
-    future: Future = field(default_factory=Future)
-
-
-@dataclass(eq=False)
-class _Entry:
-    """One sample of an encode job, as the batcher plans forwards."""
-
-    job: _EncodeJob
-    index: int  # position in job.samples
-    sample: Sample
-
-
-_STOP = object()
 
 
 class TeacherEngine:
@@ -263,18 +128,16 @@ class TeacherEngine:
             self._info.hidden_size, self._info.vocab_size,
         )
         self._handles = HandleStore(config.handle_store_bytes)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._backlog: deque = deque()  # a job taken from the queue that did not fit the current batch
-        self._lock = threading.Lock()  # guards _closed against enqueues racing close()
+        # HF fast tokenizers are not safe to call from several threads at once ("Already borrowed"): callers
+        # format one at a time, still in parallel with the device thread. Also guards `vlm` against close().
+        self._format_lock = threading.Lock()
         self._closed = False
         self._stats_lock = threading.Lock()
-        self._stats = EngineStats()
-        self._per_forward: dict[str, deque] = {
-            name: deque(maxlen=_STATS_HISTORY)
-            for name in ("samples_per_forward", "requests_per_forward", "padded_tokens_per_forward")
-        }
-        self._thread = threading.Thread(target=self._device_loop, name="teacher-batcher", daemon=True)
-        self._thread.start()
+        self._counts = EngineStats()
+        self._batcher = Batcher(
+            TransformersBody(self.vlm), max_batch_tokens=config.max_batch_tokens,
+            max_batch_samples=config.max_batch_samples, batch_wait_ms=config.batch_wait_ms,
+        )
 
     # ---- public API ----------------------------------------------------------------------------------
 
@@ -300,13 +163,18 @@ class TeacherEngine:
         if max_length is not None and (not isinstance(max_length, int) or max_length < 0):
             raise InvalidRequest(f"max_length must be a non-negative integer (0 = no limit), got {max_length!r}")
         limits = [n for n in (max_length, self.config.max_length) if n]
-        job = _EncodeJob(
-            samples=[_decoded(sample, i) for i, sample in enumerate(samples)],
-            return_question_features=bool(return_question_features),
-            max_length=min(limits) if limits else None,
-        )
-        self._submit(job)
-        return job.future.result()
+        try:
+            formatted = [self._format(sample, i, min(limits) if limits else None) for i, sample in enumerate(samples)]
+            job = EncodeJob(formatted)
+            self._submit(job)
+            results = self._keep(job.future.result(), question_features=bool(return_question_features))
+        except BaseException:
+            with self._stats_lock:
+                self._counts.failed_encode_requests += 1
+            raise
+        with self._stats_lock:
+            self._counts.encode_requests += 1
+        return results
 
     def score(
         self,
@@ -357,10 +225,14 @@ class TeacherEngine:
                 )
             outputs.append(tensor)
             paths.append(path)
-        job = _ScoreJob(outputs, kept, paths, float(ce_weight), float(kl_weight),
-                        None if normalizer is None else float(normalizer))
-        self._submit(job)
-        result = job.future.result()
+        call = DeviceCall(functools.partial(
+            self._score_on_device, outputs, kept, paths, float(ce_weight), float(kl_weight),
+            None if normalizer is None else float(normalizer),
+        ))
+        self._submit(call)
+        result = call.future.result()
+        with self._stats_lock:
+            self._counts.score_requests += 1
         if release:
             self._handles.release([item[0] for item in items])
         return result
@@ -375,14 +247,21 @@ class TeacherEngine:
     @property
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters."""
+        forwards = self._batcher.stats
         with self._stats_lock:
-            snapshot = replace(self._stats)
-            for name, values in self._per_forward.items():
-                setattr(snapshot, name, list(values))
-        snapshot.handles = len(self._handles)
-        snapshot.handle_bytes = self._handles.nbytes
-        snapshot.evicted_handles = self._handles.evicted
-        return snapshot
+            counts = self._counts
+            return EngineStats(
+                forwards=forwards.forwards,
+                encode_requests=counts.encode_requests,
+                failed_encode_requests=counts.failed_encode_requests,
+                score_requests=counts.score_requests,
+                samples_per_forward=forwards.samples_per_forward,
+                requests_per_forward=forwards.requests_per_forward,
+                padded_tokens_per_forward=forwards.padded_tokens_per_forward,
+                handles=len(self._handles),
+                handle_bytes=self._handles.nbytes,
+                evicted_handles=self._handles.evicted,
+            )
 
     @property
     def closed(self) -> bool:
@@ -390,16 +269,16 @@ class TeacherEngine:
 
     def close(self) -> None:
         """Refuse new calls (ShuttingDown), finish the queued ones, stop the device thread, free the model."""
-        with self._lock:
+        with self._format_lock:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_STOP)
         logger.info("teacher engine closing: finishing queued jobs")
-        self._thread.join()
+        self._batcher.close()
         self._handles.clear()
         on_cuda = self._head_device.type == "cuda"
-        self.vlm = None
+        with self._format_lock:
+            self.vlm = None
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()
@@ -417,10 +296,50 @@ class TeacherEngine:
         if self._closed:
             raise ShuttingDown("the teacher engine is shutting down; retry against another teacher replica")
 
-    def _submit(self, job) -> None:
-        with self._lock:
-            self._check_open()
-            self._queue.put(job)
+    def _submit(self, job: EncodeJob | DeviceCall) -> None:
+        self._check_open()
+        self._batcher.submit(job)
+
+    def _format(self, sample: Sample, position: int, max_length: int | None) -> FormattedSample:
+        """Decode and format one sample (once); refuse it here if it is longer than a limit."""
+        sample = _decoded(sample, position)
+        with self._format_lock:
+            if self.vlm is None:
+                self._check_open()
+            batch = self.vlm.encode([sample])  # (1, L), unpadded
+        length = int(batch.inputs["attention_mask"].sum())
+        if max_length is not None and length > max_length:
+            raise SampleError(
+                sample.sample_id,
+                f"{length} teacher tokens exceed max_length={max_length}; raise max_length, shorten the "
+                "sample or filter it out",
+            )
+        if length > self.config.max_batch_tokens:
+            raise ResourceExhausted(
+                f"sample {sample.sample_id!r}: {length} teacher tokens exceed the server's "
+                f"max_batch_tokens={self.config.max_batch_tokens}; shorten the sample (fewer or smaller "
+                "images, shorter text) or start the teacher with a larger max_batch_tokens"
+            )
+        return FormattedSample(sample, batch, length)
+
+    def _keep(self, features: list[TeacherFeatures], *, question_features: bool) -> list[EncodedFeatures]:
+        """Keep each sample's scoring state under a new handle; hand the caller compact CPU results."""
+        results, kept = [], []
+        for feature in features:
+            states = feature.prediction_states.to(self._head_device, self._head_dtype)  # (La, D_l)
+            ids = feature.answer_token_ids.to(self._head_device)  # (La,)
+            kept.append(KeptSample(ids, states, ids.numel() * ids.element_size() + states.numel() * states.element_size()))
+            results.append(EncodedFeatures(
+                sample_id=feature.sample_id,
+                answer_segments=[_cpu_copy(s) for s in feature.answer_segments],
+                question_segments=[_cpu_copy(s) for s in feature.question_segments] if question_features else [],
+                answer_token_ids=_cpu_copy(feature.answer_token_ids),
+                prediction_states=states,
+                question_lengths=[int(s.shape[0]) for s in feature.question_segments],
+            ))
+        for result, handle in zip(results, self._handles.put_many(kept), strict=True):
+            result.handle = handle
+        return results
 
     def _validate_item(self, i: int, item) -> tuple[str, str, Tensor]:
         try:
@@ -461,211 +380,34 @@ class TeacherEngine:
 
     # ---- device thread -------------------------------------------------------------------------------
 
-    def _device_loop(self) -> None:
-        wait_s = self.config.batch_wait_ms / 1000.0
-        while True:
-            job = self._next_job(timeout=None)
-            if job is _STOP:
-                break
-            if isinstance(job, _ScoreJob):
-                self._run_score(job)
-                continue
-            group, num_samples = [job], len(job.samples)
-            deadline = time.monotonic() + wait_s
-            while num_samples < self.config.max_batch_samples:
-                more = self._next_job(timeout=deadline - time.monotonic())
-                if more is None:
-                    break
-                if not isinstance(more, _EncodeJob) or num_samples + len(more.samples) > self.config.max_batch_samples:
-                    self._backlog.append(more)  # runs next, keeping arrival order
-                    break
-                group.append(more)
-                num_samples += len(more.samples)
-            self._run_encode_group(group)
-
-    def _next_job(self, timeout: float | None):
-        """The next job (backlog first); None when ``timeout`` seconds pass without one."""
-        if self._backlog:
-            return self._backlog.popleft()
-        try:
-            if timeout is None:
-                return self._queue.get()
-            if timeout <= 0:
-                return self._queue.get_nowait()
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def _run_encode_group(self, group: list[_EncodeJob]) -> None:
-        entries = [_Entry(job, i, sample) for job in group for i, sample in enumerate(job.samples)]
-        logger.debug("batcher: %d encode request(s), %d samples", len(group), len(entries))
-        try:
-            self._run_entries(entries)
-        except BaseException as exc:  # a bug: fail whoever is still waiting rather than hang them
-            logger.exception("batcher: unexpected error while encoding")
-            for job in group:
-                job.fail(exc)
-        for job in group:
-            if job.error is None:
-                try:
-                    self._deliver(job)
-                except BaseException as exc:
-                    logger.exception("batcher: unexpected error while handing out results")
-                    job.fail(exc)
-            if job.error is not None:
-                with self._stats_lock:
-                    self._stats.failed_encode_requests += 1
-                job.future.set_exception(job.error)
-
-    def _run_entries(self, entries: list[_Entry]) -> None:
-        """Format and run ``entries`` in forwards that fit the budgets; fill in their jobs' features."""
-        entries = [e for e in entries if e.job.error is None]
-        if not entries:
-            return
-        limit = self.config.max_batch_samples
-        if len(entries) > limit:
-            for start in range(0, len(entries), limit):
-                self._run_entries(entries[start : start + limit])
-            return
-        jobs = list(dict.fromkeys(e.job for e in entries))
-        try:
-            batch = self.vlm.encode([e.sample for e in entries])
-        except Exception as exc:
-            self._isolate(entries, jobs, exc, "formatting")
-            return
-        lengths = batch.inputs["attention_mask"].sum(dim=1).tolist()
-        refused = False
-        for entry, length in zip(entries, lengths, strict=True):
-            max_length = entry.job.max_length
-            if max_length is not None and length > max_length and entry.job.error is None:
-                entry.job.fail(SampleError(
-                    entry.sample.sample_id,
-                    f"{length} teacher tokens exceed max_length={max_length}; raise max_length, shorten the "
-                    "sample or filter it out",
-                ))
-                refused = True
-        if refused:  # format the rest again without the refused requests
-            self._run_entries(entries)
-            return
-        num_samples, padded_length = batch.input_ids.shape
-        if num_samples * padded_length > self.config.max_batch_tokens:
-            if num_samples == 1:
-                entries[0].job.fail(ResourceExhausted(
-                    f"sample {entries[0].sample.sample_id!r}: {padded_length} teacher tokens exceed the server's "
-                    f"max_batch_tokens={self.config.max_batch_tokens}; shorten the sample (fewer or smaller "
-                    "images, shorter text) or start the teacher with a larger max_batch_tokens"
-                ))
-                return
-            # Halve, grouping similar lengths so that each half pads less.
-            by_length = [e for _, e in sorted(zip(lengths, entries, strict=True), key=lambda pair: pair[0])]
-            middle = num_samples // 2
-            logger.debug(
-                "batcher: %d x %d padded tokens > max_batch_tokens=%d; splitting %d + %d",
-                num_samples, padded_length, self.config.max_batch_tokens, middle, num_samples - middle,
-            )
-            self._run_entries(by_length[:middle])
-            self._run_entries(by_length[middle:])
-            return
-        try:
-            model = self.vlm.model
-            features = extract_teacher_features(self.vlm, batch.to(model.device, model.dtype))
-        except Exception as exc:
-            self._isolate(entries, jobs, exc, "forward")
-            return
-        with self._stats_lock:
-            self._stats.forwards += 1
-            self._per_forward["samples_per_forward"].append(num_samples)
-            self._per_forward["requests_per_forward"].append(len(jobs))
-            self._per_forward["padded_tokens_per_forward"].append(num_samples * padded_length)
-        logger.debug(
-            "batcher: forward of %d samples from %d request(s), %d x %d padded tokens",
-            num_samples, len(jobs), num_samples, padded_length,
-        )
-        for entry, feature in zip(entries, features, strict=True):
-            entry.job.features[entry.index] = feature
-
-    def _isolate(self, entries: list[_Entry], jobs: list[_EncodeJob], exc: Exception, stage: str) -> None:
-        """A merged batch failed: retry request by request so that only the culprit fails."""
-        if isinstance(exc, torch.OutOfMemoryError) and self._head_device.type == "cuda":
-            torch.cuda.empty_cache()
-        if len(jobs) > 1:
-            logger.debug("batcher: %s failed for %d merged requests (%s); retrying one by one", stage, len(jobs), exc)
-            for job in jobs:
-                self._run_entries([e for e in entries if e.job is job])
-        elif isinstance(exc, torch.OutOfMemoryError) and len(entries) > 1:
-            middle = len(entries) // 2
-            logger.warning("batcher: out of memory on %d samples; retrying in halves", len(entries))
-            self._run_entries(entries[:middle])
-            self._run_entries(entries[middle:])
-        else:
-            if not isinstance(exc, ValueError):
-                logger.warning("batcher: %s failed for one request: %r", stage, exc)
-            jobs[0].fail(exc)
-
-    def _deliver(self, job: _EncodeJob) -> None:
-        """Keep each sample's scoring state under a new handle and hand the caller its results (CPU)."""
-        results = []
-        for feature in job.features:
-            assert feature is not None, "every sample of a successful job has features"
-            results.append(EncodedFeatures(
-                sample_id=feature.sample_id,
-                answer_segments=[_cpu_copy(s) for s in feature.answer_segments],
-                question_segments=[_cpu_copy(s) for s in feature.question_segments]
-                if job.return_question_features else [],
-                answer_token_ids=_cpu_copy(feature.answer_token_ids),
-                prediction_states=feature.prediction_states.to(self._head_device, self._head_dtype),
-                question_lengths=[int(s.shape[0]) for s in feature.question_segments],
-            ))
-        kept = []
-        for result in results:
-            ids = result.answer_token_ids.to(self._head_device)
-            states = result.prediction_states
-            nbytes = ids.numel() * ids.element_size() + states.numel() * states.element_size()
-            kept.append(KeptSample(ids, states, nbytes))
-        for result, handle in zip(results, self._handles.put_many(kept), strict=True):
-            result.handle = handle
-        job.features = []  # drop the batch's device tensors
-        with self._stats_lock:  # before the caller wakes up, so it sees its own request counted
-            self._stats.encode_requests += 1
-        job.future.set_result(results)
-
-    def _run_score(self, job: _ScoreJob) -> None:
-        try:
-            result = self._score_on_device(job)
-        except BaseException as exc:
-            if not isinstance(exc, ValueError | torch.OutOfMemoryError):
-                logger.exception("device thread: unexpected error while scoring")
-            job.future.set_exception(exc)
-            return
-        with self._stats_lock:
-            self._stats.score_requests += 1
-        job.future.set_result(result)
-
-    def _score_on_device(self, job: _ScoreJob) -> tuple[list[PathScore], list[Tensor]]:
+    def _score_on_device(
+        self, outputs: list[Tensor], kept: list[KeptSample], paths: list[str],
+        ce_weight: float, kl_weight: float, normalizer: float | None,
+    ) -> tuple[list[PathScore], list[Tensor]]:
         head = self.vlm.head
         weight = head.weight  # (V, D_l)
         by_path: dict[str, list[int]] = {}
-        for i, path in enumerate(job.paths):
+        for i, path in enumerate(paths):
             by_path.setdefault(path, []).append(i)
-        scores, grads = [], [None] * len(job.paths)
+        scores, grads = [], [None] * len(paths)
         for path, items in by_path.items():
-            inputs = torch.cat([job.outputs[i].detach().to(weight.device, weight.dtype) for i in items])  # (N, D_l)
-            labels = torch.cat([job.kept[i].answer_token_ids for i in items])  # (N,)
-            states = torch.cat([job.kept[i].prediction_states for i in items]).to(weight.dtype)  # (N, D_l)
+            inputs = torch.cat([outputs[i].detach().to(weight.device, weight.dtype) for i in items])  # (N, D_l)
+            labels = torch.cat([kept[i].answer_token_ids for i in items])  # (N,)
+            states = torch.cat([kept[i].prediction_states for i in items]).to(weight.dtype)  # (N, D_l)
             score = score_with_head(
                 weight, inputs, labels, states,
                 head_bias=head.bias,
-                ce_weight=job.ce_weight,
-                kl_weight=job.kl_weight,
-                normalizer=job.normalizer,
+                ce_weight=ce_weight,
+                kl_weight=kl_weight,
+                normalizer=normalizer,
                 chunk_size=self.config.chunk_size,
             )
             del inputs, states
             scores.append(PathScore(path, float(score.ce), float(score.kl), score.num_tokens))
-            counts = [job.kept[i].num_answer_tokens for i in items]
+            counts = [kept[i].num_answer_tokens for i in items]
             for i, grad in zip(items, split_rows(score.grad_inputs, counts), strict=True):
-                grads[i] = grad.to("cpu", job.outputs[i].dtype, copy=True)  # (La_i, D_l)
-        logger.debug("device thread: scored %d items on %d path(s)", len(job.paths), len(scores))
+                grads[i] = grad.to("cpu", outputs[i].dtype, copy=True)  # (La_i, D_l)
+        logger.debug("device thread: scored %d items on %d path(s)", len(paths), len(scores))
         return scores, grads
 
 

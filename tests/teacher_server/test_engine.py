@@ -293,8 +293,8 @@ def test_concurrent_callers_are_merged_into_one_forward_and_get_their_own_result
 
 def test_a_bad_sample_fails_only_its_own_request(make_engine, reference, rng):
     good = random_samples(rng, 2, prefix="good")
-    # The boundary between the generation prompt and this answer falls inside a token: the adapter refuses it,
-    # but only once the batch is formatted on the device thread.
+    # The boundary between the generation prompt and this answer falls inside a token: the adapter refuses it
+    # when the caller's thread formats the sample, before anything is queued.
     unsplittable = [random_sample(rng, "fine"), Sample("unsplittable", [Turn("user", "q?"), Turn("assistant", "\n\nred")])]
     too_long = [random_sample(rng, "too-long")]
     corrupt = [Sample("corrupt", [Turn("user", "<image>\nq?"), Turn("assistant", "a")], [b"\x89PNG not really"])]
@@ -320,7 +320,7 @@ def test_a_bad_sample_fails_only_its_own_request(make_engine, reference, rng):
     assert "cannot be decoded" in str(bad_image)
     assert status_for(bad_format)[0] == status_for(bad_image)[0] == "INVALID_ARGUMENT"
     stats = engine.stats
-    assert stats.encode_requests == 1 and stats.failed_encode_requests == 2  # the corrupt one never got queued
+    assert stats.encode_requests == 1 and stats.failed_encode_requests == 3
     assert stats.handles == len(good)  # failed requests keep nothing
 
 
@@ -459,7 +459,7 @@ def test_close_finishes_in_flight_work_then_refuses_calls(make_engine, rng):
     in_flight, _ = run_concurrently([lambda: engine.encode(samples), lambda: queued.wait(10) and engine.close()])
     assert not isinstance(in_flight, Exception), in_flight
     assert in_flight[0].sample_id == samples[0].sample_id
-    assert engine.closed and engine.vlm is None and not engine._thread.is_alive()
+    assert engine.closed and engine.vlm is None and not engine._batcher.running
 
     calls = [
         engine.info,
