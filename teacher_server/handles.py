@@ -2,7 +2,9 @@
 
 Encode keeps each sample's prediction-position states and answer ids (``KeptSample``) under a fresh random
 handle; Score looks them up, Release (or ``score(release=True)``) forgets them. The store is bounded in bytes
-and evicts the least recently used entries when full.
+and evicts the least recently used entries when full. Several handles may hold the same ``KeptSample`` (the
+encode cache hands out one sample's states to every client that sends it): its bytes count once, while any
+handle holds it.
 """
 
 from __future__ import annotations
@@ -45,7 +47,21 @@ class HandleStore:
         self._entries: OrderedDict[str, KeptSample] = OrderedDict()
         self._lock = threading.Lock()
         self._nbytes = 0
+        self._holders: dict[int, int] = {}  # id(KeptSample) -> handles holding it (its bytes count once)
         self.evicted = 0
+
+    def _hold(self, entry: KeptSample) -> None:
+        holders = self._holders.get(id(entry), 0)
+        if holders == 0:
+            self._nbytes += entry.nbytes
+        self._holders[id(entry)] = holders + 1
+
+    def _drop(self, entry: KeptSample) -> None:
+        holders = self._holders.pop(id(entry)) - 1
+        if holders:
+            self._holders[id(entry)] = holders
+        else:
+            self._nbytes -= entry.nbytes
 
     def put_many(self, kept: Sequence[KeptSample]) -> list[str]:
         """Store samples together; return their new handles."""
@@ -54,10 +70,10 @@ class HandleStore:
         with self._lock:
             for handle, entry in zip(handles, kept, strict=True):
                 self._entries[handle] = entry
-                self._nbytes += entry.nbytes
+                self._hold(entry)
             while self._nbytes > self.capacity_bytes and len(self._entries) > 1:
                 _, old = self._entries.popitem(last=False)
-                self._nbytes -= old.nbytes
+                self._drop(old)
                 evicted += 1
             self.evicted += evicted
             lost = [h for h in handles if h not in self._entries]
@@ -86,13 +102,14 @@ class HandleStore:
             for handle in dict.fromkeys(handles):
                 entry = self._entries.pop(handle, None)
                 if entry is not None:
-                    self._nbytes -= entry.nbytes
+                    self._drop(entry)
                     released += 1
         return released
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._holders.clear()
             self._nbytes = 0
 
     def __len__(self) -> int:

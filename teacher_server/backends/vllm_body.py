@@ -23,21 +23,22 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
-from genrecal.families import EncodedBatch, FamilyAdapter, adapter_for_architecture
+from genrecal.families import LoadedVLM, adapter_for_architecture
 from genrecal.sample import Sample, Turn
 from teacher_server.backends.head import load_head
+from teacher_server.batcher import FormattedSample
+from teacher_server.config import VllmOptions
 from teacher_server.errors import IdentityMismatch
 
 logger = logging.getLogger(__name__)
 
-EXECUTOR_BACKENDS = ("mp", "ray", "uni", "external_launcher")
 # Defaults for a CPU-only host (tests, CI): one process, a small KV cache, no thread pinning. A user's own
 # environment variables win.
 CPU_ENVIRONMENT = {
@@ -55,54 +56,27 @@ class TokenMismatch(IdentityMismatch):
     """
 
 
-@dataclass(frozen=True)
-class VllmOptions:
-    """How vLLM places and sizes the teacher body (vLLM's own engine arguments of the same names)."""
+class HeadOnlyModel(nn.Module):
+    """The teacher without its body: its config and LM head, what formatting, Info and Score need.
 
-    tensor_parallel_size: int = 1  # GPUs that split every layer
-    pipeline_parallel_size: int = 1  # stages that split the layer stack (GPUs = tensor x pipeline)
-    gpu_memory_utilization: float = 0.85  # share of each GPU vLLM may take (weights, activations, KV cache)
-    max_model_len: int | None = None  # longest sample in tokens; None = the checkpoint's limit
-    distributed_executor_backend: str | None = None  # None = vLLM's choice; "ray" for several nodes
-    max_images_per_sample: int = 4  # vLLM reserves memory for this many images per prompt
+    Stands in for the transformers model in ``LoadedVLM`` when vLLM runs the body (``get_output_embeddings``
+    is what ``FamilyAdapter.head`` calls).
+    """
 
-    def __post_init__(self) -> None:
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_images_per_sample"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1] (a share of each GPU), got {self.gpu_memory_utilization}"
-            )
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
-            raise ValueError(f"max_model_len must be a positive integer or None, got {self.max_model_len!r}")
-        if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
-            raise ValueError(
-                f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)} (or unset), "
-                f"got {self.distributed_executor_backend!r}"
-            )
+    def __init__(self, config, head: nn.Linear):
+        super().__init__()
+        self.config = config
+        self.lm_head = head
 
-    def engine_kwargs(self) -> dict:
-        """The keyword arguments of ``vllm.LLM`` these options set."""
-        kwargs = dict(
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            limit_mm_per_prompt={"image": self.max_images_per_sample},
-        )
-        if self.max_model_len is not None:
-            kwargs["max_model_len"] = self.max_model_len
-        if self.distributed_executor_backend is not None:
-            kwargs["distributed_executor_backend"] = self.distributed_executor_backend
-        return kwargs
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
 
 
 class VllmBody:
-    """The frozen teacher body in a vLLM engine, with the adapter, processor and head the engine needs.
+    """``BodyBackend`` (teacher_server.batcher) running the frozen teacher body in a vLLM engine.
 
-    ``hidden_states(batch)`` is the body's forward: ``(B, L, D_l)`` for a batch the adapter formatted,
-    right-padded like the transformers backend's (padding rows are zeros and never read).
+    ``vlm`` is what the engine formats with and scores with: the checkpoint's processor, its family adapter and
+    a ``HeadOnlyModel``; the body's weights live only in vLLM.
     """
 
     name = "vllm"
@@ -112,62 +86,53 @@ class VllmBody:
 
         self.model_path = Path(model_path)
         self.options = options or VllmOptions()
-        self.config = AutoConfig.from_pretrained(self.model_path)
-        self.adapter: FamilyAdapter = adapter_for_architecture(self.config.architectures)
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
-        self.processor.tokenizer.padding_side = "right"
-        self.dtype = dtype
-        self._llm = _start_engine(self.model_path, self.config, dtype, self.options)
+        config = AutoConfig.from_pretrained(self.model_path)
+        adapter = adapter_for_architecture(config.architectures)
+        processor = AutoProcessor.from_pretrained(self.model_path)
+        processor.tokenizer.padding_side = "right"
+        self._llm = _start_engine(self.model_path, config, dtype, self.options)
         head_device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        self.head = load_head(self.model_path, dtype=dtype, device=head_device)
-        self.forwards = 0
+        model = HeadOnlyModel(config, load_head(self.model_path, dtype=dtype, device=head_device))
+        model.requires_grad_(False)
+        self.vlm = LoadedVLM(model=model.eval(), processor=processor, adapter=adapter)
         self._check_probe()
 
-    def encode(self, samples, max_length: int | None = None) -> EncodedBatch:
-        """Format ``samples`` with the family adapter (what both backends share)."""
-        return self.adapter.encode(self.processor, samples, max_length=max_length)
-
     @torch.no_grad()
-    def hidden_states(self, batch: EncodedBatch) -> Tensor:
-        """(B, L, D_l) float body states after the final norm; raises TokenMismatch if vLLM tokenised otherwise."""
-        if len(batch.texts) != len(batch.sample_ids) or len(batch.images) != len(batch.sample_ids):
-            raise ValueError("the vLLM backend needs the batch's texts and images (EncodedBatch.texts / .images)")
+    def hidden_states(self, samples: Sequence[FormattedSample]) -> list[Tensor]:
+        """Per sample ``(L_i, D_l)``: the body's output after its final norm, on the head's device.
+
+        Raises ``TokenMismatch`` if vLLM's prompt token ids differ from the adapter's.
+        """
         prompts = []
-        for text, images in zip(batch.texts, batch.images, strict=True):
+        for formatted in samples:
+            (text,) = formatted.batch.texts
             prompt = {"prompt": text}
-            if images:
-                prompt["multi_modal_data"] = {"image": list(images)}
+            if formatted.sample.images:
+                prompt["multi_modal_data"] = {"image": list(formatted.sample.images)}
             prompts.append(prompt)
         outputs = self._llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
-        self.forwards += 1
-        input_ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-        num_samples, padded_length = input_ids.shape
-        hidden = None
-        for i, output in enumerate(outputs):
-            length = int(mask[i].sum())
-            expected = input_ids[i, :length].tolist()
-            _check_tokens(batch.sample_ids[i], expected, list(output.prompt_token_ids))
-            states = output.outputs.data  # (L_i, D_l)
-            if hidden is None:
-                hidden = states.new_zeros(num_samples, padded_length, states.shape[-1])
-            hidden[i, :length] = states
-        return hidden
+        device = self.vlm.head.weight.device
+        states = []
+        for formatted, output in zip(samples, outputs, strict=True):
+            expected = formatted.batch.input_ids[0, : formatted.num_tokens].tolist()
+            _check_tokens(formatted.sample_id, expected, list(output.prompt_token_ids))
+            states.append(output.outputs.data.to(device))  # (L_i, D_l)
+        return states
 
     def close(self) -> None:
         """Stop the vLLM engine and free its memory."""
         llm, self._llm = self._llm, None
         if llm is None:
             return
-        engine = getattr(llm, "llm_engine", None)
-        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if callable(shutdown):
-            shutdown()
-        del llm, engine
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if callable(getattr(engine_core, "shutdown", None)):
+            engine_core.shutdown()
+        del llm, engine_core
         try:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
             cleanup_dist_env_and_memory()
-        except Exception:  # noqa: BLE001 - best effort at exit; the process usually ends right after
+        except Exception:  # noqa: BLE001 - best effort; the server process usually ends right after
             logger.debug("vLLM cleanup after shutdown failed", exc_info=True)
 
     def _check_probe(self) -> None:
@@ -175,10 +140,11 @@ class VllmBody:
         image = Image.new("RGB", (64, 64), (200, 30, 30))
         probe = Sample("start-up probe", [Turn("user", "<image>\nWhat colour is this?"), Turn("assistant", "red")],
                        [image])
-        batch = self.encode([probe])
-        hidden = self.hidden_states(batch)
+        batch = self.vlm.encode([probe])
+        formatted = FormattedSample(probe, batch, int(batch.inputs["attention_mask"].sum()))
+        (states,) = self.hidden_states([formatted])
         logger.info("vLLM body: start-up probe of %d tokens agrees with the %s adapter's tokenisation",
-                    hidden.shape[1], self.adapter.model_type)
+                    states.shape[0], self.vlm.adapter.model_type)
 
 
 def _start_engine(model_path: Path, config, dtype: torch.dtype, options: VllmOptions):
