@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 import torch
@@ -34,12 +36,20 @@ from genrecal.rpc.convert import (
 )
 from genrecal.sample import Sample
 from genrecal.teacher import TeacherFeatures
-from genrecal.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, channel_options, proto_dtype
+from genrecal.wire import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PayloadTooLarge,
+    channel_options,
+    proto_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
 EXPECT_REVISION_METADATA = "x-genrecal-expect-revision"  # must match teacher_server.servicer
 SERVICE_NAME = "genrecal.teacher.v1.TeacherService"
+TOKEN_ENV = "GENRECAL_TEACHER_TOKEN"  # the client's bearer token when no token file is given
+DEFAULT_MAX_RESPONSE_BYTES = 8 << 30  # largest response payload the client accepts (a fake size is refused)
 
 
 class TeacherError(RuntimeError):
@@ -81,7 +91,16 @@ class TeacherClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         path: str = "L",
+        token: str | None = None,
+        token_file: str | Path | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ):
+        """``token`` / ``token_file`` (a file holding the token) / $GENRECAL_TEACHER_TOKEN, in that order of
+        preference, is sent as ``authorization: Bearer TOKEN``. ``tls_ca`` (PEM) turns on TLS and verifies the
+        server against it; ``tls_cert`` + ``tls_key`` present a client certificate (mTLS)."""
         if ":" not in address:
             raise ValueError(f"teacher address must be HOST:PORT, got {address!r}")
         self.address = address
@@ -92,14 +111,24 @@ class TeacherClient:
         self.expect_revision = expect_revision
         self.chunk_bytes = chunk_bytes
         self.path = path
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.max_response_bytes = max_response_bytes
+        self._token = resolve_token(token, token_file)
+        credentials = tls_credentials(tls_ca, tls_cert, tls_key)
+        options = channel_options(max_message_bytes)
+        self._channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
+                         else grpc.insecure_channel(address, options=options))
         self._stub = pb2_grpc.TeacherServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._info: pb2.InfoResponse | None = None
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
     def _metadata(self):
-        return ((EXPECT_REVISION_METADATA, self.expect_revision),) if self.expect_revision else None
+        metadata = []
+        if self.expect_revision:
+            metadata.append((EXPECT_REVISION_METADATA, self.expect_revision))
+        if self._token:
+            metadata.append(("authorization", f"Bearer {self._token}"))
+        return tuple(metadata) or None
 
     def _call(self, method: str, fn: Callable[[], object]):
         """Run ``fn`` with retries on UNAVAILABLE (exponential backoff with jitter); map errors."""
@@ -118,6 +147,9 @@ class TeacherClient:
                 cls = {grpc.StatusCode.NOT_FOUND: HandleLost, grpc.StatusCode.UNAVAILABLE: TeacherUnavailable}.get(
                     code, TeacherError)
                 raise cls(self.address, method, code, details) from None
+            except PayloadTooLarge as exc:  # the teacher announced more than we accept: refuse before receiving it
+                raise TeacherError(self.address, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{exc} (this client's max_response_bytes)") from None
         raise AssertionError("unreachable")
 
     # ---- API ----------------------------------------------------------------------------------------------------
@@ -170,7 +202,8 @@ class TeacherClient:
             max_length=max_length or 0,
         )
         return self._call("Encode", lambda: features_from_frames(
-            self._stub.Encode(request, timeout=self.timeout_s, metadata=self._metadata())))
+            self._stub.Encode(request, timeout=self.timeout_s, metadata=self._metadata()),
+            max_bytes=self.max_response_bytes))
 
     def score(
         self,
@@ -197,7 +230,7 @@ class TeacherClient:
         call = ScoreCall(items, ce_weight, kl_weight, normalizer, self.wire_dtype, release)
         paths, grads = self._call("Score", lambda: score_result_from_frames(self._stub.Score(
             score_request_frames(call, chunk_bytes=self.chunk_bytes), timeout=self.timeout_s,
-            metadata=self._metadata())))
+            metadata=self._metadata()), max_bytes=self.max_response_bytes))
         (path,) = paths
         grads = [g.to(dtype=dtype, device=r.device) for g, r in zip(grads, answer_outputs, strict=True)]
         score = HeadScore(ce=torch.tensor(path.ce), kl=torch.tensor(path.kl),
@@ -219,3 +252,34 @@ class TeacherClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def resolve_token(token: str | None = None, token_file: str | Path | None = None) -> str | None:
+    """The bearer token to send: ``token``, else the contents of ``token_file``, else $GENRECAL_TEACHER_TOKEN."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read the teacher token file {str(token_file)!r}: {exc}") from exc
+        if not token or len(token.split()) != 1:
+            raise ValueError(f"the teacher token file {str(token_file)!r} must hold one token and nothing else")
+    return token or os.environ.get(TOKEN_ENV) or None
+
+
+def tls_credentials(ca: str | Path | None, cert: str | Path | None = None,
+                    key: str | Path | None = None) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials verifying the server against ``ca`` (PEM), with a client certificate if given."""
+    if ca is None:
+        if cert or key:
+            raise ValueError("a client certificate (tls_cert/tls_key) needs tls_ca, the CA of the teacher's certificate")
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("tls_cert and tls_key go together (the client certificate and its private key)")
+    try:
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(ca).read_bytes(),
+            private_key=Path(key).read_bytes() if key else None,
+            certificate_chain=Path(cert).read_bytes() if cert else None,
+        )
+    except OSError as exc:
+        raise ValueError(f"cannot read a TLS file: {exc}") from exc

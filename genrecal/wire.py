@@ -9,10 +9,12 @@ Copies, per direction:
     send     ``tensor_to_bytes`` views a contiguous CPU tensor's memory (no copy); each payload frame copies at
              most ``chunk_bytes`` of it into the ``bytes`` protobuf needs (protobuf rejects memoryviews).
              Non-contiguous or GPU tensors are first copied to a contiguous CPU tensor.
-    receive  ``decode_frames`` copies each chunk once into ONE bytearray preallocated from the header's specs;
-             the returned tensors are ``torch.frombuffer`` views into it (no further copy). A tensor whose byte
-             offset is not a multiple of its itemsize (only after odd-sized tensors of a narrower dtype) is
-             cloned so that no kernel ever sees a misaligned pointer.
+    receive  ``decode_frames`` appends each chunk to ONE bytearray that grows as data arrives (never sized from
+             the header: a header announcing 256 MiB costs nothing until the bytes come, so a stalled stream
+             holds only what it sent); growing reallocates now and then, so the peak while receiving can reach
+             twice the payload for an instant. The returned tensors are ``torch.frombuffer`` views into it (no
+             further copy). A tensor whose byte offset is not a multiple of its itemsize (only after odd-sized
+             tensors of a narrower dtype) is cloned so that no kernel ever sees a misaligned pointer.
 
 gRPC's default 4 MiB message limit is smaller than one default payload frame (4 MiB of data plus ~6 bytes of
 framing): servers and channels must be built with ``channel_options``.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +34,9 @@ from genrecal.rpc import pb2
 
 DEFAULT_CHUNK_BYTES = 4 << 20  # payload bytes per frame
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # gRPC send/receive limit per message (one frame, or one unary message)
+MAX_DIM = 1 << 40  # largest dimension a TensorSpec may announce
+MAX_TENSOR_BYTES = 1 << 62  # largest tensor a TensorSpec may announce (prod(shape) * itemsize)
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what features, outputs and gradients travel in
 
 _TORCH_TO_PROTO: dict[torch.dtype, int] = {
     torch.bfloat16: pb2.DTYPE_BFLOAT16,
@@ -82,13 +87,32 @@ def tensor_spec(t: torch.Tensor) -> pb2.TensorSpec:
     return pb2.TensorSpec(dtype=proto_dtype(t.dtype), shape=list(t.shape))
 
 
+def float_dtype(value: int, *, what: str) -> torch.dtype:
+    """``pb2.DType`` value -> a floating-point ``torch.dtype``; ValueError naming ``what`` otherwise."""
+    dtype = torch_dtype(value)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what} must be a floating-point dtype (BFLOAT16, FLOAT16 or FLOAT32), got "
+                         f"{pb2.DType.Name(value)}")
+    return dtype
+
+
 def spec_nbytes(spec: pb2.TensorSpec, *, index: int | None = None) -> int:
-    """Payload bytes of one spec, ``prod(shape) * itemsize``; ValueError for an unknown dtype or a negative dim."""
+    """Payload bytes of one spec, ``prod(shape) * itemsize``; ValueError for an unknown dtype, a negative
+    dimension, one above ``MAX_DIM`` or a size above ``MAX_TENSOR_BYTES`` (even when another dimension is 0)."""
     dtype = torch_dtype(spec.dtype, index=index)
     shape = list(spec.shape)
     if any(d < 0 for d in shape):
-        raise ValueError(f"{_where(index)}negative dimension in shape {shape}")
+        raise ValueError(f"{_where(index)}negative dimension in shape {_short(shape)}")
+    if len(shape) > 8 or any(d > MAX_DIM for d in shape):
+        raise ValueError(f"{_where(index)}shape {_short(shape)} is not a tensor this service sends: at most 8 "
+                         f"dimensions of at most 2^40 each")
+    if math.prod(d for d in shape if d) * dtype.itemsize > MAX_TENSOR_BYTES:
+        raise ValueError(f"{_where(index)}shape {_short(shape)} x {dtype} describes more than 2^62 bytes")
     return math.prod(shape) * dtype.itemsize
+
+
+def _short(shape: list[int]) -> str:
+    return str(shape) if len(shape) <= 8 else f"{shape[:8]}... ({len(shape)} dimensions)"
 
 
 def tensor_to_bytes(t: torch.Tensor) -> memoryview:
@@ -191,14 +215,17 @@ def _join(pieces: list[memoryview]) -> bytes:
     return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)  # the one copy per chunk
 
 
-def decode_frames(frames: Iterable[Any], *, max_bytes: int | None = None) -> tuple[Any, list[torch.Tensor]]:
+def decode_frames(
+    frames: Iterable[Any], *, max_bytes: int | None = None, on_chunk: Callable[[int], None] | None = None
+) -> tuple[Any, list[torch.Tensor]]:
     """Read a header frame and its payload frames; return ``(header, tensors)`` in the header's spec order.
 
-    The payload is received into one bytearray of the size the specs announce, and the tensors are zero-copy
-    views into it (see the module docstring). ``max_bytes`` caps that size: a larger announcement raises
-    ``PayloadTooLarge`` before anything is allocated. A malformed stream raises ``ValueError``: no frames, a
-    payload frame or an empty frame first, a second header, a payload longer or shorter than the specs say, an
-    unknown dtype, a negative dimension.
+    The payload is received into one bytearray that grows as chunks arrive, and the tensors are zero-copy views
+    into it (see the module docstring). ``max_bytes`` caps the size the specs announce: a larger announcement
+    raises ``PayloadTooLarge`` before anything is received. ``on_chunk(nbytes)`` is called before each chunk is
+    kept (the server counts the bytes against its in-flight budget there; it may raise to stop the stream). A
+    malformed stream raises ``ValueError``: no frames, a payload frame or an empty frame first, a second header,
+    a payload longer or shorter than the specs say, an unknown dtype, a bad shape.
     """
     it = iter(frames)
     first = next(it, None)
@@ -219,8 +246,7 @@ def decode_frames(frames: Iterable[Any], *, max_bytes: int | None = None) -> tup
             "send fewer or smaller tensors per request"
         )
 
-    buffer = bytearray(total)
-    view = memoryview(buffer)
+    buffer = bytearray()
     received = 0
     for n, frame in enumerate(it, start=1):
         kind = frame.WhichOneof("frame")
@@ -235,7 +261,9 @@ def decode_frames(frames: Iterable[Any], *, max_bytes: int | None = None) -> tup
                 f"payload too long: the header's {len(specs)} tensor specs describe {total} bytes, "
                 f"received at least {end} (frame {n})"
             )
-        view[received:end] = chunk
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+        buffer += chunk
         received = end
     if received != total:
         raise ValueError(
@@ -243,12 +271,19 @@ def decode_frames(frames: Iterable[Any], *, max_bytes: int | None = None) -> tup
             f"the stream ended after {received}"
         )
 
+    view = memoryview(buffer)  # the buffer no longer grows: views into it stay valid
     tensors = []
     offset = 0
     for i, (spec, size) in enumerate(zip(specs, sizes, strict=True)):
         tensors.append(tensor_from_bytes(view[offset : offset + size], spec, index=i))
         offset += size
     return header, tensors
+
+
+def message_limit(max_request_bytes: int) -> int:
+    """The gRPC per-message limit for a service accepting requests of ``max_request_bytes``: an EncodeRequest
+    (images included) of that size must fit in one message, plus room for its framing and fields."""
+    return max(max_request_bytes, DEFAULT_CHUNK_BYTES) + (1 << 20)
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:

@@ -7,6 +7,7 @@ import logging
 import os
 
 from teacher_server.config import BACKENDS, EXECUTOR_BACKENDS, GIB, MIB, EngineConfig, VllmOptions
+from teacher_server.limits import CallLimits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +65,48 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens per head-scoring chunk; memory ~ 12 B x chunk x vocab (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=0,
                         help="refuse samples longer than this many teacher tokens (default 0: no limit)")
-    parser.add_argument("--max-workers", type=int, default=16, help="gRPC worker threads (default %(default)s)")
+    parser.add_argument("--handle-store-client-share", type=float,
+                        default=defaults["handle_store_client_share"].default,
+                        help="most of the handle store one client may hold, as a fraction (default %(default)s; "
+                             "when the store is full the client holding the most loses its oldest handles)")
+    parser.add_argument("--max-image-pixels", type=int, default=defaults["max_image_pixels"].default,
+                        help="refuse images with more pixels (width x height, read from the header before "
+                             "decoding) (default %(default)s)")
+    parser.add_argument("--max-concurrent-decodes", type=int, default=defaults["max_concurrent_decodes"].default,
+                        help="images decoded at once across calls (default %(default)s)")
+
+    security = parser.add_argument_group("authentication and TLS")
+    security.add_argument("--auth-token-file",
+                          help="file of 'CLIENT_NAME TOKEN' lines; every call then needs 'authorization: Bearer "
+                               "TOKEN' metadata (re-read on SIGHUP). Without it only localhost may be bound")
+    security.add_argument("--allow-unauthenticated", action="store_true",
+                          help="serve a non-localhost --host without --auth-token-file (behind a firewall only)")
+    security.add_argument("--tls-cert", help="PEM certificate chain of the server (TLS); needs --tls-key")
+    security.add_argument("--tls-key", help="PEM private key of the server")
+    security.add_argument("--tls-client-ca",
+                          help="PEM CA bundle: clients must present a certificate signed by it (mTLS)")
+
+    call_limits = parser.add_argument_group("limits per call and per client")
+    limit_defaults = CallLimits()
+    call_limits.add_argument("--call-timeout-s", type=float, default=limit_defaults.call_timeout_s,
+                             help="server-side deadline of one call (default %(default)s s)")
+    call_limits.add_argument("--stream-idle-s", type=float, default=limit_defaults.stream_idle_s,
+                             help="cancel a stream that moves no frame for this long (default %(default)s s)")
+    call_limits.add_argument("--max-calls", type=int, default=limit_defaults.max_calls,
+                             help="TeacherService calls in flight at once; more are refused with RESOURCE_EXHAUSTED "
+                                  "(default %(default)s)")
+    call_limits.add_argument("--max-calls-per-client", type=int, default=limit_defaults.max_calls_per_client,
+                             help="calls in flight per client (default %(default)s)")
+    call_limits.add_argument("--max-inflight-mib", type=int, default=limit_defaults.max_inflight_bytes // MIB,
+                             help="payload bytes all calls in flight may hold (default %(default)s MiB)")
+    call_limits.add_argument("--max-connection-idle-s", type=float, default=limit_defaults.max_connection_idle_s,
+                             help="close connections without calls for this long (0 = never; default %(default)s s)")
+    call_limits.add_argument("--max-connection-age-s", type=float, default=limit_defaults.max_connection_age_s,
+                             help="close connections older than this, letting calls finish (0 = never; default "
+                                  "%(default)s)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0 = a free port)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default %(default)s)")
     parser.add_argument("--grace-s", type=float, default=30.0,
                         help="on SIGTERM, how long in-flight calls may finish (default %(default)s s)")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="logging level (default INFO)")
@@ -95,19 +137,38 @@ def main(argv: list[str] | None = None) -> None:
     vllm = vllm_options(args, parser)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from teacher_server.server import serve
+    from teacher_server.auth import TokenAuth
+    from teacher_server.server import TlsFiles, serve
 
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        parser.error("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
     device_map = None if args.device_map in ("none", "None") else args.device_map
-    config = EngineConfig(
-        model_path=args.model, model_name=args.model_name, revision=args.revision, dtype=args.dtype,
-        device_map=device_map, max_batch_tokens=args.max_batch_tokens, max_batch_samples=args.max_batch_samples,
-        batch_wait_ms=args.batch_wait_ms, handle_store_bytes=int(args.handle_store_gib * GIB),
-        encode_cache_bytes=int(args.encode_cache_gib * GIB),
-        max_request_bytes=args.max_request_mib * MIB, chunk_size=args.chunk_size, max_length=args.max_length,
-        backend=args.backend, vllm=vllm,
-    )
+    try:
+        config = EngineConfig(
+            model_path=args.model, model_name=args.model_name, revision=args.revision, dtype=args.dtype,
+            device_map=device_map, max_batch_tokens=args.max_batch_tokens, max_batch_samples=args.max_batch_samples,
+            batch_wait_ms=args.batch_wait_ms, handle_store_bytes=int(args.handle_store_gib * GIB),
+            handle_store_client_share=args.handle_store_client_share,
+            max_request_bytes=args.max_request_mib * MIB, chunk_size=args.chunk_size, max_length=args.max_length,
+            max_image_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes,
+            encode_cache_bytes=int(args.encode_cache_gib * GIB), backend=args.backend, vllm=vllm,
+        )
+        limits = CallLimits(
+            call_timeout_s=args.call_timeout_s, stream_idle_s=args.stream_idle_s, max_calls=args.max_calls,
+            max_calls_per_client=args.max_calls_per_client, max_inflight_bytes=args.max_inflight_mib * MIB,
+            max_connection_idle_s=args.max_connection_idle_s, max_connection_age_s=args.max_connection_age_s,
+        )
+        auth = TokenAuth(args.auth_token_file) if args.auth_token_file else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     logging.getLogger("teacher_server").info("config: %s", config.to_dict())
-    serve(config, host=args.host, port=args.port, grace_s=args.grace_s, max_workers=args.max_workers)
+    try:
+        serve(config, host=args.host, port=args.port, grace_s=args.grace_s, limits=limits, auth=auth, tls=tls,
+              allow_unauthenticated=args.allow_unauthenticated, metrics_port=args.metrics_port,
+              metrics_host=args.metrics_host)
+    except ValueError as exc:  # refused configuration (e.g. a public address without authentication)
+        parser.exit(2, f"teacher_server: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,10 @@ class EncodeJob:
         if self.error is None:
             self.error = exc
 
+    def cancel(self, exc: BaseException) -> None:
+        """The caller gave up: samples not run yet are skipped."""
+        self.fail(exc)
+
 
 @dataclass(eq=False)
 class DeviceCall:
@@ -173,6 +177,11 @@ class DeviceCall:
 
     fn: Callable[[], object]
     future: Future = field(default_factory=Future)
+    cancelled: BaseException | None = None
+
+    def cancel(self, exc: BaseException) -> None:
+        """The caller gave up: skip the call if it has not started."""
+        self.cancelled = exc
 
 
 @dataclass(eq=False)
@@ -214,6 +223,7 @@ class Batcher:
             name: deque(maxlen=_STATS_HISTORY)
             for name in ("samples_per_forward", "requests_per_forward", "padded_tokens_per_forward")
         }
+        self.forward_observers: list[Callable[[int, int], None]] = []  # (samples, padded tokens) per forward
         self._thread = threading.Thread(target=self._loop, name="teacher-batcher", daemon=True)
         self._thread.start()
 
@@ -231,6 +241,11 @@ class Batcher:
                 self._queue.put(_STOP)
         self._thread.join()
         self._backend = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for the device thread."""
+        return self._queue.qsize() + len(self._backlog)
 
     @property
     def running(self) -> bool:
@@ -337,6 +352,8 @@ class Batcher:
                      num_samples, len(jobs), num_samples, padded_length)
         for entry, feature in zip(entries, features, strict=True):
             entry.job.features[entry.index] = feature
+        for observe in self.forward_observers:
+            observe(num_samples, num_samples * padded_length)
 
     def _isolate(self, entries: list[_Entry], jobs: list[EncodeJob], exc: Exception) -> None:
         """A merged forward failed: retry request by request so that only the culprit fails."""
@@ -359,6 +376,9 @@ class Batcher:
 
 
 def _run_call(call: DeviceCall) -> None:
+    if call.cancelled is not None:
+        call.future.set_exception(call.cancelled)
+        return
     try:
         result = call.fn()
     except BaseException as exc:

@@ -71,10 +71,13 @@ class EngineConfig:
     max_batch_samples: int = 32  # samples of one teacher forward (across merged requests)
     batch_wait_ms: float = 5.0  # how long the batcher waits for more requests after the first one
     handle_store_bytes: int = 2 * GIB  # memory budget for kept prediction states; oldest evicted beyond it
+    handle_store_client_share: float = 1.0  # most of the handle store one client may hold (fraction)
     encode_cache_bytes: int = 1 * GIB  # Encode results kept by content for other clients (0 = off); LRU
     max_request_bytes: int = 256 * MIB  # largest request the server accepts (enforced on the wire)
     chunk_size: int = 512  # tokens per head-scoring chunk (peak extra memory ~ 12 B x chunk_size x V)
     max_length: int = 0  # refuse samples longer than this many teacher tokens; 0 = no limit
+    max_image_pixels: int = 36_000_000  # width x height of one image, checked from its header before decoding
+    max_concurrent_decodes: int = 4  # images decoded at once, across callers (bounds decoded-image memory)
     backend: str = "transformers"  # where the body runs: "transformers" (device_map) or "vllm" (`vllm` options)
     vllm: VllmOptions | None = None  # the vLLM backend's placement; None = its defaults
 
@@ -97,12 +100,17 @@ class EngineConfig:
                 "device_map must be 'auto', a device string ('cpu', 'cuda:0'), an accelerate device-map dict or "
                 f"None, got {self.device_map!r}"
             )
-        for name in ("max_batch_tokens", "max_batch_samples", "handle_store_bytes", "max_request_bytes", "chunk_size"):
+        for name in ("max_batch_tokens", "max_batch_samples", "handle_store_bytes", "max_request_bytes", "chunk_size",
+                     "max_image_pixels", "max_concurrent_decodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.encode_cache_bytes, int) or self.encode_cache_bytes < 0:
             raise ValueError(f"encode_cache_bytes must be an integer >= 0 (0 = no cache), got {self.encode_cache_bytes!r}")
+        if not (isinstance(self.handle_store_client_share, int | float) and 0 < self.handle_store_client_share <= 1):
+            raise ValueError(
+                f"handle_store_client_share must be a fraction in (0, 1], got {self.handle_store_client_share!r}"
+            )
         if not isinstance(self.max_length, int) or self.max_length < 0:
             raise ValueError(f"max_length must be a non-negative integer (0 = no limit), got {self.max_length!r}")
         if self.max_length and self.max_length > self.max_batch_tokens:

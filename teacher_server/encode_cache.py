@@ -9,8 +9,9 @@ the encode options are not either: every entry holds the question features too, 
 samples before the cache is asked.
 
 A sample that is being computed for one client when another asks for it is waited for, not computed twice
-(students in lockstep send the same step at the same moment). Entries share their ``KeptSample`` (the
-prediction states Score needs) with every handle issued for them, so the handle store counts those bytes once.
+(students in lockstep send the same step at the same moment). Every handle issued for an entry holds the
+entry's own ``KeptSample`` (the prediction states Score needs: one tensor in memory, however many clients hold
+it); the handle store still charges each client for its handles, so that its per-client fairness is unchanged.
 
 Bounded in bytes (LRU): an entry costs its CPU feature copies plus its prediction states, which live on the
 head's device. ``capacity_bytes=0`` switches the cache off (``--encode-cache-gib 0``).

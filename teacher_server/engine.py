@@ -15,18 +15,21 @@ runs forwards and head scoring. Copies to CPU and the handle store happen back i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
+import io
 import logging
 import math
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 import genrecal
@@ -34,12 +37,13 @@ from genrecal.errors import SampleError
 from genrecal.families import LoadedVLM, load_vlm
 from genrecal.head_scoring import score_with_head
 from genrecal.identity import tokenizer_fingerprint
-from genrecal.sample import Sample, load_image
+from genrecal.rpc.convert import MIN_NORMALIZER, clip
+from genrecal.sample import Sample
 from genrecal.teacher import TeacherFeatures, split_rows
 from teacher_server.batcher import Batcher, DeviceCall, EncodeJob, FormattedSample, TransformersBody
 from teacher_server.config import EngineConfig
 from teacher_server.encode_cache import CachedSample, EncodeCache, content_key
-from teacher_server.errors import InvalidRequest, ResourceExhausted, ShuttingDown
+from teacher_server.errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, ShuttingDown
 from teacher_server.handles import HandleStore, KeptSample
 
 logger = logging.getLogger(__name__)
@@ -145,11 +149,12 @@ class TeacherEngine:
             ", ".join(devices), self._head_device,
             self._info.hidden_size, self._info.vocab_size,
         )
-        self._handles = HandleStore(config.handle_store_bytes)
+        self._handles = HandleStore(config.handle_store_bytes, client_share=config.handle_store_client_share)
         self._cache = EncodeCache(config.encode_cache_bytes)
         # HF fast tokenizers are not safe to call from several threads at once ("Already borrowed"): callers
         # format one at a time, still in parallel with the device thread. Also guards `vlm` against close().
         self._format_lock = threading.Lock()
+        self._decodes = threading.BoundedSemaphore(config.max_concurrent_decodes)  # bounds decoded-image memory
         self._closed = False
         self._stats_lock = threading.Lock()
         self._counts = EngineStats()
@@ -171,11 +176,15 @@ class TeacherEngine:
         *,
         return_question_features: bool = False,
         max_length: int | None = None,
+        client: str = "",
+        timeout_s: float | None = None,
     ) -> list[EncodedFeatures]:
         """Encode ``samples`` (images as PIL images or encoded bytes); results in request order, on CPU.
 
-        Each result carries a fresh ``handle`` for ``score``; ``question_segments`` is empty unless
-        ``return_question_features``. ``max_length`` (None or 0 = the server's limit) refuses longer samples.
+        Each result carries a fresh ``handle`` for ``score``, owned by ``client`` (only that client can score or
+        release it); ``question_segments`` is empty unless ``return_question_features``. ``max_length`` (None or
+        0 = the server's limit) refuses longer samples. ResourceExhausted if the handle store cannot keep them all;
+        DeadlineExceeded if the device has not run them within ``timeout_s`` (they are then skipped).
         """
         self._check_open()
         if not samples:
@@ -185,8 +194,9 @@ class TeacherEngine:
         limits = [n for n in (max_length, self.config.max_length) if n]
         try:
             formatted = [self._format(sample, i, min(limits) if limits else None) for i, sample in enumerate(samples)]
-            computed = self._compute(formatted)
-            results = self._keep(formatted, computed, question_features=bool(return_question_features))
+            computed = self._compute(formatted, timeout_s)
+            results = self._keep(formatted, computed, question_features=bool(return_question_features),
+                                 client=client)
         except BaseException:
             with self._stats_lock:
                 self._counts.failed_encode_requests += 1
@@ -203,12 +213,15 @@ class TeacherEngine:
         kl_weight: float = 1.0,
         normalizer: float | None = None,
         release: bool = False,
+        client: str = "",
+        timeout_s: float | None = None,
     ) -> tuple[list[PathScore], list[Tensor]]:
         """Score ``(handle, path, outputs (La, D_l))`` items with the teacher's head.
 
         Per path (first-seen order): ``L = ce_weight * CE + kl_weight * KL`` of the path's items together,
         divided by ``normalizer`` (None = the path's token count). Returns the path scores and, per item,
         ``dL/d outputs`` on CPU in the outputs' dtype. ``release`` forgets the handles after a successful score.
+        Handles must belong to ``client``; another client's handles are NOT_FOUND, as if they did not exist.
         """
         self._check_open()
         if not items:
@@ -217,22 +230,23 @@ class TeacherEngine:
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise InvalidRequest(f"{name} must be a finite number >= 0, got {value!r}")
         if normalizer is not None and (
-            not isinstance(normalizer, int | float) or not math.isfinite(normalizer) or normalizer <= 0
+            not isinstance(normalizer, int | float) or not math.isfinite(normalizer) or normalizer < MIN_NORMALIZER
         ):
             raise InvalidRequest(
-                f"normalizer must be a positive finite number (an answer-token count) or None, got {normalizer!r}"
+                f"normalizer must be a positive finite number (an answer-token count, >= {MIN_NORMALIZER}) or None, "
+                f"got {normalizer!r}"
             )
         outputs, kept, paths, seen = [], [], [], set()
         for i, item in enumerate(items):
             handle, path, tensor = self._validate_item(i, item)
             if (handle, path) in seen:
-                raise InvalidRequest(f"score item {i}: handle {handle!r} appears twice on path {path!r}")
+                raise InvalidRequest(f"score item {i}: handle {clip(handle)!r} appears twice on path {path!r}")
             seen.add((handle, path))
-            kept.append(self._handles.get(handle, context=f"score item {i}"))
+            kept.append(self._handles.get(handle, client=client, context=f"score item {i}"))
             expected = (kept[-1].num_answer_tokens, self._info.hidden_size)
             if tuple(tensor.shape) != expected:
                 raise InvalidRequest(
-                    f"score item {i} (handle {handle!r}, path {path!r}): outputs must have shape (La, D_l) = "
+                    f"score item {i} (handle {clip(handle)!r}, path {path!r}): outputs must have shape (La, D_l) = "
                     f"{expected} (La = that sample's teacher answer tokens, D_l = the teacher's hidden size), "
                     f"got {tuple(tensor.shape)}"
                 )
@@ -240,7 +254,7 @@ class TeacherEngine:
             if not bool(finite.all()):
                 rows = (~finite).nonzero().squeeze(1)[:10].tolist()
                 raise InvalidRequest(
-                    f"score item {i} (handle {handle!r}, path {path!r}): outputs contain NaN or Inf at rows {rows}"
+                    f"score item {i} (handle {clip(handle)!r}, path {path!r}): outputs contain NaN or Inf at rows {rows}"
                 )
             outputs.append(tensor)
             paths.append(path)
@@ -249,19 +263,19 @@ class TeacherEngine:
             None if normalizer is None else float(normalizer),
         ))
         self._submit(call)
-        result = call.future.result()
+        result = self._wait(call, timeout_s)
         with self._stats_lock:
             self._counts.score_requests += 1
         if release:
-            self._handles.release([item[0] for item in items])
+            self._handles.release([item[0] for item in items], client=client)
         return result
 
-    def release(self, handles: Sequence[str]) -> int:
-        """Forget ``handles`` (unknown ones are ignored); return how many existed."""
+    def release(self, handles: Sequence[str], *, client: str = "") -> int:
+        """Forget ``client``'s ``handles`` (unknown ones and other clients' are ignored); return how many it held."""
         self._check_open()
         if isinstance(handles, str):
             raise InvalidRequest("release takes a list of handles, not a single string")
-        return self._handles.release(list(handles))
+        return self._handles.release(list(handles), client=client)
 
     @property
     def stats(self) -> EngineStats:
@@ -283,6 +297,20 @@ class TeacherEngine:
                 cache_hits=cache.hits, cache_shared=cache.shared, cache_misses=cache.misses,
                 cache_entries=cache.entries, cache_bytes=cache.nbytes,
             )
+
+    def add_forward_observer(self, observe) -> None:
+        """``observe(num_samples, padded_tokens)`` after each teacher forward, on the device thread."""
+        self._batcher.forward_observers.append(observe)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batcher.queue_depth
+
+    def handle_bytes_by_client(self) -> dict[str, int]:
+        return self._handles.bytes_by_client()
+
+    def evictions_by_client(self) -> dict[str, int]:
+        return dict(self._handles.evicted_by_client)
 
     @property
     def closed(self) -> bool:
@@ -326,9 +354,20 @@ class TeacherEngine:
         self._check_open()
         self._batcher.submit(job)
 
+    def _wait(self, job: EncodeJob | DeviceCall, timeout_s: float | None):
+        try:
+            return job.future.result(timeout=timeout_s)
+        except TimeoutError:
+            error = DeadlineExceeded(
+                f"the teacher did not get to this call within the server's deadline ({timeout_s:.0f} s left of "
+                "--call-timeout-s when it was queued): it is overloaded; retry later or against another replica"
+            )
+            job.cancel(error)
+            raise error from None
+
     def _format(self, sample: Sample, position: int, max_length: int | None) -> FormattedSample:
         """Decode and format one sample (once); refuse it here if it is longer than a limit."""
-        sample = _decoded(sample, position)
+        sample = self._decoded(sample, position)
         with self._format_lock:
             if self.vlm is None:
                 self._check_open()
@@ -348,12 +387,28 @@ class TeacherEngine:
             )
         return FormattedSample(sample, batch, length)
 
-    def _compute(self, formatted: list[FormattedSample]) -> list[CachedSample]:
+    def _decoded(self, sample: Sample, position: int) -> Sample:
+        """``sample`` with encoded image bytes decoded to RGB images (SampleError naming the sample if corrupt)."""
+        if not isinstance(sample, Sample):
+            raise InvalidRequest(f"encode item {position} must be a genrecal.sample.Sample, got {type(sample).__name__}")
+        if all(isinstance(image, Image.Image) for image in sample.images):
+            return sample
+        images = []
+        for k, image in enumerate(sample.images):
+            if isinstance(image, bytes | bytearray):
+                image = decode_image(bytes(image), sample_id=sample.sample_id, index=k,
+                                     max_pixels=self.config.max_image_pixels, decodes=self._decodes)
+            elif not isinstance(image, Image.Image):
+                raise SampleError(sample.sample_id, f"image {k} must be encoded bytes or a PIL image, got {type(image)}")
+            images.append(image)
+        return Sample(sample.sample_id, list(sample.turns), images)
+
+    def _compute(self, formatted: list[FormattedSample], timeout_s: float | None) -> list[CachedSample]:
         """Each sample's results: from the encode cache, from another request computing it, or a forward."""
         if not self._cache.enabled:
             job = EncodeJob(formatted)
             self._submit(job)
-            return [self._compact(f) for f in job.future.result()]
+            return [self._compact(f) for f in self._wait(job, timeout_s)]
         revision = self.config.revision
         keys = [content_key(f.batch.inputs, f.batch.answer_spans[0], revision) for f in formatted]
         claims = [self._cache.claim(key) for key in keys]
@@ -363,7 +418,7 @@ class TeacherEngine:
             try:
                 job = EncodeJob([formatted[i] for i in owned])
                 self._submit(job)
-                features = job.future.result()
+                features = self._wait(job, timeout_s)
             except BaseException as exc:
                 for i in owned:
                     self._cache.fail(keys[i], exc)
@@ -372,8 +427,14 @@ class TeacherEngine:
                 results[i] = self._compact(feature)
                 self._cache.fulfil(keys[i], results[i])
         for i, (kind, pending) in enumerate(claims):
-            if kind == "wait":
-                results[i] = pending.result()  # another request's forward of the same content
+            if kind == "wait":  # another request runs the forward of the same content
+                try:
+                    results[i] = pending.result(timeout=timeout_s)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        "the teacher did not finish another request's forward of the same sample within this "
+                        "call's deadline: it is overloaded; retry later or against another replica"
+                    ) from None
         return results
 
     def _compact(self, feature: TeacherFeatures) -> CachedSample:
@@ -388,8 +449,8 @@ class TeacherEngine:
             kept=kept,
         )
 
-    def _keep(self, formatted: list[FormattedSample], computed: list[CachedSample], *, question_features: bool
-              ) -> list[EncodedFeatures]:
+    def _keep(self, formatted: list[FormattedSample], computed: list[CachedSample], *, question_features: bool,
+              client: str) -> list[EncodedFeatures]:
         """Keep each sample's scoring state under a new handle; hand the caller its results (CPU)."""
         results = [
             EncodedFeatures(
@@ -402,7 +463,7 @@ class TeacherEngine:
             )
             for f, c in zip(formatted, computed, strict=True)
         ]
-        handles = self._handles.put_many([c.kept for c in computed])
+        handles = self._handles.put_many([c.kept for c in computed], client=client)
         for result, handle in zip(results, handles, strict=True):
             result.handle = handle
         return results
@@ -413,14 +474,14 @@ class TeacherEngine:
         except (TypeError, ValueError):
             raise InvalidRequest(f"score item {i} must be a (handle, path, outputs) tuple") from None
         if not isinstance(handle, str) or not handle:
-            raise InvalidRequest(f"score item {i}: handle must be a non-empty string, got {handle!r}")
+            raise InvalidRequest(f"score item {i}: handle must be a non-empty string, got {clip(handle)!r}")
         if not isinstance(path, str) or not path:
-            raise InvalidRequest(f"score item {i} (handle {handle!r}): path must be a non-empty string like 'L1'")
+            raise InvalidRequest(f"score item {i} (handle {clip(handle)!r}): path must be a non-empty string like 'L1'")
         if not isinstance(tensor, Tensor):
-            raise InvalidRequest(f"score item {i} (handle {handle!r}): outputs must be a tensor, got {type(tensor)}")
+            raise InvalidRequest(f"score item {i} (handle {clip(handle)!r}): outputs must be a tensor, got {type(tensor)}")
         if not tensor.is_floating_point():
             raise InvalidRequest(
-                f"score item {i} (handle {handle!r}, path {path!r}): outputs must be floating point "
+                f"score item {i} (handle {clip(handle)!r}, path {path!r}): outputs must be floating point "
                 f"(bfloat16, float16 or float32), got {tensor.dtype}"
             )
         return handle, path, tensor
@@ -471,6 +532,13 @@ class TeacherEngine:
                 chunk_size=self.config.chunk_size,
             )
             del inputs, states
+            if not (math.isfinite(float(score.ce)) and math.isfinite(float(score.kl))
+                    and bool(torch.isfinite(score.grad_inputs).all())):
+                raise InvalidRequest(
+                    f"path {path!r}: the loss or its gradient is not finite (CE={float(score.ce)}, "
+                    f"KL={float(score.kl)}) in the teacher's {weight.dtype}: the outputs are too large for its head; "
+                    "check the Recalibrator's outputs (their scale) before scoring them"
+                )
             scores.append(PathScore(path, float(score.ce), float(score.kl), score.num_tokens))
             counts = [kept[i].num_answer_tokens for i in items]
             for i, grad in zip(items, split_rows(score.grad_inputs, counts), strict=True):
@@ -479,20 +547,35 @@ class TeacherEngine:
         return scores, grads
 
 
-def _decoded(sample: Sample, position: int) -> Sample:
-    """``sample`` with encoded image bytes decoded to RGB images (SampleError naming the sample if corrupt)."""
-    if not isinstance(sample, Sample):
-        raise InvalidRequest(f"encode item {position} must be a genrecal.sample.Sample, got {type(sample).__name__}")
-    if all(isinstance(image, Image.Image) for image in sample.images):
-        return sample
-    images = []
-    for k, image in enumerate(sample.images):
-        if isinstance(image, bytes | bytearray):
-            image = load_image(bytes(image), sample_id=sample.sample_id)
-        elif not isinstance(image, Image.Image):
-            raise SampleError(sample.sample_id, f"image {k} must be encoded bytes or a PIL image, got {type(image)}")
-        images.append(image)
-    return Sample(sample.sample_id, list(sample.turns), images)
+def decode_image(data: bytes, *, sample_id: str, index: int, max_pixels: int,
+                 decodes: threading.BoundedSemaphore | None = None) -> Image.Image:
+    """Encoded bytes -> RGB image, refusing one of more than ``max_pixels`` from its header, before decoding.
+
+    A 450 KB PNG can announce 12000 x 12000 pixels (1.7 GB decoded): the size is read first (``Image.open``
+    parses the header only), and only images within the limit are decoded, at most ``decodes`` at a time.
+    Every problem is a SampleError naming the sample (INVALID_ARGUMENT).
+    """
+    def too_large(size: str) -> SampleError:
+        return SampleError(sample_id, f"image {index} has {size} pixels, more than this teacher's limit of "
+                                      f"{max_pixels} (--max-image-pixels); resize it before sending")
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own hard limit (2x its MAX_IMAGE_PIXELS)
+        raise too_large(f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SampleError(sample_id, f"image {index}: image bytes cannot be decoded ({exc})") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise too_large(f"{width} x {height} = {width * height}")
+    try:
+        with decodes if decodes is not None else contextlib.nullcontext():
+            image.load()
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise SampleError(sample_id, f"image {index}: image bytes cannot be decoded ({exc})") from exc
 
 
 def _cpu_copy(tensor: Tensor) -> Tensor:

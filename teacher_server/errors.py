@@ -23,8 +23,9 @@ class HandleNotFound(KeyError):
 
     def __init__(self, handle: str, detail: str = ""):
         self.handle = handle
+        shown = handle if len(handle) <= 64 else f"{handle[:64]}...<{len(handle)} characters>"
         self.message = (
-            f"handle {handle!r} is unknown: it was never issued by this server, was released, or was evicted "
+            f"handle {shown!r} is unknown: it was never issued by this server, was released, or was evicted "
             "from the handle store (oldest first, when the store is full); re-Encode the sample to get a new "
             "handle" + (f" ({detail})" if detail else "")
         )
@@ -46,15 +47,31 @@ class ShuttingDown(RuntimeError):
     """The engine is closing or closed; retry on another replica. Maps to UNAVAILABLE."""
 
 
+class Unauthenticated(RuntimeError):
+    """No token, or an unknown one. Maps to UNAUTHENTICATED."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The call ran past the server's own deadline (--call-timeout-s). Maps to DEADLINE_EXCEEDED."""
+
+
 INTERNAL_MESSAGE = "internal error in the teacher server; its log has the traceback"
+MAX_MESSAGE_CHARS = 2000  # gRPC carries the message in a trailer (16 KiB of metadata in all): stay well below
 
 
 def status_for(exc: BaseException) -> tuple[str, str]:
     """(gRPC status code name, message for the client) for an exception raised while serving a request.
 
     ``("INTERNAL", generic message)`` for anything unexpected: that is a bug, and the caller logs it with its
-    traceback.
+    traceback. The message is cut to ``MAX_MESSAGE_CHARS``.
     """
+    code, message = _status_for(exc)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "...(cut)"
+    return code, message
+
+
+def _status_for(exc: BaseException) -> tuple[str, str]:
     # Order matters: PayloadTooLarge is a ValueError and OutOfMemoryError a RuntimeError.
     if isinstance(exc, _resource_exhausted_types()):
         if isinstance(exc, torch.OutOfMemoryError):
@@ -69,6 +86,10 @@ def status_for(exc: BaseException) -> tuple[str, str]:
         return "FAILED_PRECONDITION", str(exc)
     if isinstance(exc, ShuttingDown):
         return "UNAVAILABLE", str(exc)
+    if isinstance(exc, Unauthenticated):
+        return "UNAUTHENTICATED", str(exc)
+    if isinstance(exc, DeadlineExceeded):
+        return "DEADLINE_EXCEEDED", str(exc)
     if isinstance(exc, ValueError):  # InvalidRequest, SampleError, and ValueErrors from the core library
         return "INVALID_ARGUMENT", str(exc)
     return "INTERNAL", INTERNAL_MESSAGE

@@ -1,10 +1,16 @@
-"""The handle store: what the teacher keeps per encoded sample between Encode and Score.
+"""The handle store: what the teacher keeps per encoded sample between Encode and Score, per client.
 
 Encode keeps each sample's prediction-position states and answer ids (``KeptSample``) under a fresh random
-handle; Score looks them up, Release (or ``score(release=True)``) forgets them. The store is bounded in bytes
-and evicts the least recently used entries when full. Several handles may hold the same ``KeptSample`` (the
-encode cache hands out one sample's states to every client that sends it): its bytes count once, while any
-handle holds it.
+handle owned by the calling client; Score looks them up, Release (or ``score(release=True)``) forgets them.
+A handle is only visible to its owner: another client naming it gets NOT_FOUND, exactly as for a handle that
+never existed, and the owner's handle is untouched.
+
+The store is bounded in bytes. When it is full, the entries evicted are the least recently used ones *of the
+client holding the most bytes* (never the entries being stored). So with N clients holding handles, a client
+that holds at most ``capacity / N`` never loses a handle to the others: the largest holder then holds more,
+and pays. A careless client that never releases evicts only its own handles once it is the largest holder. A
+single request whose samples need more than the store (or more than ``client_share`` of it) is refused with
+RESOURCE_EXHAUSTED, and nothing of it is kept.
 """
 
 from __future__ import annotations
@@ -12,13 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from teacher_server.errors import HandleNotFound
+from teacher_server.errors import HandleNotFound, ResourceExhausted
 
 logger = logging.getLogger(__name__)
 
@@ -37,86 +43,108 @@ class KeptSample:
 
 
 class HandleStore:
-    """Thread-safe LRU of kept samples, bounded in bytes; the oldest (least recently used) go first.
+    """Thread-safe store of kept samples, per owning client, bounded in bytes (see the module docstring)."""
 
-    The newest entry is always kept, even when it alone exceeds the budget.
-    """
-
-    def __init__(self, capacity_bytes: int):
+    def __init__(self, capacity_bytes: int, *, client_share: float = 1.0):
+        if not 0 < client_share <= 1:
+            raise ValueError(f"client_share must be in (0, 1], got {client_share}")
         self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[str, KeptSample] = OrderedDict()
+        self.client_bytes = int(capacity_bytes * client_share)  # most one client may hold
+        self._owner: dict[str, str] = {}  # handle -> client
+        self._by_client: dict[str, OrderedDict[str, KeptSample]] = {}  # client -> its entries, LRU first
+        self._bytes: Counter[str] = Counter()  # client -> bytes held
         self._lock = threading.Lock()
         self._nbytes = 0
-        self._holders: dict[int, int] = {}  # id(KeptSample) -> handles holding it (its bytes count once)
         self.evicted = 0
+        self.evicted_by_client: Counter[str] = Counter()
 
-    def _hold(self, entry: KeptSample) -> None:
-        holders = self._holders.get(id(entry), 0)
-        if holders == 0:
-            self._nbytes += entry.nbytes
-        self._holders[id(entry)] = holders + 1
-
-    def _drop(self, entry: KeptSample) -> None:
-        holders = self._holders.pop(id(entry)) - 1
-        if holders:
-            self._holders[id(entry)] = holders
-        else:
-            self._nbytes -= entry.nbytes
-
-    def put_many(self, kept: Sequence[KeptSample]) -> list[str]:
-        """Store samples together; return their new handles."""
-        handles = [uuid.uuid4().hex for _ in kept]
-        evicted = 0
-        with self._lock:
-            for handle, entry in zip(handles, kept, strict=True):
-                self._entries[handle] = entry
-                self._hold(entry)
-            while self._nbytes > self.capacity_bytes and len(self._entries) > 1:
-                _, old = self._entries.popitem(last=False)
-                self._drop(old)
-                evicted += 1
-            self.evicted += evicted
-            lost = [h for h in handles if h not in self._entries]
-        if evicted:
-            logger.debug("handle store full (%d bytes budget): evicted %d oldest handles", self.capacity_bytes, evicted)
-        if lost:
-            logger.warning(
-                "one encode request needs more than the handle store's %d bytes: %d of its %d handles were "
-                "evicted at once; raise handle_store_bytes or send fewer samples per request",
-                self.capacity_bytes, len(lost), len(handles),
+    def put_many(self, kept: Sequence[KeptSample], *, client: str = "") -> list[str]:
+        """Store samples for ``client``; return their new handles. ResourceExhausted if they cannot all be kept."""
+        need = sum(entry.nbytes for entry in kept)
+        limit = min(self.capacity_bytes, self.client_bytes)
+        if need > limit:
+            raise ResourceExhausted(
+                f"this request's {len(kept)} samples need {need} bytes of teacher state, more than one client may "
+                f"keep ({limit} bytes of the {self.capacity_bytes}-byte handle store); send fewer or shorter "
+                "samples per Encode, or start the teacher with a larger --handle-store-gib"
             )
+        handles = [uuid.uuid4().hex for _ in kept]
+        with self._lock:
+            entries = self._by_client.setdefault(client, OrderedDict())
+            for handle, entry in zip(handles, kept, strict=True):
+                entries[handle] = entry
+                self._owner[handle] = client
+            self._bytes[client] += need
+            self._nbytes += need
+            fresh = set(handles)
+            evicted: Counter[str] = Counter()
+            while self._bytes[client] > self.client_bytes:  # over its own share: its oldest go first
+                evicted[self._evict_oldest(client, fresh)] += 1
+            while self._nbytes > self.capacity_bytes:
+                evicted[self._evict_oldest(self._largest_holder(fresh), fresh)] += 1
+            self.evicted += sum(evicted.values())
+            self.evicted_by_client.update(evicted)
+        if evicted:
+            logger.debug("handle store full (%d bytes): evicted %s", self.capacity_bytes, dict(evicted))
         return handles
 
-    def get(self, handle: str, *, context: str = "") -> KeptSample:
+    def get(self, handle: str, *, client: str = "", context: str = "") -> KeptSample:
         with self._lock:
-            entry = self._entries.get(handle)
+            entries = self._by_client.get(client)
+            entry = entries.get(handle) if entries is not None and self._owner.get(handle) == client else None
             if entry is None:
                 raise HandleNotFound(handle, context)
-            self._entries.move_to_end(handle)
+            entries.move_to_end(handle)
             return entry
 
-    def release(self, handles: Sequence[str]) -> int:
-        """Forget ``handles``; return how many existed."""
+    def release(self, handles: Sequence[str], *, client: str = "") -> int:
+        """Forget ``client``'s ``handles``; return how many it held (others' handles are not touched)."""
         released = 0
         with self._lock:
             for handle in dict.fromkeys(handles):
-                entry = self._entries.pop(handle, None)
-                if entry is not None:
-                    self._drop(entry)
+                if self._owner.get(handle) == client:
+                    self._drop(client, handle)
                     released += 1
         return released
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
-            self._holders.clear()
+            self._owner.clear()
+            self._by_client.clear()
+            self._bytes.clear()
             self._nbytes = 0
+
+    def bytes_by_client(self) -> dict[str, int]:
+        with self._lock:
+            return {client: n for client, n in self._bytes.items() if n}
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._entries)
+            return len(self._owner)
 
     @property
     def nbytes(self) -> int:
         with self._lock:
             return self._nbytes
+
+    # ---- under the lock ---------------------------------------------------------------------------------------
+
+    def _largest_holder(self, fresh: set[str]) -> str:
+        """The client holding the most bytes among those with evictable (not ``fresh``) entries."""
+        candidates = [c for c, entries in self._by_client.items() if any(h not in fresh for h in entries)]
+        assert candidates, "the store is over capacity only because of older entries"  # need <= capacity
+        return max(candidates, key=lambda c: self._bytes[c])
+
+    def _evict_oldest(self, client: str, fresh: set[str]) -> str:
+        handle = next(h for h in self._by_client[client] if h not in fresh)
+        self._drop(client, handle)
+        return client
+
+    def _drop(self, client: str, handle: str) -> None:
+        entry = self._by_client[client].pop(handle)
+        del self._owner[handle]
+        self._bytes[client] -= entry.nbytes
+        self._nbytes -= entry.nbytes
+        if not self._by_client[client]:
+            del self._by_client[client]
+            del self._bytes[client]

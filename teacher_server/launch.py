@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-READY = re.compile(r"teacher server ready on ([\d.]+):(\d+)")
+READY = re.compile(r"teacher server ready on ([\d.]+):(\d+)(?: metrics (\d+))?")
 
 
 def free_port() -> int:
@@ -38,6 +38,7 @@ class TeacherProcess:
         )
         self.lines: list[str] = []
         self.address: str | None = None
+        self.metrics_port: int | None = None
         ready = threading.Event()
 
         def pump():
@@ -46,6 +47,7 @@ class TeacherProcess:
                 match = READY.search(line)
                 if match:
                     self.address = f"{match.group(1)}:{match.group(2)}"
+                    self.metrics_port = int(match.group(3)) if match.group(3) else None
                     ready.set()
             ready.set()
 

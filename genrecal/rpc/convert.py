@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from genrecal.errors import SampleError
 from genrecal.rpc import pb2
-from genrecal.sample import Sample, Turn, load_image
+from genrecal.sample import Sample, Turn
 from genrecal.teacher import TeacherFeatures
-from genrecal.wire import decode_frames, encode_frames, proto_dtype, torch_dtype
+from genrecal.wire import decode_frames, encode_frames, float_dtype, proto_dtype
+
+MAX_ID_BYTES = 256  # sample_id, handle and path: longer ones are refused (and clipped in messages and logs)
+MIN_NORMALIZER = 1e-3  # an answer-token count; below it the loss overflows float32
+
+
+def clip(value: str, limit: int = 64) -> str:
+    """``value`` cut to ``limit`` characters for messages and logs (a client's 1 MB id stays out of them)."""
+    return value if len(value) <= limit else f"{value[:limit]}...<{len(value)} characters>"
+
+
+def _check_id(value: str, what: str) -> None:
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise ValueError(f"{what} {clip(value)!r} is longer than {MAX_ID_BYTES} bytes")
 
 # ---- samples ------------------------------------------------------------------------------------------------
 
@@ -25,10 +39,12 @@ def sample_to_proto(sample: Sample, image_bytes: Sequence[bytes]) -> pb2.Sample:
 
 
 def sample_from_proto(message: pb2.Sample, index: int) -> Sample:
-    """Decode one request sample; every problem is a ``SampleError`` naming it (INVALID_ARGUMENT)."""
+    """One request sample, images still encoded (the engine decodes them within its pixel limit)."""
     sample_id = message.sample_id or f"#{index}"
-    images = [load_image(bytes(data), sample_id=sample_id) for data in message.images]
-    return Sample(sample_id=sample_id, turns=[Turn(t.role, t.text) for t in message.turns], images=images)
+    if len(sample_id.encode()) > MAX_ID_BYTES:
+        raise SampleError(clip(sample_id), f"sample_id is longer than {MAX_ID_BYTES} bytes")
+    return Sample(sample_id=sample_id, turns=[Turn(t.role, t.text) for t in message.turns],
+                  images=[bytes(data) for data in message.images])
 
 
 def samples_from_request(request: pb2.EncodeRequest) -> list[Sample]:
@@ -75,7 +91,9 @@ def _question_lengths(f: TeacherFeatures) -> list[int]:
     return list(lengths) if lengths is not None else [q.shape[0] for q in f.question_segments]
 
 
-def features_from_frames(frames: Iterable[pb2.EncodeResponseFrame], *, max_bytes: int | None = None) -> list[TeacherFeatures]:
+def features_from_frames(
+    frames: Iterable[pb2.EncodeResponseFrame], *, max_bytes: int | None = None
+) -> list[TeacherFeatures]:
     """Client side: rebuild per-sample TeacherFeatures (handle set, prediction states stay on the server)."""
     header, tensors = decode_frames(frames, max_bytes=max_bytes)
     features = []
@@ -124,8 +142,10 @@ def score_request_frames(call: ScoreCall, *, chunk_bytes: int) -> Iterator[pb2.S
     return encode_frames(header, [t for _, _, t in call.items], pb2.ScoreRequestFrame, chunk_bytes)
 
 
-def score_call_from_frames(frames: Iterable[pb2.ScoreRequestFrame], *, max_bytes: int) -> ScoreCall:
-    header, tensors = decode_frames(frames, max_bytes=max_bytes)
+def score_call_from_frames(
+    frames: Iterable[pb2.ScoreRequestFrame], *, max_bytes: int, on_chunk: Callable[[int], None] | None = None
+) -> ScoreCall:
+    header, tensors = decode_frames(frames, max_bytes=max_bytes, on_chunk=on_chunk)
     if not header.items:
         raise ValueError("ScoreRequest has no items")
     items = []
@@ -134,15 +154,21 @@ def score_call_from_frames(frames: Iterable[pb2.ScoreRequestFrame], *, max_bytes
             raise ValueError(f"score item {n}: outputs index {item.outputs} is not one of the {len(tensors)} tensors sent")
         if not item.handle:
             raise ValueError(f"score item {n}: empty handle")
+        _check_id(item.handle, f"score item {n}: handle")
+        _check_id(item.path, f"score item {n}: path")
         items.append((item.handle, item.path or "L1", tensors[item.outputs]))
     ce, kl = float(header.ce_weight), float(header.kl_weight)
     if ce == 0 and kl == 0:
         ce, kl = 1.0, 1.0  # proto3 default: both unset
     if ce < 0 or kl < 0:
         raise ValueError(f"ce_weight and kl_weight must be >= 0, got {ce} and {kl}")
-    if header.normalizer < 0:
-        raise ValueError(f"normalizer must be >= 0 (0 = the path's own token count), got {header.normalizer}")
-    grad_dtype = torch_dtype(header.grad_dtype) if header.grad_dtype != pb2.DTYPE_UNSPECIFIED else None
+    if not (header.normalizer == 0 or MIN_NORMALIZER <= header.normalizer < float("inf")):
+        raise ValueError(f"normalizer must be 0 (the path's own token count) or an answer-token count between "
+                         f"{MIN_NORMALIZER} and a finite number, got {header.normalizer}")
+    if not (math.isfinite(ce) and math.isfinite(kl)):
+        raise ValueError(f"ce_weight and kl_weight must be finite, got {ce} and {kl}")
+    grad_dtype = (float_dtype(header.grad_dtype, what="grad_dtype")
+                  if header.grad_dtype != pb2.DTYPE_UNSPECIFIED else None)
     return ScoreCall(items, ce, kl, header.normalizer or None, grad_dtype, header.release)
 
 
@@ -156,8 +182,10 @@ def score_response_frames(
     return encode_frames(header, [_wire(g, dtype) for g in grads], pb2.ScoreResponseFrame, chunk_bytes)
 
 
-def score_result_from_frames(frames: Iterable[pb2.ScoreResponseFrame]) -> tuple[list[pb2.PathScore], list[torch.Tensor]]:
-    header, tensors = decode_frames(frames)
+def score_result_from_frames(
+    frames: Iterable[pb2.ScoreResponseFrame], *, max_bytes: int | None = None
+) -> tuple[list[pb2.PathScore], list[torch.Tensor]]:
+    header, tensors = decode_frames(frames, max_bytes=max_bytes)
     return list(header.paths), [tensors[i] for i in header.gradients]
 
 

@@ -50,7 +50,7 @@ def test_same_content_from_another_client_is_served_from_memory(make_engine, rng
     second = engine.encode(samples(rng, "exp2-", images), return_question_features=True)  # other ids, same content
     stats = engine.stats
     assert (stats.forwards, stats.cache_misses, stats.cache_hits) == (1, 3, 3)
-    assert stats.handle_bytes == held  # the shared prediction states count once
+    assert stats.handle_bytes == 2 * held  # each client pays for its own handles in the fair store
     assert stats.handles == 6 and len({f.handle for f in first + second}) == 6
     for a, b in zip(first, second, strict=True):
         assert b.sample_id.startswith("exp2-")

@@ -351,21 +351,60 @@ def test_token_budget_splits_forwards_and_refuses_an_oversized_sample(make_engin
 # ---- handles and score validation ------------------------------------------------------------------------
 
 
-def test_old_handles_are_evicted_and_released_handles_forgotten(make_engine, rng):
-    engine = make_engine(handle_store_bytes=1)  # keeps only the newest handle
-    first, second = engine.encode(random_samples(rng, 1, "a"))[0], engine.encode(random_samples(rng, 1, "b"))[0]
+def fixed_sample(sample_id: str) -> Sample:
+    return Sample(sample_id, [Turn("user", "red or blue?"), Turn("assistant", "red")])
+
+
+def test_old_handles_are_evicted_and_released_handles_forgotten(make_engine, reference):
+    (probe,) = reference.encode([fixed_sample("probe")])
+    la = probe.answer_token_ids.numel()
+    one = la * (HIDDEN * 4 + 8)  # fp32 prediction states + int64 answer ids
+    engine = make_engine(handle_store_bytes=one + one // 2)  # room for one sample's state
+    first, second = engine.encode([fixed_sample("a")])[0], engine.encode([fixed_sample("b")])[0]
+    assert engine.stats.handle_bytes == one
     with pytest.raises(HandleNotFound, match="evicted") as caught:
-        engine.score([(first.handle, "L1", torch.zeros(first.num_answer_tokens, HIDDEN))])
+        engine.score([(first.handle, "L1", torch.zeros(la, HIDDEN))])
     assert first.handle in str(caught.value) and "re-Encode" in str(caught.value)
     assert status_for(caught.value) == ("NOT_FOUND", str(caught.value))
-    engine.score([(second.handle, "L1", torch.zeros(second.num_answer_tokens, HIDDEN))])
+    engine.score([(second.handle, "L1", torch.zeros(la, HIDDEN))])
     assert engine.stats.evicted_handles == 1 and engine.stats.handles == 1
 
     assert engine.release([second.handle, second.handle, "never-issued"]) == 1
     assert engine.release([second.handle]) == 0
     assert engine.stats.handles == 0 and engine.stats.handle_bytes == 0
     with pytest.raises(HandleNotFound, match="released"):
-        engine.score([(second.handle, "L1", torch.zeros(second.num_answer_tokens, HIDDEN))])
+        engine.score([(second.handle, "L1", torch.zeros(la, HIDDEN))])
+
+    # A request that cannot keep all its handles is refused, and keeps nothing.
+    with pytest.raises(ResourceExhausted, match="2 samples need .* bytes of teacher state") as caught:
+        engine.encode([fixed_sample("c"), fixed_sample("d")])
+    assert status_for(caught.value)[0] == "RESOURCE_EXHAUSTED"
+    assert engine.stats.handles == 0 and engine.stats.failed_encode_requests == 1
+
+
+def test_handles_belong_to_the_client_that_created_them(make_engine, reference):
+    (probe,) = reference.encode([fixed_sample("probe")])
+    la = probe.answer_token_ids.numel()
+    one = la * (HIDDEN * 4 + 8)
+    engine = make_engine(handle_store_bytes=4 * one)
+    (mine,) = engine.encode([fixed_sample("a")], client="alice")
+    outputs = torch.randn(la, HIDDEN)
+    with pytest.raises(HandleNotFound) as caught:
+        engine.score([(mine.handle, "L1", outputs)], client="bob")
+    assert "unknown" in str(caught.value)  # the same answer as for a handle that never existed
+    assert engine.release([mine.handle], client="bob") == 0
+    (score,), _ = engine.score([(mine.handle, "L1", outputs)], client="alice")
+    assert score.num_tokens == la
+
+    # Bob never releases: once the store is full he evicts his own oldest handles, not Alice's.
+    bobs = [engine.encode([fixed_sample(f"b{i}")], client="bob")[0] for i in range(6)]
+    engine.score([(mine.handle, "L1", outputs)], client="alice")
+    assert engine.stats.handles == 4 and engine.stats.evicted_handles == 3
+    for lost in bobs[:3]:
+        with pytest.raises(HandleNotFound):
+            engine.score([(lost.handle, "L1", outputs)], client="bob")
+    engine.score([(bobs[-1].handle, "L1", outputs)], client="bob")
+    assert engine.release([mine.handle], client="alice") == 1
 
 
 def test_score_rejects_malformed_items_with_a_message_naming_the_problem(make_engine, rng):

@@ -1,0 +1,188 @@
+"""Limits that keep the service up when some clients are careless or hostile.
+
+``CallLimits`` holds the numbers (from the command line). ``CallTracker`` admits each TeacherService call:
+
+- at most ``max_calls`` calls at once, and ``max_calls_per_client`` per client; an excess call is refused at once
+  with RESOURCE_EXHAUSTED (it never waits for a worker thread);
+- at most ``max_inflight_bytes`` held by the calls in flight (request payload received so far, response payload
+  being sent); a call that would exceed it is refused with RESOURCE_EXHAUSTED;
+- a server-side deadline per call (``call_timeout_s``) and a no-progress cut-off for streams
+  (``stream_idle_s``): a client that opens a Score stream and stops sending, or stops reading its Encode
+  response, is cancelled (the client sees CANCELLED) and its worker thread and bytes are freed.
+
+One reaper thread checks the calls in flight every ``reaper_interval_s`` and cancels the expired ones with
+``grpc.ServicerContext.cancel`` (thread-safe; a handler blocked reading or writing then returns).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from teacher_server.errors import ResourceExhausted
+
+logger = logging.getLogger(__name__)
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    """Per-service limits; every one has a flag in ``python -m teacher_server --help``."""
+
+    call_timeout_s: float = 600.0  # server-side deadline of one call (queueing, device time and streaming)
+    stream_idle_s: float = 30.0  # a stream that moves no frame for this long is cancelled
+    max_calls: int = 64  # TeacherService calls in flight at once
+    max_calls_per_client: int = 8  # ... per client (token name, certificate name or peer address)
+    max_inflight_bytes: int = 2048 * MIB  # request + response payload bytes held by the calls in flight
+    max_image_pixels: int = 36_000_000  # width * height of one image, checked from its header before decoding
+    max_concurrent_decodes: int = 4  # images decoded at once, across calls
+    max_connection_idle_s: float = 600.0  # close a connection without calls for this long (clients reconnect)
+    max_connection_age_s: float = 0.0  # close connections older than this (0: never); in-flight calls finish
+    reaper_interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("call_timeout_s", "stream_idle_s", "reaper_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        for name in ("max_calls", "max_calls_per_client", "max_inflight_bytes", "max_image_pixels",
+                     "max_concurrent_decodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_calls_per_client > self.max_calls:
+            raise ValueError(
+                f"max_calls_per_client={self.max_calls_per_client} exceeds max_calls={self.max_calls}; lower it"
+            )
+        for name in ("max_connection_idle_s", "max_connection_age_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 seconds (0 = no limit), got {getattr(self, name)!r}")
+
+
+class Call:
+    """One admitted call: its client, its bytes, its progress. Handlers report progress; ``finish`` frees it."""
+
+    def __init__(self, tracker: CallTracker, call_id: int, client: str, method: str, context, deadline: float):
+        self._tracker = tracker
+        self.id, self.client, self.method, self.context = call_id, client, method, context
+        self.deadline = deadline
+        self.last_progress = time.monotonic()
+        self.streaming = False  # only a stream that is reading or writing can stall; device time does not count
+        self.nbytes = 0
+        self.cut: str | None = None  # why the reaper cancelled it
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def stream(self, active: bool) -> None:
+        self.streaming = active
+        self.progress()
+
+    def hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` more against the in-flight budget; ResourceExhausted if it is spent."""
+        self._tracker._hold(self, nbytes)
+
+    def remaining_s(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def finish(self) -> None:
+        self._tracker._finish(self)
+
+
+class CallTracker:
+    def __init__(self, limits: CallLimits):
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._calls: dict[int, Call] = {}
+        self._per_client: Counter[str] = Counter()
+        self._nbytes = 0
+        self._ids = itertools.count()
+        self.cut_calls: Counter[str] = Counter()  # reason -> calls cancelled by the reaper
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="teacher-call-reaper", daemon=True)
+        self._reaper.start()
+
+    def admit(self, client: str, method: str, context) -> Call:
+        """Admit a call or raise ResourceExhausted at once; the call is finished when its RPC ends."""
+        limits = self.limits
+        with self._lock:
+            if len(self._calls) >= limits.max_calls:
+                raise ResourceExhausted(
+                    f"the teacher is serving its limit of {limits.max_calls} calls at once; retry shortly"
+                )
+            if self._per_client[client] >= limits.max_calls_per_client:
+                raise ResourceExhausted(
+                    f"this client already has {limits.max_calls_per_client} calls in flight (the per-client limit); "
+                    "wait for them before starting more"
+                )
+            call = Call(self, next(self._ids), client, method, context, time.monotonic() + limits.call_timeout_s)
+            self._calls[call.id] = call
+            self._per_client[client] += 1
+        if context is not None and not context.add_callback(call.finish):
+            call.finish()  # the RPC has already ended
+        return call
+
+    @property
+    def active_calls(self) -> int:
+        with self._lock:
+            return len(self._calls)
+
+    @property
+    def inflight_bytes(self) -> int:
+        with self._lock:
+            return self._nbytes
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reaper.join()
+
+    # ---- internals ----------------------------------------------------------------------------------------
+
+    def _hold(self, call: Call, nbytes: int) -> None:
+        with self._lock:
+            if call.id not in self._calls:
+                return  # finished already (cancelled): nothing to count
+            if self._nbytes + nbytes > self.limits.max_inflight_bytes:
+                raise ResourceExhausted(
+                    f"the teacher holds {self._nbytes} bytes for the calls in flight and this call needs {nbytes} "
+                    f"more, beyond its limit of {self.limits.max_inflight_bytes}; retry shortly or send less per call"
+                )
+            self._nbytes += nbytes
+            call.nbytes += nbytes
+
+    def _finish(self, call: Call) -> None:
+        with self._lock:
+            if self._calls.pop(call.id, None) is None:
+                return
+            self._per_client[call.client] -= 1
+            if not self._per_client[call.client]:
+                del self._per_client[call.client]
+            self._nbytes -= call.nbytes
+            call.nbytes = 0
+
+    def _reap(self) -> None:
+        while not self._stop.wait(self.limits.reaper_interval_s):
+            now = time.monotonic()
+            with self._lock:
+                calls = list(self._calls.values())
+            for call in calls:
+                if call.cut is not None:
+                    continue
+                if now > call.deadline:
+                    call.cut = "deadline"
+                elif call.streaming and now - call.last_progress > self.limits.stream_idle_s:
+                    call.cut = "stalled"
+                else:
+                    continue
+                logger.info("cancelling %s call of client %s: %s", call.method, call.client,
+                            "past the server's deadline" if call.cut == "deadline" else
+                            f"stream without progress for {self.limits.stream_idle_s:.0f} s")
+                with self._lock:
+                    self.cut_calls[call.cut] += 1
+                if call.context is not None:
+                    call.context.cancel()
+                call.finish()
