@@ -161,8 +161,8 @@ def main() -> None:
                       f"teacher wait share {results[side][-1][1]:.3f} ({time.perf_counter() - start:.0f} s incl. "
                       "start-up)", flush=True)
             # The boundary alone: the same teacher calls through the client and in this process.
+            from genrecal.resilient_teacher import open_teacher
             from student_trainer.data import load_dataset_samples
-            from student_trainer.recipe import open_teacher
 
             torch.set_num_threads(args.threads)
             remote, local = open_teacher(addr=server.address), open_teacher(model=teacher)

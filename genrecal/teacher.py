@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -64,6 +65,42 @@ def split_rows(tensor: Tensor, counts: Sequence[int]) -> list[Tensor]:
     return list(torch.split(tensor, list(counts), dim=0))
 
 
+class Teacher(Protocol):
+    """What the student side needs of a teacher. :class:`InProcessTeacher`, the gRPC client
+    (:class:`genrecal.client.TeacherClient`) and the trainer's wrapper around either
+    (:class:`genrecal.resilient_teacher.ResilientTeacher`) all satisfy it.
+
+    ``encode`` returns one :class:`TeacherFeatures` per sample, in order; a remote teacher keeps the prediction
+    states server-side under ``handle`` until ``release``. ``score`` takes per-sample answer outputs
+    ``(La_i, D_l)`` and returns the micro-batch's :class:`~genrecal.head_scoring.HeadScore` and the per-sample
+    gradients with respect to those outputs.
+    """
+
+    @property
+    def hidden_size(self) -> int: ...  # D_l
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def identity(self) -> dict: ...  # JSON-able; see genrecal.identity.teacher_identity
+
+    def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]: ...
+
+    def score(
+        self,
+        features: Sequence[TeacherFeatures],
+        answer_outputs: Sequence[Tensor],
+        *,
+        normalizer: float | None = None,
+        ce_weight: float = 1.0,
+        kl_weight: float = 1.0,
+    ) -> tuple[HeadScore, list[Tensor]]: ...
+
+    def release(self, features: Sequence[TeacherFeatures]) -> object: ...
+
+    def close(self) -> None: ...
+
+
 class InProcessTeacher:
     """A frozen teacher VLM in this process: encodes samples and scores answer outputs with its head."""
 
@@ -105,6 +142,9 @@ class InProcessTeacher:
 
     def release(self, features: Sequence[TeacherFeatures]) -> None:
         """Nothing to free in-process (a remote teacher drops the prediction states it keeps for ``features``)."""
+
+    def close(self) -> None:
+        """Nothing to close: the model's memory is freed when the last reference to this teacher goes."""
 
     def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
         model = self.vlm.model

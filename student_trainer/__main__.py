@@ -112,12 +112,15 @@ def train(argv: list[str]) -> int:
 
     import torch.distributed as dist
 
-    from student_trainer.recipe import RunRefusedError, init_distributed, run_training
+    from genrecal.resilient_teacher import TeacherMismatchError
+    from student_trainer.distributed import init_distributed
+    from student_trainer.driver import run_training
+    from student_trainer.layout import RunRefusedError
 
     ctx = init_distributed()
     try:
         run_training(config, ctx)
-    except RunRefusedError as exc:
+    except (RunRefusedError, TeacherMismatchError) as exc:
         if ctx.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -150,9 +153,9 @@ def align_command(argv: list[str]) -> int:
 
     from genrecal.families import load_vlm
     from genrecal.recalibrator import Recalibrator
+    from genrecal.resilient_teacher import open_teacher
     from student_trainer.alignment import alignment_matrix, diagonal_gap, plot_alignment
     from student_trainer.data import load_dataset_samples
-    from student_trainer.recipe import open_teacher
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and bf16) else torch.float32

@@ -19,7 +19,9 @@ from deepspeed.utils import safe_get_full_grad
 from genrecal.stages import Stage
 from student_trainer.config import TrainConfig
 from student_trainer.data import load_dataset_samples
-from student_trainer.recipe import StageRecipe, connect_teacher, init_distributed
+from student_trainer.distributed import init_distributed
+from student_trainer.driver import connect_teacher
+from student_trainer.recipe import StageRecipe
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

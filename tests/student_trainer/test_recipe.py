@@ -143,7 +143,7 @@ def test_every_flag_has_help():
 
 
 def test_deepspeed_config_autos_are_filled_and_conflicts_refused(models, vqa_data, tmp_path):
-    from student_trainer.recipe import resolve_deepspeed_config
+    from student_trainer.deepspeed_config import resolve_deepspeed_config
 
     _, student = models
     config = TrainConfig(student=str(student), data=str(vqa_data), output=str(tmp_path / "o"), stages="3",
@@ -166,8 +166,10 @@ def test_deepspeed_config_autos_are_filled_and_conflicts_refused(models, vqa_dat
 
 def test_teacher_identity_and_manifest_guard(models, tmp_path):
     from genrecal.families import load_vlm
+    from genrecal.resilient_teacher import TeacherMismatchError
     from genrecal.teacher import InProcessTeacher
-    from student_trainer.recipe import DistContext, TeacherMismatchError, check_teacher_identity
+    from student_trainer.distributed import DistContext
+    from student_trainer.layout import check_teacher_identity
 
     teacher_path, _ = models
     identity = InProcessTeacher(load_vlm(teacher_path)).identity()
@@ -252,7 +254,7 @@ def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env
     from genrecal.stages import Stage, set_trainable
     from genrecal.teacher import InProcessTeacher
     from student_trainer.data import load_dataset_samples
-    from student_trainer.recipe import _seed_everything
+    from student_trainer.distributed import seed_everything
 
     teacher_path, student_path = models
     out = tmp_path / "grads.pt"
@@ -268,7 +270,7 @@ def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env
     by_id = {s.sample_id: s for s in samples}
     teacher = InProcessTeacher(load_vlm(teacher_path))
     student = load_vlm(student_path)
-    _seed_everything(3 + 2)  # the probe's seed + stage: the same fresh Recalibrator
+    seed_everything(3 + 2)  # the probe's seed + stage: the same fresh Recalibrator
     recalibrator = Recalibrator(student.adapter.recalibrator_spec(student.model), teacher.hidden_size, num_blocks=2)
     student.model.train()
     set_trainable(Stage.DISTILLATION, student.adapter.parameter_groups(student.model), recalibrator)
@@ -395,3 +397,31 @@ def test_eval_and_align_commands(uninterrupted_run, models, vqa_data, tmp_path, 
                  str(stage1 / "recalibrator.safetensors"), "--teacher-model", str(teacher_path), "--data",
                  str(vqa_data), "--limit", "4", "--out", str(png)]) == 0
     assert "diagonal gap" in capsys.readouterr().out and png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_linear_schedule_is_the_closed_form_and_resumes_from_its_state(steps):
+    from student_trainer.recipe import linear_schedule
+
+    def rates(optimizer, scheduler, n):
+        out = []
+        for _ in range(n):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    lr, lr_end = 1e-4, 1e-5
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=lr)
+    scheduler = linear_schedule(optimizer, steps, lr, lr_end)
+    span = max(steps - 1, 1)
+    expected = [lr + (lr_end - lr) * min(k, span) / span for k in range(steps + 2)]  # stays at lr_end after
+    half = (steps + 2) // 2
+    first = rates(optimizer, scheduler, half)
+    resumed_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    resumed_opt.load_state_dict(optimizer.state_dict())
+    resumed = linear_schedule(resumed_opt, steps, lr, lr_end)
+    resumed.load_state_dict(scheduler.state_dict())
+    second = rates(resumed_opt, resumed, steps + 2 - half)
+    assert first + second == pytest.approx(expected, rel=1e-9)

@@ -1,4 +1,4 @@
-"""The trainer's teacher wrapper (:class:`student_trainer.recipe.TimedTeacher`) survives a teacher restart.
+"""The trainer's teacher wrapper (:class:`genrecal.resilient_teacher.ResilientTeacher`) survives a teacher restart.
 
 A restarted teacher has lost the states it kept under the handles of ``encode``; the wrapper re-encodes those
 samples, checks the new features against the old ones, swaps the handles into the existing feature objects and
@@ -22,10 +22,10 @@ from genrecal.client import HandleLost
 from genrecal.distill import LossConfig, genrecal_objective
 from genrecal.families import load_vlm
 from genrecal.recalibrator import Recalibrator
+from genrecal.resilient_teacher import ResilientTeacher, TeacherMismatchError, open_teacher
 from genrecal.sample import Sample, Turn
 from genrecal.stages import Stage, set_trainable
 from genrecal.teacher import InProcessTeacher
-from student_trainer.recipe import TeacherMismatchError, TimedTeacher, open_teacher
 from teacher_server.launch import TeacherProcess, free_port
 from tests.conftest import random_image
 
@@ -149,7 +149,7 @@ class ForgetfulTeacher:
 def test_lost_handles_are_reencoded_and_the_gradients_unchanged(teacher_path, student, rng, caplog):
     samples = make_samples(rng)
     stand_in = ForgetfulTeacher(InProcessTeacher(load_vlm(teacher_path)))
-    teacher = TimedTeacher(stand_in)
+    teacher = ResilientTeacher(stand_in)
     features = teacher.encode(samples)
     reference = distillation_gradients(student, teacher, samples, features)
     stand_in.restart()
@@ -166,7 +166,7 @@ def test_lost_handles_are_reencoded_and_the_gradients_unchanged(teacher_path, st
 def test_a_teacher_that_reencodes_differently_is_refused(teacher_path, tiny_checkpoint, rng):
     samples = make_samples(rng)
     stand_in = ForgetfulTeacher(InProcessTeacher(load_vlm(teacher_path)))
-    teacher = TimedTeacher(stand_in)
+    teacher = ResilientTeacher(stand_in)
     features = teacher.encode(samples)
     other = tiny_checkpoint("qwen2_vl", tokenizer="llama2", hidden_size=96)  # other tokenizer: other answer ids
     stand_in.restart(InProcessTeacher(load_vlm(other)))
@@ -182,4 +182,4 @@ def test_features_not_encoded_through_the_wrapper_cannot_be_recovered(teacher_pa
     stand_in.restart()
     outputs = [torch.zeros(f.num_answer_tokens, stand_in.hidden_size) for f in features]
     with pytest.raises(RuntimeError, match="not encoded through this wrapper"):
-        TimedTeacher(stand_in).score(features, outputs)
+        ResilientTeacher(stand_in).score(features, outputs)

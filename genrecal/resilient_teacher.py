@@ -1,0 +1,244 @@
+"""The teacher as the trainer uses it: timed, and riding out a restart of a remote teacher.
+
+:class:`ResilientTeacher` wraps any :class:`genrecal.teacher.Teacher` — the gRPC client
+(:class:`genrecal.client.TeacherClient`) or an :class:`genrecal.teacher.InProcessTeacher` — and satisfies the same
+protocol, adding the seconds spent waiting on the teacher (``wait_s``) and, for a remote teacher, recovery from
+lost handles. :func:`open_teacher` builds one from an address or a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from genrecal.client import HandleLost, TeacherClient, TeacherError, TeacherUnavailable
+from genrecal.families import load_vlm
+from genrecal.head_scoring import HeadScore
+from genrecal.sample import Sample
+from genrecal.teacher import InProcessTeacher, Teacher, TeacherFeatures
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherMismatchError(ValueError):
+    """The teacher differs from the one the run (its manifest, or the step's features) was started with."""
+
+
+class ServedTeacher(Teacher, Protocol):
+    """A teacher behind a service: it can be waited for, and pinned to one model revision."""
+
+    address: str
+    expect_revision: str | None
+
+    def wait_until_serving(self, timeout_s: float = 300.0) -> None: ...
+
+
+class ResilientTeacher:
+    """Wraps a teacher (in-process or remote), adds up the seconds spent waiting on it, and rides out a restart of
+    a remote teacher without losing or repeating a step.
+
+    **Teacher restarts.** A remote teacher keeps each sample's prediction states under a handle between
+    ``encode`` and ``score``; a restarted (or memory-pressed) teacher has lost them and ``score`` raises
+    :class:`~genrecal.client.HandleLost`. The wrapper remembers the sample behind every handle it encoded, so it
+    then re-encodes the score call's samples, checks that the new features have the originals' sample ids,
+    answer token ids and feature shapes (a different teacher cannot answer at all: the client sends the run's
+    ``expect_revision``, which such a server refuses), moves the new handles into the *existing* feature objects
+    and retries the score once. The student keeps the features it already has, and a deterministic teacher
+    recomputes the same prediction states, so the step's mathematics is unchanged. Each recovery logs a warning
+    and counts in ``recoveries``.
+
+    Waiting for the teacher to come back is bounded in two layers: the client retries UNAVAILABLE with
+    exponential backoff (0.5 s doubling, capped at 15 s, ``retries`` times: about 15 s for 5 retries, 60 s for
+    8, plus 15 s per further retry); when those are spent, the wrapper waits up to ``restart_wait_s`` seconds for
+    the teacher's health to turn SERVING (a big teacher takes minutes to load) and then repeats the call once, so
+    one call waits at most about ``2 x client backoff + restart_wait_s``. An in-process teacher has no handles
+    and never becomes unavailable: the wrapper only times it.
+    """
+
+    def __init__(self, teacher: Teacher, *, restart_wait_s: float | None = None, one_request_per_step: bool = False,
+                 **encode_kwargs):
+        self.teacher = teacher
+        self.encode_kwargs = encode_kwargs  # e.g. the remote client's max_length
+        self.restart_wait_s = restart_wait_s  # None: give up when the client's own retries are spent
+        self.one_request_per_step = one_request_per_step  # encode_step: all micro-batches in one encode call
+        self.wait_s = 0.0
+        self.recoveries = 0  # re-encodes after a lost handle (teacher restarted or evicted our states)
+        self._samples: dict[str, Sample] = {}  # handle -> the sample encoded under it (remote teachers only)
+
+    # ---- the Teacher protocol -----------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.teacher.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.teacher.vocab_size
+
+    def identity(self) -> dict:
+        return self.teacher.identity()
+
+    def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
+        samples = list(samples)
+        features = self._timed(self._encode, samples)
+        for sample, f in zip(samples, features, strict=True):
+            if f.handle:
+                self._samples[f.handle] = sample
+        return features
+
+    def score(self, features: Sequence[TeacherFeatures], answer_outputs: Sequence[Tensor], **kwargs
+              ) -> tuple[HeadScore, list[Tensor]]:
+        return self._timed(self._score, features, answer_outputs, **kwargs)
+
+    def release(self, features: Sequence[TeacherFeatures]) -> None:
+        for f in features:
+            if f.handle:
+                self._samples.pop(f.handle, None)
+        self._timed(self._patient, "release", lambda: self.teacher.release(features))
+
+    def close(self) -> None:
+        """Close the teacher and drop it (an in-process teacher's memory goes with the last reference)."""
+        if self.teacher is not None:
+            self.teacher.close()
+        self.teacher = None
+
+    # ---- beyond the protocol ------------------------------------------------------------------------------
+    def pin_revision(self, revision: str) -> None:
+        """A remote teacher is then asked to refuse every call should another model be swapped in mid-run."""
+        if hasattr(self.teacher, "expect_revision"):
+            self.teacher.expect_revision = revision
+
+    def encode_step(self, groups: Sequence[Sequence[Sample]]) -> list[list[TeacherFeatures]]:
+        """The features of one optimizer step's micro-batches (``groups``), per micro-batch.
+
+        A remote teacher gets them in ONE request (``one_request_per_step``): one round trip and one batching wait
+        instead of ``grad_accum``, and the server splits its forwards by its own ``max_batch_tokens``. An
+        in-process teacher encodes micro-batch by micro-batch, so its forward never exceeds a micro-batch.
+        """
+        if not self.one_request_per_step:
+            return [self.encode(group) for group in groups]
+        flat = self.encode([sample for group in groups for sample in group])
+        bounds = np.cumsum([0, *map(len, groups)]).tolist()
+        return [flat[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    # ---- plumbing -----------------------------------------------------------------------------------------
+    def _timed(self, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.wait_s += time.perf_counter() - start
+
+    def _patient(self, method: str, fn):
+        """``fn()``; when the client's UNAVAILABLE retries are spent, wait for the teacher to serve, then once more."""
+        try:
+            return fn()
+        except TeacherUnavailable as exc:
+            if not self.restart_wait_s:
+                raise
+            logger.warning(
+                "teacher unavailable for %s after the client's retries (%s); waiting up to %.0f s for it to serve "
+                "again (restarting?)", method, exc.details, self.restart_wait_s,
+            )
+            self.teacher.wait_until_serving(self.restart_wait_s)
+            return fn()
+
+    def _encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
+        features = self._patient("encode", lambda: self.teacher.encode(samples, **self.encode_kwargs))
+        if len(features) != len(samples):
+            raise RuntimeError(f"the teacher returned {len(features)} features for {len(samples)} samples")
+        return features
+
+    def _score(self, features: Sequence[TeacherFeatures], *args, **kwargs):
+        def call():
+            return self._patient("score", lambda: self.teacher.score(features, *args, **kwargs))
+
+        try:
+            return call()
+        except HandleLost as lost:
+            self._reencode(features, lost)
+        return call()  # once: the handles are fresh
+
+    def _reencode(self, features: Sequence[TeacherFeatures], lost: HandleLost) -> None:
+        """Re-encode ``features``' samples and move the new handles into ``features`` (in place)."""
+        unknown = [f.sample_id for f in features if f.handle not in self._samples]
+        if unknown:
+            raise RuntimeError(
+                f"the teacher lost the handles of samples {unknown}, which were not encoded through this wrapper, "
+                "so they cannot be re-encoded"
+            ) from lost
+        samples = [self._samples[f.handle] for f in features]
+        logger.warning(
+            "teacher lost the states of %d sample(s) (%s): restarted or evicted them; re-encoding and retrying the "
+            "score", len(features), lost.details,
+        )
+        fresh = self._encode(samples)
+        for old, new in zip(features, fresh, strict=True):
+            problem = _feature_difference(old, new)
+            if problem:
+                raise TeacherMismatchError(
+                    f"after a teacher restart, sample {old.sample_id!r} re-encodes differently ({problem}): the "
+                    f"teacher at {getattr(self.teacher, 'address', '?')} is not the one this step started with. "
+                    "Restart it with the run's teacher checkpoint and rerun the command to resume"
+                )
+        stale = [replace(f) for f in features]  # the old handles, for a best-effort release
+        for old, new, sample in zip(features, fresh, samples, strict=True):
+            del self._samples[old.handle]
+            old.handle = new.handle
+            self._samples[new.handle] = sample
+        try:  # frees what an eviction left behind; after a restart there is nothing left and this is a no-op
+            self.teacher.release(stale)
+        except TeacherError as exc:
+            logger.debug("releasing stale handles failed (ignored): %s", exc)
+        self.recoveries += 1
+        logger.warning("teacher recovered: %d sample(s) re-encoded with identical answers (recovery %d)",
+                       len(features), self.recoveries)
+
+
+def _feature_difference(old: TeacherFeatures, new: TeacherFeatures) -> str | None:
+    """What differs between a sample's original and re-encoded teacher features (ids and shapes), or None."""
+    if old.sample_id != new.sample_id:
+        return f"sample id {new.sample_id!r}"
+    if not torch.equal(old.answer_token_ids.cpu(), new.answer_token_ids.cpu()):
+        return f"answer token ids {new.answer_token_ids.tolist()} instead of {old.answer_token_ids.tolist()}"
+    for name in ("answer_segments", "question_segments"):
+        before = [tuple(t.shape) for t in getattr(old, name)]
+        after = [tuple(t.shape) for t in getattr(new, name)]
+        if before != after:
+            return f"{name} shapes {after} instead of {before}"
+    return None
+
+
+def open_teacher(
+    *,
+    addr: str | None = None,
+    model: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_length: int | None = None,
+    chunk_size: int = 512,
+    timeout_s: float = 300.0,
+    retries: int = 5,
+) -> ResilientTeacher:
+    """A teacher: a connection to the service at ``addr``, or the checkpoint ``model`` loaded in this process.
+
+    Remote: every call has the deadline ``timeout_s``; UNAVAILABLE is retried ``retries`` times with backoff
+    (0.5 s doubling, capped at 15 s), and after that the wrapper waits up to ``timeout_s`` more for the teacher to
+    serve again (a restart) before it gives up (:class:`ResilientTeacher`).
+    """
+    if (addr is None) == (model is None):
+        raise ValueError("pass exactly one of a teacher address (--teacher-addr) and a teacher model (--teacher-model)")
+    if addr is not None:
+        client = TeacherClient(addr, timeout_s=timeout_s, retries=retries, backoff_s=0.5, max_backoff_s=15.0)
+        client.wait_until_serving(timeout_s)
+        return ResilientTeacher(client, restart_wait_s=timeout_s, one_request_per_step=True, max_length=max_length)
+    vlm = load_vlm(model, dtype=dtype)
+    vlm.model.to(device)
+    return ResilientTeacher(InProcessTeacher(vlm, max_length=max_length, chunk_size=chunk_size))

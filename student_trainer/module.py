@@ -1,0 +1,59 @@
+"""The module a stage trains: the student VLM and the Recalibrator as ONE ``nn.Module``, whose ``forward`` is the
+loss of one micro-batch (:func:`genrecal.distill.genrecal_objective`). A new loss option is a change here (and in
+:class:`genrecal.distill.LossConfig`), nowhere else in the trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from genrecal.distill import LossConfig, genrecal_objective
+from genrecal.families import EncodedBatch, LoadedVLM
+from genrecal.recalibrator import Recalibrator
+from genrecal.stages import Stage
+from genrecal.teacher import Teacher, TeacherFeatures
+
+STUDENT_PREFIX = "student."
+RECALIBRATOR_PREFIX = "recalibrator."
+
+
+class DistillationModule(nn.Module):
+    """The student VLM and the Recalibrator as ONE module, so DeepSpeed shards, steps and checkpoints them together.
+
+    ``state_dict`` keys are ``student.<the HF model's keys>`` and ``recalibrator.<Recalibrator keys>``.
+    """
+
+    def __init__(self, student: LoadedVLM, recalibrator: Recalibrator | None):
+        super().__init__()
+        self.student = student.model
+        self.recalibrator = recalibrator
+        self._student = student  # the adapter and processor around self.student (not a submodule)
+
+    def forward(
+        self,
+        stage: Stage,
+        batch: EncodedBatch,
+        *,
+        teacher: Teacher | None = None,
+        features: Sequence[TeacherFeatures] | None = None,
+        teacher_tokens: float | None = None,
+        student_tokens: float | None = None,
+        losses: LossConfig,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The micro-batch's loss (a tensor: DeepSpeed hooks its backward on it) and its metrics."""
+        objective = genrecal_objective(
+            stage, self._student, batch, recalibrator=self.recalibrator, teacher=teacher, features=features,
+            teacher_tokens=teacher_tokens, student_tokens=student_tokens, losses=losses,
+        )
+        return objective.loss, objective.metrics
+
+
+def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A :class:`DistillationModule` state dict as (the student's HF keys, the Recalibrator's keys)."""
+    student = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    recalibrator = {
+        k[len(RECALIBRATOR_PREFIX):]: v.contiguous() for k, v in state.items() if k.startswith(RECALIBRATOR_PREFIX)
+    }
+    return student, recalibrator
