@@ -79,6 +79,7 @@ class ReplicatedTeacher:
     def __init__(self, addresses: Sequence[str], *, probe_interval_s: float = 5.0, **client_kwargs):
         if not addresses:
             raise ValueError("ReplicatedTeacher needs at least one address")
+        self._client_kwargs = client_kwargs
         self.replicas = [_Replica(i, TeacherClient(a, **client_kwargs)) for i, a in enumerate(addresses)]
         self.probe_interval_s = probe_interval_s
         self._lock = threading.Lock()
@@ -210,6 +211,11 @@ class ReplicatedTeacher:
         """A dead (or never contacted) replica: health, then Info; alive again if it is the same teacher."""
         if not force and replica.dead_since and time.monotonic() - replica.dead_since < self.probe_interval_s:
             return
+        if replica.dead_since:  # a fresh channel: gRPC backs off reconnecting a failed one for up to minutes
+            old = replica.client
+            replica.client = TeacherClient(old.address, **self._client_kwargs)
+            replica.client.expect_revision = old.expect_revision
+            old.close()
         try:
             replica.client.wait_until_serving(timeout_s=min(2.0, replica.client.timeout_s))
             info = replica.client.info(refresh=True)

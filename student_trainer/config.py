@@ -44,7 +44,7 @@ class TrainConfig:
     student: str  # student checkpoint folder (HF format, a supported family); stage 1's starting point
     data: str  # training data: LLaVA JSON/JSONL, a parquet/arrow file or a datasets save_to_disk folder
     output: str  # run folder: checkpoints, stage exports, metrics, final student
-    teacher_addr: str | None = None  # HOST:PORT of the teacher service (stages 1 and 2)
+    teacher_addr: str | None = None  # HOST:PORT of the teacher service (stages 1 and 2); comma-separated: replicas
     teacher_model: str | None = None  # or: a teacher checkpoint folder run in this process (single machine)
     image_folder: str | None = None  # where image names in the data resolve (default: the data file's folder)
     data_limit: int | None = None  # use only the first N usable samples
@@ -114,9 +114,12 @@ class TrainConfig:
                 f"stages {self.stages} include stage 1 or 2, which need the teacher: pass --teacher-addr HOST:PORT "
                 "(a running teacher_server) or --teacher-model PATH (an in-process teacher), or run --stages 3"
             )
-        if self.teacher_addr is not None and not _HOST_PORT.match(self.teacher_addr):
+        if self.teacher_addr is not None and not all(
+            _HOST_PORT.match(part.strip()) for part in self.teacher_addr.split(",")
+        ):
             raise ValueError(
-                f"teacher_addr must be HOST:PORT (e.g. teacher-node:50051 or [::1]:50051), got {self.teacher_addr!r}"
+                "teacher_addr must be HOST:PORT (e.g. teacher-node:50051 or [::1]:50051), or several separated by "
+                f"commas for teacher replicas, got {self.teacher_addr!r}"
             )
         if self.teacher_model is not None and not (Path(self.teacher_model) / "config.json").is_file():
             raise ValueError(

@@ -244,6 +244,6 @@ def test_health_serving_then_not_serving_on_sigterm(request, teacher_path, backe
     except grpc.RpcError:
         pass  # the stream ends when the server stops
     assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
-    assert process.proc.wait(60) == 0
+    assert process.proc.wait(60 if backend == "transformers" else 300) == 0  # vLLM's own shutdown takes ~15-40 s
     assert "teacher server stopped" in process.log
     channel.close()

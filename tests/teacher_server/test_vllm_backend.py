@@ -90,13 +90,3 @@ def test_cpu_head_size_vllm_cannot_run_is_refused_at_start_up(tiny_checkpoint, v
     path = tiny_checkpoint("qwen2_vl")  # head size 64 / 4 = 16
     with pytest.raises(RuntimeError, match=r"CPU attention supports head sizes .* has 16"):
         TeacherProcess(path, *VLLM_FLAGS, python=vllm_python, timeout_s=START_S)
-
-
-def test_vllm_flags_need_the_vllm_backend(tiny_checkpoint):
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "teacher_server", "--model", str(tiny_checkpoint("qwen2_vl")),
-                             "--tensor-parallel-size", "2"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--tensor-parallel-size only apply to --backend vllm" in result.stderr
-
