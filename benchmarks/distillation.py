@@ -1,45 +1,44 @@
-"""Held-out accuracy of a distilled student: GenRecal vs SFT, its ablations and logit baselines, on equal budgets.
+"""Does the distillation transfer the teacher's knowledge? GenRecal vs SFT, its ablations and logit baselines.
 
-    python benchmarks/distillation.py --teacher DIR --data DIR [--seeds 0,1,2] [--steps-per-stage N] [--out runs/bench]
+    python benchmarks/distillation.py [--seeds 0,1,2,3,4] [--steps-per-stage N] [--jobs 2] [--out runs/bench]
 
-Runs everything in ONE process with :func:`genrecal.inprocess.run_stages` (plain PyTorch AdamW, teacher and
-student side by side; not the DeepSpeed ``student_trainer``).
+Every row is trained by the shipped trainer, ``python -m student_trainer`` (DeepSpeed, one process per run), and
+evaluated by it on the same test questions (``--eval-data``); the rows that need the teacher's hidden states use
+ONE ``python -m teacher_server`` for all of them, the logit baselines the trainer's in-process teacher
+(``--teacher-model``, ``--logit-distillation``). The models are the demo's (:mod:`demo.models`: a teacher that
+sees, pre-trained on easy-VQA's clean training split; base students of another family and tokenizer, and of the
+teacher's tokenizer, pre-trained on the warm-up pool); the data is :mod:`demo.splits`' distillation set with
+``--label-noise`` of its answers wrong. Per seed every row starts from the same base student with the same data
+order, micro-batch size and accumulation; the seed changes the data order and the Recalibrator's initialisation.
 
-Every student starts from a *base* student, as in the paper (whose students are pretrained VLMs): per seed, a
-tiny checkpoint (``genrecal.tiny.write_tiny_checkpoint`` with that seed) plus ``--warmup-steps`` of plain SFT on
-a warm-up pool that is disjoint from the distillation data (every 4th record of ``train.json``; the other three
-quarters are the distillation data). Without that warm-up the student's head is random until stage 3 (stages 1
-and 2 never train it), which is not the setting the paper describes. Then, per seed, every variant starts from
-the SAME base checkpoint with the same data-order seed and micro-batch size / accumulation:
+    sft               stage 3 only, 3N steps (equal optimizer steps)            cross-tokenizer student
+    sft_n             stage 3 only, N steps (GenRecal's stage 3 alone)           cross-tokenizer student
+    genrecal          stages 1 -> 2 -> 3, N steps each                          cross-tokenizer student
+    genrecal_no_reg   the same without the regularisation path (--no-regularisation)
+    genrecal_kl_only  the same without L_ar, KL only (--ce-weight 0)
+    uld               stage 3 + ULD (--logit-distillation uld), 3N steps        cross-tokenizer student
+    same_tok_sft      stage 3 only, 3N steps                                    student with the teacher's tokenizer
+    same_tok_kd       stage 3 + token-level KD (--logit-distillation kd), 3N    student with the teacher's tokenizer
 
-    sft              stage 3 only, 3N steps  (equal optimizer steps)   (cross-tokenizer student)
-    sft_n            stage 3 only, N steps   (GenRecal's stage 3 without stages 1-2)
-    genrecal         stages 1 -> 2 -> 3, N steps each
-    genrecal_no_reg  the same without the regularisation path        (LossConfig(regularisation=False))
-    genrecal_kl_only the same without L_ar, KL only                  (LossConfig(ce_weight=0))
-    uld              stage 3 + ULD cross-tokenizer logit loss, 3N steps
-    same_tok_sft     stage 3 only, 3N steps                          (student that shares the teacher's tokenizer)
-    same_tok_kd      stage 3 + token-level KD, 3N steps              (same-tokenizer student)
-
-plus the teacher and both base students. Accuracy is exact match (``student_trainer.evaluate``, greedy) on the
-same ``test.json`` subset for all. ``--data`` is a folder with LLaVA-format ``train.json`` / ``test.json``
-(``demo/easy_vqa.py``'s layout); when it has no ``train.json``, easy-VQA is converted into it
-(``--train-limit`` / ``--test-limit``). Without ``--teacher``, ``demo.teacher.prepare_teacher(cache_dir,
-data_dir)`` is used. Writes ``OUT/results.json`` and ``OUT/results.md`` and prints both.
+plus ``teacher`` and ``base_student``. Paired differences (same seed) get a 95 % confidence interval
+(Student's t over seeds). Writes ``OUT/results.json`` (everything, with every run's timings) and
+``benchmarks/results/distillation.json`` (``--results``: per-seed accuracies, command, machine, date) and
+prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import platform
-import shutil
+import shlex
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,260 +49,254 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-
-from demo.teacher import split_for_warmup  # noqa: E402
-from genrecal.distill import LossConfig  # noqa: E402
-from genrecal.inprocess import StageRunConfig, run_stages  # noqa: E402
-from genrecal.tiny import TinySizes, write_tiny_checkpoint  # noqa: E402
-
-logger = logging.getLogger("benchmarks.distillation")
+RESULTS = REPO / "benchmarks" / "results" / "distillation.json"
+# Two-sided 95 % quantiles of Student's t, by degrees of freedom (n_seeds - 1).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}
 
 
 @dataclass(frozen=True)
-class Variant:
-    student: str  # "cross" (another tokenizer than the teacher's) or "same" (the teacher's tokenizer)
-    stages: tuple[int, ...]
-    losses: dict = field(default_factory=dict)  # LossConfig keyword arguments
-    baseline: str | None = None  # logit-distillation term added to stage 3 ("uld" or "kd")
+class Row:
+    student: str  # "cross" (another family and tokenizer than the teacher's) or "same" (the teacher's tokenizer)
+    stages: str
+    flags: tuple[str, ...] = ()
     steps_factor: int = 1  # steps per stage = steps_factor x N
+    teacher: str | None = None  # "server" (--teacher-addr) or "inprocess" (--teacher-model)
+    label: str = ""
 
 
-VARIANTS: dict[str, Variant] = {
-    "sft": Variant("cross", (3,), steps_factor=3),
-    "sft_n": Variant("cross", (3,)),
-    "genrecal": Variant("cross", (1, 2, 3)),
-    "genrecal_no_reg": Variant("cross", (1, 2, 3), {"regularisation": False}),
-    "genrecal_kl_only": Variant("cross", (1, 2, 3), {"ce_weight": 0.0}),
-    "uld": Variant("cross", (3,), baseline="uld", steps_factor=3),
-    "same_tok_sft": Variant("same", (3,), steps_factor=3),
-    "same_tok_kd": Variant("same", (3,), baseline="kd", steps_factor=3),
+ROWS: dict[str, Row] = {
+    "sft": Row("cross", "3", steps_factor=3, label="SFT (stage 3 only, 3N steps)"),
+    "sft_n": Row("cross", "3", label="SFT (stage 3 only, N steps: GenRecal's stage 3 alone)"),
+    "genrecal": Row("cross", "1,2,3", teacher="server", label="GenRecal 1->2->3 (N each)"),
+    "genrecal_no_reg": Row("cross", "1,2,3", ("--no-regularisation",), teacher="server",
+                           label="GenRecal w/o regularisation path (L2)"),
+    "genrecal_kl_only": Row("cross", "1,2,3", ("--ce-weight", "0"), teacher="server",
+                            label="GenRecal w/o L_ar (KL only)"),
+    "uld": Row("cross", "3", ("--logit-distillation", "uld"), steps_factor=3, teacher="inprocess",
+               label="ULD (stage 3 + ULD, 3N steps)"),
+    "same_tok_sft": Row("same", "3", steps_factor=3, label="SFT, teacher's tokenizer (3N)"),
+    "same_tok_kd": Row("same", "3", ("--logit-distillation", "kd"), steps_factor=3, teacher="inprocess",
+                       label="token-level KD, teacher's tokenizer (3N)"),
 }
-LABELS = {
-    "teacher": "teacher",
-    "base": "base student, cross-tokenizer (before distillation)",
-    "sft": "SFT (stage 3 only, 3N steps)",
-    "sft_n": "SFT (stage 3 only, N steps)",
-    "genrecal": "GenRecal 1->2->3 (N each)",
-    "genrecal_no_reg": "GenRecal w/o regularisation (L2)",
-    "genrecal_kl_only": "GenRecal w/o L_ar (KL only)",
-    "uld": "ULD baseline (3N steps)",
-    "base_same_tok": "base student, teacher's tokenizer (before distillation)",
-    "same_tok_sft": "SFT, same-tokenizer student (3N)",
-    "same_tok_kd": "token-level KD, same-tokenizer student (3N)",
-}
+# (a, b): report a - b, paired by seed.
+COMPARISONS = (("same_tok_kd", "same_tok_sft"), ("genrecal", "sft"), ("genrecal", "uld"), ("uld", "sft"),
+               ("genrecal", "sft_n"),
+               ("genrecal", "genrecal_no_reg"), ("genrecal", "genrecal_kl_only"), ("sft", "base_student"))
 
 
 @dataclass
 class BenchConfig:
     """Defaults: the configuration of the table in docs/benchmarks.md."""
 
-    seeds: list[int]
-    steps_per_stage: int = 200  # N
-    warmup_steps: int = 100  # SFT steps that make the base student from the tiny random checkpoint
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-3
-    lr_end: float = 2e-4
-    baseline_weight: float = 1.0
-    test_limit: int = 300
-    eval_batch_size: int = 16
-    max_new_tokens: int = 5
-    student_family: str = "internvl"
-    student_tokenizer: str = "llama2"
-    student_hidden: int = 64
-    same_family: str = "qwen2_vl"
-    same_tokenizer: str = "gpt2"
-    same_hidden: int = 64
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    steps_per_stage: int = 40  # N
+    micro_batch_size: int = 8
+    grad_accum: int = 2
+    lr: float = 1e-3
+    lr_end: float = 1e-4
+    label_noise: float = 0.4
+    distill_limit: int | None = None  # distillation records used (None: all)
+    test_limit: int = 1000
+    jobs: int = 2  # trainer processes at a time (each gets one thread)
+    deepspeed: str = "student_trainer/configs/zero2.json"
 
 
-def student_sizes(hidden: int) -> TinySizes:
-    return TinySizes(hidden_size=hidden, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=2 * hidden,
-                     vision_hidden_size=32, vision_layers=1, vision_heads=2)
+def trainer_command(row: Row, student: Path, teacher: Path, teacher_addr: str | None, data: Path, test: Path,
+                    out: Path, seed: int, cfg: BenchConfig) -> list[str]:
+    cmd = [sys.executable, "-m", "student_trainer", "--student", str(student), "--data", str(data),
+           "--output", str(out), "--stages", row.stages, "--deepspeed", cfg.deepspeed,
+           "--steps-per-stage", str(cfg.steps_per_stage * row.steps_factor), "--grad-accum", str(cfg.grad_accum),
+           "--micro-batch-size", str(cfg.micro_batch_size), "--lr", str(cfg.lr), "--lr-end", str(cfg.lr_end),
+           "--seed", str(seed), "--save-every", "1000000", "--no-tensorboard",
+           "--eval-data", str(test), "--eval-limit", str(cfg.test_limit), *row.flags]
+    if row.teacher == "server":
+        cmd += ["--teacher-addr", teacher_addr]
+    elif row.teacher == "inprocess":
+        cmd += ["--teacher-model", str(teacher)]
+    return cmd
 
 
-def write_students(root: Path, seed: int, cfg: BenchConfig, warmup: list, kinds: set[str]) -> dict[str, Path]:
-    """The base students of one seed: tiny checkpoints seeded with ``seed``, then ``cfg.warmup_steps`` of SFT on
-    ``warmup`` (none when 0). Reused if already complete in ``root``."""
-    specs = {"cross": (cfg.student_family, cfg.student_tokenizer, cfg.student_hidden),
-             "same": (cfg.same_family, cfg.same_tokenizer, cfg.same_hidden)}
-    paths = {}
-    for kind in sorted(kinds):
-        family, tokenizer, hidden = specs[kind]
-        init = root / f"seed{seed}" / f"student_{kind}"
-        if not (init / "model.safetensors").is_file():
-            write_tiny_checkpoint(family, init, sizes=student_sizes(hidden), tokenizer=tokenizer, seed=seed)
-        paths[kind] = init
-        if cfg.warmup_steps:
-            run = root / f"seed{seed}" / f"student_{kind}_warmup"
-            if not (run / "stage3" / "student" / "model.safetensors").is_file():
-                config = StageRunConfig(stages=[3], steps_per_stage=cfg.warmup_steps, batch_size=cfg.batch_size,
-                                        grad_accum=cfg.grad_accum, lr=cfg.lr, lr_end=cfg.lr_end, seed=seed + 1000)
-                run_stages(None, init, warmup, run, config)
-            paths[kind] = run / "stage3" / "student"
-    return paths
+def run_one(name: str, cmd: list[str], out: Path) -> dict:
+    """Train and evaluate one row of one seed (resumes a finished run: the trainer skips finished stages)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one thread per run: --jobs runs share the cores
+    started = time.perf_counter()
+    with open(out / "bench.log", "w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        tail = "".join((out / "bench.log").read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{name}: trainer failed ({result.returncode}); {out / 'bench.log'}:\n{tail}")
+    report = json.loads((out / "eval.json").read_text())
+    return {"accuracy": report["accuracy"], "per_type": {t: v["accuracy"] for t, v in report["per_type"].items()},
+            "count": report["count"], "seconds": round(seconds, 1)}
 
 
-def stage_config(variant: str, seed: int, cfg: BenchConfig) -> StageRunConfig:
-    spec = VARIANTS[variant]
-    return StageRunConfig(stages=list(spec.stages), steps_per_stage=cfg.steps_per_stage * spec.steps_factor,
-                          batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, lr_end=cfg.lr_end,
-                          seed=seed, losses=LossConfig(**spec.losses), baseline=spec.baseline,
-                          baseline_weight=cfg.baseline_weight)
+def paired(a: dict[str, float], b: dict[str, float]) -> dict:
+    """Mean of ``a - b`` over the seeds both have, with a two-sided 95 % t interval (points, 0-100)."""
+    seeds = sorted(set(a) & set(b), key=int)
+    diffs = [100 * (a[s] - b[s]) for s in seeds]
+    if not diffs:
+        return {"n": 0}
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"n": 1, "mean": mean, "per_seed": diffs}
+    sem = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    df = len(diffs) - 1
+    t = T95.get(df) or T95[max(k for k in T95 if k <= df)]
+    return {"n": len(diffs), "mean": mean, "sem": sem, "ci95": [mean - t * sem, mean + t * sem], "per_seed": diffs}
 
 
-def run_variant(variant: str, teacher: Path, student: Path, samples, out: Path, seed: int, cfg: BenchConfig) -> Path:
-    """Train one variant from ``student``; return the final student checkpoint folder."""
-    config = stage_config(variant, seed, cfg)
-    run_stages(teacher, student, samples, out, config)
-    return out / f"stage{config.stages[-1]}" / "student"
-
-
-def score(model_dir: Path, test_json: Path, cfg: BenchConfig) -> dict:
+def evaluate_model(path: Path, test: Path, limit: int) -> dict:
     from student_trainer.evaluate import evaluate
 
-    report = evaluate(model_dir, test_json, limit=cfg.test_limit, batch_size=cfg.eval_batch_size,
-                      max_new_tokens=cfg.max_new_tokens, device="cpu")
-    return {"accuracy": report.accuracy, "count": report.count,
-            "per_type": {t: acc for t, (acc, _) in report.per_type.items()}}
+    report = evaluate(path, test, limit=limit, batch_size=32, max_new_tokens=6)
+    return {"accuracy": report.accuracy, "per_type": {t: acc for t, (acc, _) in report.per_type.items()},
+            "count": report.count}
 
 
-def summarise(runs: list[dict]) -> dict:
-    accs = [r["accuracy"] for r in runs]
-    types = sorted({t for r in runs for t in r["per_type"]})
-    return {
-        "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs),
-        "per_seed": accs,
-        "per_type_mean": {t: statistics.fmean(r["per_type"][t] for r in runs if t in r["per_type"]) for t in types},
-    }
+MODEL_KINDS = ("teacher", "student", "student_same_tok")
 
 
-def run_benchmark(teacher: Path, data: Path, out: Path, cfg: BenchConfig, variants: list[str] | None = None) -> dict:
-    """Every variant x seed, plus teacher and base students; writes ``out/results.json`` and returns it."""
-    from student_trainer.data import load_dataset_samples
+def run_benchmark(cfg: BenchConfig, out: Path, rows: list[str], *, data: Path | None = None,
+                  models: dict[str, Path] | None = None) -> dict:
+    """Every row x seed; ``data`` (default: easy-VQA converted into OUT/data) and ``models`` (default: the demo's,
+    :func:`demo.models.prepare_models`) may be given."""
+    from tqdm.auto import tqdm
 
-    variants = variants or list(VARIANTS)
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    from demo.splits import write_splits
+    from teacher_server.launch import TeacherProcess
+
     out.mkdir(parents=True, exist_ok=True)
-    train_json, test_json = data / "train.json", data / "test.json"
-    samples, _ = load_dataset_samples(train_json)
-    warmup, samples = split_for_warmup(samples)
-    started = time.time()
-    results: dict = {"config": asdict(cfg), "teacher_path": str(teacher), "data": str(data),
-                     "train_samples": len(samples), "warmup_samples": len(warmup), "variants": {}, "timing_s": {}}
-    t0 = time.time()
-    results["teacher"] = score(teacher, test_json, cfg)
-    results["timing_s"]["teacher_eval"] = round(time.time() - t0, 1)
-    kinds = {VARIANTS[v].student for v in variants}
-    base_rows = {"cross": "base", "same": "base_same_tok"}
-    per_variant: dict[str, list[dict]] = {v: [] for v in [*(base_rows[k] for k in sorted(kinds)), *variants]}
-    for seed in cfg.seeds:
-        t0 = time.time()
-        students = write_students(out / "init", seed, cfg, warmup, kinds)
-        results["timing_s"][f"base_students_seed{seed}"] = round(time.time() - t0, 1)
-        for kind, path in students.items():
-            per_variant[base_rows[kind]].append({"seed": seed, **score(path, test_json, cfg)})
-        for variant in variants:
-            t0 = time.time()
-            final = run_variant(variant, teacher, students[VARIANTS[variant].student], samples,
-                                out / "runs" / f"seed{seed}" / variant, seed, cfg)
-            train_s = time.time() - t0
-            result = score(final, test_json, cfg)
-            result.update(seed=seed, train_s=round(train_s, 1), eval_s=round(time.time() - t0 - train_s, 1))
-            per_variant[variant].append(result)
-            logger.info("seed %d %-18s acc %.3f (train %.0fs)", seed, variant, result["accuracy"], train_s)
-            print(f"seed {seed} {variant:<18} acc {result['accuracy']:.3f}  train {train_s:.0f}s", flush=True)
-            results["variants"] = {v: {"runs": rs, **summarise(rs)} for v, rs in per_variant.items() if rs}
-            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
-    results["variants"] = {v: {"runs": rs, **summarise(rs)} for v, rs in per_variant.items() if rs}
-    results["timing_s"]["total"] = round(time.time() - started, 1)
-    results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if data is None:
+        from demo.easy_vqa import convert_easy_vqa
+
+        data = out / "data"
+        convert_easy_vqa(data, test_limit=cfg.test_limit, seed=0)
+    _, distill = write_splits(data, noise=cfg.label_noise, distill_limit=cfg.distill_limit)
+    test = data / "test.json"
+    if models is None:
+        from demo.models import prepare_models
+
+        models = prepare_models(out / "models", data, kinds=MODEL_KINDS)
+    results: dict = {"config": asdict(cfg), "rows": rows, "variants": {}, "runs": {}}
+    for name, path in (("teacher", models["teacher"]), ("base_student", models["student"]),
+                       ("base_student_same_tok", models["student_same_tok"])):
+        evaluation = evaluate_model(path, test, cfg.test_limit)
+        results["runs"][name] = evaluation
+        results["variants"][name] = {"per_seed": {str(s): evaluation["accuracy"] for s in cfg.seeds}}
+    server = TeacherProcess(models["teacher"], "--batch-wait-ms", "2") if any(
+        ROWS[r].teacher == "server" for r in rows) else None
+    try:
+        jobs = []
+        for seed in cfg.seeds:
+            for name in rows:
+                row = ROWS[name]
+                student = models["student" if row.student == "cross" else "student_same_tok"]
+                run_dir = out / "runs" / f"seed{seed}" / name
+                cmd = trainer_command(row, student, models["teacher"], server.address if server else None,
+                                      distill, test, run_dir, seed, cfg)
+                jobs.append((name, seed, cmd, run_dir))
+        failures = []
+        with ThreadPoolExecutor(max_workers=cfg.jobs) as pool, tqdm(total=len(jobs), desc="trainer runs") as bar:
+            futures = {pool.submit(run_one, f"{n} seed {s}", c, d): (n, s) for n, s, c, d in jobs}
+            for future in as_completed(futures):
+                name, seed = futures[future]
+                bar.update(1)
+                try:
+                    run = future.result()
+                except RuntimeError as exc:  # one failed run does not stop the others; rerun to resume
+                    failures.append(str(exc))
+                    bar.write(f"seed {seed} {name:<18} FAILED (see its bench.log)")
+                    continue
+                results["runs"][f"{name}/seed{seed}"] = run
+                results["variants"].setdefault(name, {"per_seed": {}})["per_seed"][str(seed)] = run["accuracy"]
+                bar.write(f"seed {seed} {name:<18} {100 * run['accuracy']:.1f}%  ({run['seconds']:.0f} s)")
+                (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
+    finally:
+        if server is not None:
+            server.terminate()
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(jobs)} runs failed (rerun the same command to resume "
+                           "them; finished runs are reused):\n" + "\n".join(failures))
+    for variant in results["variants"].values():  # seeds in order, whatever order the runs finished in
+        variant["per_seed"] = dict(sorted(variant["per_seed"].items(), key=lambda kv: int(kv[0])))
+    results["paired_differences_points"] = {
+        f"{a} - {b}": paired(results["variants"][a]["per_seed"], results["variants"][b]["per_seed"])
+        for a, b in COMPARISONS if a in results["variants"] and b in results["variants"]}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
-def markdown_table(results: dict) -> str:
-    types = sorted(results["teacher"]["per_type"])
-    lines = ["| model | accuracy (mean ± std) | " + " | ".join(types) + " | seeds |",
+def markdown(results: dict) -> str:
+    labels = {"teacher": "teacher", "base_student": "base student (before distillation)",
+              "base_student_same_tok": "base student, teacher's tokenizer", **{k: r.label for k, r in ROWS.items()}}
+    types = sorted(results["runs"]["teacher"]["per_type"])
+    lines = ["| row | accuracy, mean ± std over seeds | " + " | ".join(types) + " | seeds |",
              "|---|---|" + "---|" * len(types) + "---|"]
-    teacher = results["teacher"]
-    lines.append(f"| {LABELS['teacher']} | {100 * teacher['accuracy']:.1f}% | "
-                 + " | ".join(f"{100 * teacher['per_type'].get(t, math.nan):.0f}%" for t in types) + " | - |")
-    for name, row in results["variants"].items():
-        per_type = " | ".join(f"{100 * row['per_type_mean'].get(t, math.nan):.0f}%" for t in types)
-        lines.append(f"| {LABELS.get(name, name)} | {100 * row['mean']:.1f} ± {100 * row['std']:.1f}% | {per_type} "
-                     f"| {row['n']} |")
+    for name, variant in results["variants"].items():
+        accs = list(variant["per_seed"].values())
+        runs = [results["runs"][name]] if name in results["runs"] else [
+            results["runs"][f"{name}/seed{s}"] for s in variant["per_seed"]]
+        per_type = " | ".join(f"{100 * statistics.fmean(r['per_type'][t] for r in runs):.1f}%" for t in types)
+        spread = f" ± {100 * statistics.stdev(accs):.1f}" if len(runs) > 1 else ""
+        lines.append(f"| {labels.get(name, name)} | {100 * statistics.fmean(accs):.1f}{spread}% | {per_type} | "
+                     f"{len(runs) if len(runs) > 1 else '-'} |")
+    lines += ["", "| paired difference (points) | mean | 95 % CI | per seed |", "|---|---|---|---|"]
+    for name, d in results.get("paired_differences_points", {}).items():
+        if d.get("n", 0) >= 2:
+            lines.append(f"| {name} | {d['mean']:+.1f} | [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] | "
+                         + ", ".join(f"{x:+.1f}" for x in d["per_seed"]) + " |")
     return "\n".join(lines)
 
 
-def ensure_data(data: Path, train_limit: int, test_limit: int) -> None:
-    if (data / "train.json").is_file() and (data / "test.json").is_file():
-        return
-    from demo.easy_vqa import convert_easy_vqa
-
-    convert_easy_vqa(data, train_limit=train_limit, test_limit=test_limit, seed=0)
-
-
-def resolve_teacher(teacher: str | None, out: Path, data: Path) -> Path:
-    if teacher is None:
-        try:
-            from demo.teacher import prepare_teacher
-        except ImportError as exc:
-            raise SystemExit("--teacher is required (demo.teacher.prepare_teacher is not available)") from exc
-        return Path(prepare_teacher(out / "teacher_cache", data))
-    source = Path(teacher)
-    local = out / "teacher"
-    if source.resolve() != local.resolve():  # copy: the source may be someone's scratch space
-        if local.exists():
-            shutil.rmtree(local)
-        shutil.copytree(source, local)
-    return local
-
-
 def main(argv: list[str] | None = None) -> None:
-    defaults = BenchConfig(seeds=[0, 1, 2])
+    defaults = BenchConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", help="teacher checkpoint folder (copied into OUT/teacher)")
-    parser.add_argument("--data", required=True, help="folder with train.json/test.json (converted from easy-VQA if absent)")
-    parser.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
-    parser.add_argument("--train-limit", type=int, default=2000, help="easy-VQA conversion only (default 2000)")
-    for name in ("steps_per_stage", "warmup_steps", "batch_size", "grad_accum", "test_limit", "eval_batch_size",
-                 "max_new_tokens", "student_hidden", "same_hidden"):
+    parser.add_argument("--out", default="runs/bench", help="work folder (default runs/bench)")
+    parser.add_argument("--results", default=str(RESULTS), help=f"raw results file to write (default {RESULTS})")
+    parser.add_argument("--seeds", default=",".join(map(str, defaults.seeds)), help="comma-separated seeds")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the trained rows")
+    for name in ("steps_per_stage", "micro_batch_size", "grad_accum", "test_limit", "jobs", "distill_limit"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=f"default {getattr(defaults, name)}")
-    for name in ("lr", "lr_end", "baseline_weight"):
+    for name in ("lr", "lr_end", "label_noise"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
                             help=f"default {getattr(defaults, name)}")
-    parser.add_argument("--same-tokenizer-student", default=f"{defaults.same_family}:{defaults.same_tokenizer}",
-                        help="FAMILY:TOKENIZER of the student sharing the teacher's tokenizer (default qwen2_vl:gpt2)")
-    parser.add_argument("--student", default=f"{defaults.student_family}:{defaults.student_tokenizer}",
-                        help="FAMILY:TOKENIZER of the cross-tokenizer student (default internvl:llama2)")
+    parser.add_argument("--data", help="folder with easy-VQA's train.json/test.json (default: converted into OUT/data)")
+    for kind in MODEL_KINDS:
+        parser.add_argument(f"--{kind.replace('_', '-')}", help=f"{kind} checkpoint folder (default: demo.models')")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    student_family, student_tokenizer = args.student.split(":")
-    same_family, same_tokenizer = args.same_tokenizer_student.split(":")
-    cfg = BenchConfig(
-        seeds=[int(s) for s in args.seeds.split(",")], steps_per_stage=args.steps_per_stage,
-        warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, lr_end=args.lr_end,
-        baseline_weight=args.baseline_weight, test_limit=args.test_limit, eval_batch_size=args.eval_batch_size,
-        max_new_tokens=args.max_new_tokens, student_family=student_family, student_tokenizer=student_tokenizer,
-        student_hidden=args.student_hidden, same_family=same_family, same_tokenizer=same_tokenizer,
-        same_hidden=args.same_hidden,
-    )
-    out, data = Path(args.out), Path(args.data)
-    ensure_data(data, args.train_limit, cfg.test_limit)
-    teacher = resolve_teacher(args.teacher, out, data)
-    results = run_benchmark(teacher, data, out, cfg, [v for v in args.variants.split(",") if v])
-    table = markdown_table(results)
-    (out / "results.md").write_text(table + "\n")
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    cfg = BenchConfig(seeds=[int(s) for s in args.seeds.split(",")], steps_per_stage=args.steps_per_stage,
+                      micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                      lr_end=args.lr_end, label_noise=args.label_noise, distill_limit=args.distill_limit,
+                      test_limit=args.test_limit, jobs=args.jobs)
+    started = time.time()
+    given = {kind: Path(getattr(args, kind)) for kind in MODEL_KINDS if getattr(args, kind)}
+    if given and len(given) != len(MODEL_KINDS):
+        parser.error(f"give all of --{', --'.join(k.replace('_', '-') for k in MODEL_KINDS)} or none")
+    results = run_benchmark(cfg, Path(args.out), rows, data=Path(args.data) if args.data else None,
+                            models=given or None)
+    table = markdown(results)
     print(table)
-    print(json.dumps({k: v for k, v in results.items() if k != "variants"}
-                     | {"variants": {n: {k: r[k] for k in ("mean", "std", "n", "per_seed")}
-                                     for n, r in results["variants"].items()}}))
+    import torch
+
+    raw = {"variants": {n: {"per_seed": v["per_seed"]} for n, v in results["variants"].items()
+                        if n != "base_student_same_tok"},
+           "paired_differences_points": results["paired_differences_points"],
+           "command": "python benchmarks/distillation.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+           "wall_s": round(time.time() - started), "config": asdict(cfg)}
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(raw, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The embedded default, end to end on the CPU: ``python -m demo.run``.
 
-1. converts a subset of easy-VQA (installed offline from PyPI) to the project's LLaVA JSON format;
-2. prepares the demo teacher (a tiny VLM SFT-trained on the training split; cached) and the base student
-   (another family, another real tokenizer; a random tiny checkpoint given a short SFT warm-up on every 4th
-   training question — the stand-in for the paper's pretrained students; the distillation uses the other 3/4);
+1. converts easy-VQA (installed offline from PyPI) to the project's LLaVA JSON format;
+2. rebuilds the demo teacher and base student from their shipped pre-trained weights (:mod:`demo.models`: a
+   Qwen2-VL with the GPT-2 tokenizer that sees, pre-trained on easy-VQA's training split with its vision tower,
+   and an InternVL with the Llama-2 tokenizer pre-trained on a warm-up pool of every 4th training picture);
+   the distillation data are the questions about the other pictures (:mod:`demo.splits`);
 3. starts the teacher server (``python -m teacher_server``) on a free localhost port;
 4. runs the student trainer (``python -m student_trainer --teacher-addr ...``) through stages 1-3 against it;
 5. evaluates the teacher, the student before and the student after on the test split, prints a table, and draws
@@ -23,7 +24,8 @@ import time
 from pathlib import Path
 
 from demo.easy_vqa import convert_easy_vqa
-from demo.teacher import StudentRecipe, TeacherRecipe, prepare_teacher, student_init, write_training_splits
+from demo.models import prepare_models
+from demo.splits import write_splits
 from teacher_server.launch import TeacherProcess
 
 
@@ -39,17 +41,16 @@ def _run(cmd: list[str], log: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m demo.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo", help="where data, models, the run and plots go")
-    parser.add_argument("--train-limit", type=int, default=4000, help="training questions used (default 4000)")
     parser.add_argument("--test-limit", type=int, default=300, help="test questions evaluated (default 300)")
-    parser.add_argument("--teacher-steps", type=int, default=TeacherRecipe.steps,
-                        help=f"SFT steps of the demo teacher (default {TeacherRecipe.steps}; cached per setting)")
-    parser.add_argument("--student-warmup-steps", type=int, default=StudentRecipe.warmup_steps,
-                        help="SFT steps that make the base student (\"student before\") from a random one, on every "
-                             f"4th training question, which the distillation never sees (default {StudentRecipe.warmup_steps})")
-    parser.add_argument("--steps-per-stage", type=int, default=30, help="trainer optimizer steps per stage")
+    parser.add_argument("--distill-limit", type=int, default=4000,
+                        help="distillation questions used (default 4000 of 28,819)")
+    parser.add_argument("--label-noise", type=float, default=0.0,
+                        help="fraction of distillation answers replaced by a wrong one, the benchmark's regime "
+                             "(default 0: clean labels)")
+    parser.add_argument("--steps-per-stage", type=int, default=40, help="trainer optimizer steps per stage")
     parser.add_argument("--grad-accum", type=int, default=2, help="trainer gradient accumulation")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="trainer micro-batch size")
-    parser.add_argument("--lr", type=float, default=2e-3, help="trainer peak learning rate (decays 10x per stage)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="trainer peak learning rate (decays 10x per stage)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data subsets and training")
     parser.add_argument("--deepspeed", default="student_trainer/configs/zero2.json", help="DeepSpeed JSON")
     parser.add_argument("--fresh-run", action="store_true", help="discard a previous run (data and teacher stay cached)")
@@ -63,14 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     t = time.perf_counter()
-    convert_easy_vqa(work / "data", train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed)
+    convert_easy_vqa(work / "data", test_limit=args.test_limit, seed=0)
+    _, train = write_splits(work / "data", noise=args.label_noise, distill_limit=args.distill_limit)
     timings["data"] = time.perf_counter() - t
     test = work / "data" / "test.json"
 
     t = time.perf_counter()
-    teacher = prepare_teacher(work / "cache", work / "data", recipe=TeacherRecipe(steps=args.teacher_steps))
-    warmup, train = write_training_splits(work / "data")  # the student's warm-up pool and the distillation data
-    student = student_init(work / "cache", warmup, recipe=StudentRecipe(warmup_steps=args.student_warmup_steps))
+    models = prepare_models(work / "cache", work / "data")
+    teacher, student = models["teacher"], models["student"]
     timings["teacher and student preparation"] = time.perf_counter() - t
 
     run = work / "run"

@@ -5,10 +5,14 @@ server, timeout, grpc_health missing). Docker reads 0 as healthy and 1 as unheal
 the printed line in `docker inspect` as the reason.
 
     python healthcheck.py [ADDRESS] [--service NAME ...] [--timeout SECONDS]
+                          [--tls-ca PEM [--tls-server-name NAME] [--tls-cert PEM --tls-key PEM]]
 
 ADDRESS defaults to $TEACHER_HEALTH_ADDRESS, else 127.0.0.1:50051. Without --service it asks about the
 overall server (service name ""), which the teacher server reports SERVING once its model is loaded; pass
-`--service genrecal.teacher.v1.TeacherService` to ask about the teacher service by name.
+`--service genrecal.teacher.v1.TeacherService` to ask about the teacher service by name. The health service
+needs no token. A server started with --tls-cert needs --tls-ca (and --tls-server-name when its certificate
+does not name 127.0.0.1, e.g. `--tls-server-name teacher.example.org`); with --tls-client-ca (mTLS) also a
+client certificate, --tls-cert/--tls-key.
 """
 
 from __future__ import annotations
@@ -37,11 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=5.0, help="seconds per health call (default: %(default)s)"
     )
+    parser.add_argument("--tls-ca", help="PEM CA of the server's certificate: connect over TLS")
+    parser.add_argument("--tls-server-name", help="name to verify the server's certificate against")
+    parser.add_argument("--tls-cert", help="PEM client certificate (servers requiring mTLS)")
+    parser.add_argument("--tls-key", help="PEM key of --tls-cert")
     return parser.parse_args(argv)
 
 
-def check(address: str, services: list[str], timeout: float) -> tuple[bool, str]:
-    """(healthy, one line for the log): healthy only when every service answers SERVING."""
+def check(address: str, services: list[str], timeout: float, tls: dict | None = None) -> tuple[bool, str]:
+    """(healthy, one line for the log): healthy only when every service answers SERVING.
+
+    ``tls``: ``{"ca", "server_name", "cert", "key"}`` file paths / name (None values allowed) for a TLS server.
+    """
     try:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -49,7 +60,19 @@ def check(address: str, services: list[str], timeout: float) -> tuple[bool, str]
         return False, f"cannot import grpc health stubs ({exc}); install grpcio-health-checking"
 
     serving = health_pb2.HealthCheckResponse.SERVING
-    with grpc.insecure_channel(address) as channel:
+    if tls and tls.get("ca"):
+        try:
+            def read(key):
+                return open(tls[key], "rb").read() if tls.get(key) else None
+
+            credentials = grpc.ssl_channel_credentials(read("ca"), read("key"), read("cert"))
+        except OSError as exc:
+            return False, f"cannot read a TLS file: {exc}"
+        options = [("grpc.ssl_target_name_override", tls["server_name"])] if tls.get("server_name") else None
+        channel = grpc.secure_channel(address, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for service in services:
             label = repr(service) if service else "'' (server)"
@@ -76,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.timeout > 0:
         print(f"--timeout must be > 0, got {args.timeout}", file=sys.stderr)
         return 1
-    healthy, message = check(args.address, args.service if args.service is not None else [""], args.timeout)
+    tls = {"ca": args.tls_ca, "server_name": args.tls_server_name, "cert": args.tls_cert, "key": args.tls_key}
+    healthy, message = check(args.address, args.service if args.service is not None else [""], args.timeout, tls)
     print(message, file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1
 

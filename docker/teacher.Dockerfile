@@ -3,8 +3,10 @@
 # Build from the repository root (the build context must be the root, see .dockerignore):
 #   docker build -f docker/teacher.Dockerfile -t genrecal-teacher .
 # Run (or use compose.yaml at the repository root):
-#   docker run --gpus all --shm-size 16g -p 50051:50051 -v /path/to/checkpoint:/model:ro genrecal-teacher
-# Extra server flags replace the default CMD, so repeat --model/--host/--port when adding some.
+#   docker run --gpus all --shm-size 16g -p 127.0.0.1:50051:50051 -v /path/to/checkpoint:/model:ro \
+#     -v /path/to/teacher_tokens:/run/secrets/teacher_tokens:ro genrecal-teacher
+# (teacher_tokens: one "CLIENT_NAME TOKEN" line per client; see compose.yaml.) Extra server flags replace the
+# default CMD, so repeat --model/--host/--port/--auth-token-file when adding some.
 
 # CUDA build of PyTorch (with torchvision) on Ubuntu; the project's `torch>=2.6` is satisfied by the base
 # image, so pip keeps its torch. Bump the tag (or pass --build-arg BASE_IMAGE=...) to move CUDA/torch.
@@ -57,4 +59,4 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=20m --retries=3 \
     CMD ["python", "/opt/genrecal/healthcheck.py", "127.0.0.1:50051"]
 
 ENTRYPOINT ["python", "-m", "teacher_server"]
-CMD ["--model", "/model", "--host", "0.0.0.0", "--port", "50051"]
+CMD ["--model", "/model", "--host", "0.0.0.0", "--port", "50051", "--auth-token-file", "/run/secrets/teacher_tokens"]

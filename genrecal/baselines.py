@@ -95,3 +95,23 @@ def token_kd_loss(student_lp: Sequence[Tensor], teacher_lp: Sequence[Tensor], no
     if total is None:
         return torch.zeros((), requires_grad=True), 0
     return total / float(normalizer if normalizer else count), count
+
+
+def logit_distillation_loss(kind: str, hidden: Tensor, head: nn.Linear, batch: EncodedBatch,
+                            features: Sequence[TeacherFeatures], normalizer: float | None = None) -> Tensor:
+    """The ``kind`` ("kd" or "uld") term of one micro-batch: summed over its answer positions / ``normalizer``.
+
+    ``hidden`` (B, L, D_s) is the student body's output; the teacher's distributions come with ``features``
+    (``TeacherFeatures.answer_log_probs``, asked for at encode time).
+    """
+    missing = [f.sample_id for f in features if f.answer_log_probs is None]
+    if missing:
+        raise ValueError(f"samples {missing[:3]}: the teacher's answer distributions are missing; encode with "
+                         "answer_log_probs=True")
+    student_lp = student_answer_log_probs(hidden, head, batch)
+    teacher_lp = [f.answer_log_probs for f in features]
+    if kind == "uld":
+        return uld_loss(student_lp, teacher_lp, normalizer=normalizer)[0]
+    if kind == "kd":
+        return token_kd_loss(student_lp, teacher_lp, normalizer=normalizer)[0]
+    raise ValueError(f"unknown logit distillation {kind!r}; choose kd or uld")

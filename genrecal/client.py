@@ -194,7 +194,13 @@ class TeacherClient:
     def vocab_size(self) -> int:
         return int(self.info().vocab_size)
 
-    def encode(self, samples: Sequence[Sample], *, max_length: int | None = None) -> list[TeacherFeatures]:
+    def encode(self, samples: Sequence[Sample], *, max_length: int | None = None,
+               answer_log_probs: bool = False) -> list[TeacherFeatures]:
+        if answer_log_probs:
+            raise ValueError(
+                "the teacher service does not send its answer distributions yet, which the logit-distillation "
+                "baselines (--logit-distillation kd/uld) need: run them with an in-process teacher (--teacher-model)"
+            )
         request = pb2.EncodeRequest(
             samples=[sample_to_proto(s, [image_bytes(im) for im in s.images]) for s in samples],
             return_question_features=self.question_features,

@@ -21,6 +21,8 @@ from genrecal.recalibrator import Recalibrator, RecalibratorInput
 from genrecal.stages import STAGES, Stage
 from genrecal.teacher import TeacherFeatures
 
+LOGIT_DISTILLATION = (None, "kd", "uld")
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -30,11 +32,18 @@ class LossConfig:
     kl_weight: float = 1.0
     regularisation: bool = True  # L2, the regularisation path; False = its ablation
     sft_weight: float = 1.0  # L3
+    # Baselines GenRecal is compared with (genrecal.baselines): added to L3 wherever L3 is on, weighted by
+    # logit_distillation_weight. "kd": token-level KD (one tokenizer only); "uld": ULD (any tokenizers).
+    logit_distillation: str | None = None
+    logit_distillation_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("ce_weight", "kl_weight", "sft_weight"):
+        for name in ("ce_weight", "kl_weight", "sft_weight", "logit_distillation_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.logit_distillation not in LOGIT_DISTILLATION:
+            raise ValueError(f"LossConfig.logit_distillation must be one of {LOGIT_DISTILLATION}, "
+                             f"got {self.logit_distillation!r}")
         if self.ce_weight == 0 and self.kl_weight == 0:
             raise ValueError("LossConfig: ce_weight and kl_weight are both 0, so L1/L2 would be empty; set one > 0")
 
@@ -97,6 +106,15 @@ def genrecal_objective(
         l3, n = student_sft_loss(hidden, student.head, batch.labels(), normalizer=student_tokens)
         total = losses.sft_weight * l3
         metrics.update(L3=float(l3.detach()), student_tokens=float(n))
+        if losses.logit_distillation is not None:
+            from genrecal.baselines import logit_distillation_loss
+
+            if features is None:
+                raise ValueError(f"--logit-distillation {losses.logit_distillation} needs the teacher's features")
+            term = logit_distillation_loss(losses.logit_distillation, hidden, student.head, batch, features,
+                                           normalizer=student_tokens)
+            total = total + losses.logit_distillation_weight * term
+            metrics[losses.logit_distillation.upper()] = float(term.detach())
 
     if spec.needs_teacher:
         if recalibrator is None or teacher is None or features is None:

@@ -23,7 +23,7 @@ from genrecal.distill import LossConfig, genrecal_objective
 from genrecal.families import LoadedVLM, load_vlm
 from genrecal.recalibrator import Recalibrator
 from genrecal.sample import Sample
-from genrecal.stages import STAGES, Stage, set_trainable
+from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable
 from genrecal.teacher import InProcessTeacher
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,7 @@ class StageRunConfig:
     max_length: int | None = None
     chunk_size: int = 512
     seed: int = 0
-    losses: LossConfig = field(default_factory=LossConfig)
-    # Benchmarks only: add a logit-distillation baseline to stage 3's L3 ("uld" or "kd"; see genrecal.baselines).
-    baseline: str | None = None
-    baseline_weight: float = 1.0
+    losses: LossConfig = field(default_factory=LossConfig)  # logit_distillation: the KD / ULD baselines
 
     def __post_init__(self) -> None:
         self.stages = [int(Stage(s)) for s in self.stages]
@@ -56,8 +53,6 @@ class StageRunConfig:
                 raise ValueError(f"StageRunConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.lr_end <= self.lr:
             raise ValueError(f"need 0 < lr_end <= lr, got lr={self.lr}, lr_end={self.lr_end}")
-        if self.baseline not in (None, "uld", "kd"):
-            raise ValueError(f"baseline must be None, 'uld' or 'kd', got {self.baseline!r}")
 
 
 def linear_decay(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_end: float):
@@ -101,7 +96,7 @@ def run_stages(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    needs_teacher = any(STAGES[Stage(s)].needs_teacher for s in config.stages) or config.baseline is not None
+    needs_teacher = any(_stage_needs_teacher(Stage(s), config) for s in config.stages)
     if needs_teacher and teacher_path is None:
         raise ValueError("stages 1 and 2 need a teacher checkpoint")
     teacher = InProcessTeacher(load_vlm(teacher_path), max_length=config.max_length, chunk_size=config.chunk_size) if needs_teacher else None
@@ -120,6 +115,7 @@ def run_stages(
                 recalibrator.load_state_dict(load_file(current_recalibrator), strict=True)
         student.model.train()
         params = set_trainable(stage, student.adapter.parameter_groups(student.model), recalibrator)
+        frozen_modules_to_eval(student.model)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = linear_decay(optimizer, config.steps_per_stage, config.lr, config.lr_end)
         batches = micro_batches(samples, config.batch_size, config.seed + stage_number)
@@ -145,8 +141,9 @@ def run_stages(
 def _optimizer_step(stage, student, recalibrator, teacher, group, config) -> dict:
     """Accumulate one optimizer step's gradients over its micro-batches; return summed metrics."""
     student_batches = [student.encode(samples, max_length=config.max_length) for samples in group]
-    with_teacher = STAGES[stage].needs_teacher or config.baseline is not None
-    features = [teacher.encode(samples) for samples in group] if with_teacher else [None] * len(group)
+    logits = config.losses.logit_distillation is not None and "L3" in STAGES[stage].losses
+    features = ([teacher.encode(samples, answer_log_probs=logits) for samples in group]
+                if _stage_needs_teacher(stage, config) else [None] * len(group))
     # Normalise by the answer-token count of the whole step, so accumulation equals one large batch.
     student_tokens = sum(int((b.labels()[:, 1:] != -100).sum()) for b in student_batches)
     teacher_tokens = sum(f.num_answer_tokens for fs in features if fs for f in fs) or None
@@ -156,27 +153,14 @@ def _optimizer_step(stage, student, recalibrator, teacher, group, config) -> dic
             stage, student, batch, recalibrator=recalibrator, teacher=teacher, features=feats,
             teacher_tokens=teacher_tokens, student_tokens=student_tokens, losses=config.losses,
         )
-        loss = objective.loss
-        if config.baseline is not None:
-            extra, name = _baseline_term(config, student, batch, teacher, feats, student_tokens)
-            loss = loss + config.baseline_weight * extra
-            objective.metrics[name] = float(extra.detach())
-        loss.backward()
+        objective.loss.backward()
         for key, value in objective.metrics.items():
             totals[key] = totals.get(key, 0.0) + value
     return totals
 
 
-def _baseline_term(config, student, batch, teacher, features, student_tokens):
-    """ULD or token-level KD against the in-process teacher's distributions (benchmarks' baselines)."""
-    from genrecal.baselines import student_answer_log_probs, teacher_answer_log_probs, token_kd_loss, uld_loss
-
-    hidden = student.body_hidden_states(batch)
-    student_lp = student_answer_log_probs(hidden, student.head, batch)
-    teacher_lp = teacher_answer_log_probs(teacher.vlm.head, features, chunk=config.chunk_size)
-    if config.baseline == "uld":
-        return uld_loss(student_lp, teacher_lp, normalizer=student_tokens)[0], "ULD"
-    return token_kd_loss(student_lp, teacher_lp, normalizer=student_tokens)[0], "KD"
+def _stage_needs_teacher(stage: Stage, config: StageRunConfig) -> bool:
+    return STAGES[stage].needs_teacher or (config.losses.logit_distillation is not None and "L3" in STAGES[stage].losses)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,9 +86,9 @@ class ResilientTeacher:
     def identity(self) -> dict:
         return self.teacher.identity()
 
-    def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
+    def encode(self, samples: Sequence[Sample], **options) -> list[TeacherFeatures]:
         samples = list(samples)
-        features = self._timed(self._encode, samples)
+        features = self._timed(self._encode, samples, **options)
         for sample, f in zip(samples, features, strict=True):
             if f.handle:
                 self._samples[f.handle] = sample
@@ -116,7 +116,7 @@ class ResilientTeacher:
         if hasattr(self.teacher, "expect_revision"):
             self.teacher.expect_revision = revision
 
-    def encode_step(self, groups: Sequence[Sequence[Sample]]) -> list[list[TeacherFeatures]]:
+    def encode_step(self, groups: Sequence[Sequence[Sample]], **options) -> list[list[TeacherFeatures]]:
         """The features of one optimizer step's micro-batches (``groups``), per micro-batch.
 
         A remote teacher gets them in ONE request (``one_request_per_step``): one round trip and one batching wait
@@ -124,8 +124,8 @@ class ResilientTeacher:
         in-process teacher encodes micro-batch by micro-batch, so its forward never exceeds a micro-batch.
         """
         if not self.one_request_per_step:
-            return [self.encode(group) for group in groups]
-        flat = self.encode([sample for group in groups for sample in group])
+            return [self.encode(group, **options) for group in groups]
+        flat = self.encode([sample for group in groups for sample in group], **options)
         bounds = np.cumsum([0, *map(len, groups)]).tolist()
         return [flat[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
@@ -151,8 +151,9 @@ class ResilientTeacher:
             self.teacher.wait_until_serving(self.restart_wait_s)
             return fn()
 
-    def _encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
-        features = self._patient("encode", lambda: self.teacher.encode(samples, **self.encode_kwargs))
+    def _encode(self, samples: Sequence[Sample], **options) -> list[TeacherFeatures]:
+        kwargs = {**self.encode_kwargs, **options}
+        features = self._patient("encode", lambda: self.teacher.encode(samples, **kwargs))
         if len(features) != len(samples):
             raise RuntimeError(f"the teacher returned {len(features)} features for {len(samples)} samples")
         return features
@@ -227,6 +228,8 @@ def open_teacher(
     chunk_size: int = 512,
     timeout_s: float = 300.0,
     retries: int = 5,
+    token_file: str | None = None,
+    tls_ca: str | None = None,
 ) -> ResilientTeacher:
     """A teacher: a connection to the service at ``addr``, or the checkpoint ``model`` loaded in this process.
 
@@ -239,10 +242,11 @@ def open_teacher(
         raise ValueError("pass exactly one of a teacher address (--teacher-addr) and a teacher model (--teacher-model)")
     if addr is not None:
         addresses = resolve_addresses(addr)
+        kwargs = dict(timeout_s=timeout_s, backoff_s=0.5, max_backoff_s=15.0, token_file=token_file, tls_ca=tls_ca)
         if len(addresses) > 1:  # replicas: a dead one is dropped after one retry, its work moves to the others
-            client = ReplicatedTeacher(addresses, timeout_s=timeout_s, retries=1, backoff_s=0.5, max_backoff_s=15.0)
+            client = ReplicatedTeacher(addresses, retries=1, **kwargs)
         else:
-            client = TeacherClient(addr, timeout_s=timeout_s, retries=retries, backoff_s=0.5, max_backoff_s=15.0)
+            client = TeacherClient(addr, retries=retries, **kwargs)
         client.wait_until_serving(timeout_s)
         return ResilientTeacher(client, restart_wait_s=timeout_s, one_request_per_step=True, max_length=max_length)
     vlm = load_vlm(model, dtype=dtype)

@@ -140,3 +140,19 @@ def set_trainable(
     for key, parameter in ordered.items():
         parameter.requires_grad_(key in trainable_ids)
     return [parameter for key, parameter in ordered.items() if key in trainable_ids]
+
+
+def frozen_modules_to_eval(model: nn.Module) -> int:
+    """Put every submodule whose parameters all stay frozen into ``eval()`` mode; return how many.
+
+    A frozen part must compute the same function at every step (a real checkpoint's vision tower may hold
+    dropout or drop-path, which ``train()`` would switch on). Call after :func:`set_trainable` and after any
+    ``model.train()``; modules with a trainable parameter keep their mode.
+    """
+    count = 0
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params) and module.training:
+            module.eval()
+            count += 1
+    return count

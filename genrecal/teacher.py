@@ -35,6 +35,9 @@ class TeacherFeatures:
     # keeps them server-side under `handle` and the student's copy has None here.
     prediction_states: Tensor | None = None
     handle: str | None = None
+    # (La, V_l) fp32 log P_l, the teacher's own next-token distributions at its La prediction positions; only when
+    # asked for (``encode(..., answer_log_probs=True)``): the logit-distillation baselines need them.
+    answer_log_probs: Tensor | None = None
 
     @property
     def num_answer_tokens(self) -> int:
@@ -84,7 +87,7 @@ class Teacher(Protocol):
 
     def identity(self) -> dict: ...  # JSON-able; see genrecal.identity.teacher_identity
 
-    def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]: ...
+    def encode(self, samples: Sequence[Sample], *, answer_log_probs: bool = False) -> list[TeacherFeatures]: ...
 
     def score(
         self,
@@ -146,10 +149,19 @@ class InProcessTeacher:
     def close(self) -> None:
         """Nothing to close: the model's memory is freed when the last reference to this teacher goes."""
 
-    def encode(self, samples: Sequence[Sample]) -> list[TeacherFeatures]:
+    def encode(self, samples: Sequence[Sample], *, answer_log_probs: bool = False) -> list[TeacherFeatures]:
+        """The samples' features; with ``answer_log_probs`` also the teacher's distributions at its answer
+        prediction positions (``TeacherFeatures.answer_log_probs``)."""
         model = self.vlm.model
         batch = self.vlm.encode(samples, max_length=self.max_length).to(model.device, model.dtype)
-        return extract_teacher_features(self.vlm, batch)
+        features = extract_teacher_features(self.vlm, batch)
+        if answer_log_probs:
+            from genrecal.baselines import teacher_answer_log_probs
+
+            for f, log_probs in zip(features, teacher_answer_log_probs(self.vlm.head, features, self.chunk_size),
+                                    strict=True):
+                f.answer_log_probs = log_probs
+        return features
 
     def score(
         self,

@@ -76,9 +76,14 @@ def padded_vocab_size(tokenizer, multiple: int = 64) -> int:
 
 
 def write_tiny_checkpoint(
-    family: str, out: str | Path, *, sizes: TinySizes | None = None, tokenizer: str = "gpt2", seed: int = 0
+    family: str, out: str | Path, *, sizes: TinySizes | None = None, tokenizer: str = "gpt2", seed: int = 0,
+    tie_word_embeddings: bool | None = None,
 ) -> Path:
-    """Build a random-weight checkpoint of ``family`` (an HF model_type) and save it to ``out``."""
+    """Build a random-weight checkpoint of ``family`` (an HF model_type) and save it to ``out``.
+
+    ``tie_word_embeddings`` overrides the family recipe's choice (the LM head shares the token embeddings, as in
+    Qwen2-VL-2B or InternVL3-1B); None keeps the recipe's.
+    """
     from transformers import AutoModelForImageTextToText
 
     from genrecal.families import adapter_for_model_type
@@ -86,6 +91,9 @@ def write_tiny_checkpoint(
     sizes = sizes or TinySizes()
     adapter = adapter_for_model_type(family)
     config, processor = adapter.tiny_recipe(sizes, base_tokenizer(tokenizer))
+    if tie_word_embeddings is not None:
+        config.tie_word_embeddings = tie_word_embeddings
+        config.get_text_config().tie_word_embeddings = tie_word_embeddings
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     eot_id = processor.tokenizer.convert_tokens_to_ids(adapter.end_of_turn_token(processor))

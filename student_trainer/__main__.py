@@ -80,6 +80,9 @@ def build_align_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="question-answer pairs (same formats as training data)")
     parser.add_argument("--image-folder", help="folder image names are relative to (default: the data's folder)")
     parser.add_argument("--limit", type=int, default=32, help="number of pairs N (default: %(default)s)")
+    parser.add_argument("--centre", action=argparse.BooleanOptionalAction, default=True,
+                        help="subtract each path's mean pooled output over the N pairs before the cosine, so the "
+                             "matrix shows what tells pairs apart (default: on)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: %(default)s)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto = bf16 on GPUs that support it, else fp32 (default: %(default)s)")
@@ -172,10 +175,10 @@ def align_command(argv: list[str]) -> int:
                                 num_blocks=blocks)
     recalibrator.load_state_dict(state, strict=True)
     recalibrator.to(device, dtype)
-    matrix = alignment_matrix(student, teacher, recalibrator, samples, batch_size=args.batch_size)
+    matrix = alignment_matrix(student, teacher, recalibrator, samples, batch_size=args.batch_size, centre=args.centre)
     gap = diagonal_gap(matrix) if matrix.shape[0] >= 2 else float("nan")
     name = "/".join(Path(os.path.normpath(args.student)).parts[-2:])  # e.g. stage2/student
-    title = f"Alignment (paper Fig. 7) of {name}, N={matrix.shape[0]}"  # the plot adds the gap
+    title = f"Alignment (paper Fig. 7) of {name}, N={matrix.shape[0]}{', centred' if args.centre else ''}"
     path = plot_alignment(matrix, args.out, title=title)
     print(f"diagonal gap (mean diagonal - mean off-diagonal): {gap:.4f}; plot written to {path}")
     return 0

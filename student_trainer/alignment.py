@@ -5,6 +5,11 @@ and the regularisation path ``R([z_ql; z_al])`` (Alg. 2) — and each sample's a
 Entry ``[i, j]`` of the ``(N, N)`` matrix is the cosine similarity of pair i's student-path output with pair j's
 regularisation-path output. Once the student is aligned the diagonal stands out: :func:`diagonal_gap` (mean
 diagonal minus mean off-diagonal) grows from about 0 towards 1.
+
+**Centring** (default on): before the cosine, each path's pooled outputs have their mean over the N pairs
+subtracted. Uncentred, every output shares one large common direction (the Recalibrator's bias, the norm's
+scale), so every entry is close to 1 and a real diagonal is hard to see (the demo's uncentred matrix was
+0.75-1.0 everywhere, diagonal gap +0.06); centred, the matrix compares what distinguishes one pair from another.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ def alignment_matrix(
     samples: Sequence[Sample],
     *,
     batch_size: int = 8,
+    centre: bool = True,
 ) -> Tensor:
     """``(N, N)`` fp32 cosine similarities, student path (rows) against regularisation path (columns).
 
@@ -41,6 +47,7 @@ def alignment_matrix(
         recalibrator: the trained Recalibrator.
         samples: the N question-answer pairs (N >= 2 for :func:`diagonal_gap`).
         batch_size: samples per forward pass.
+        centre: subtract each path's mean pooled output over the N pairs before the cosine (see above).
     """
     if not samples:
         raise ValueError("alignment_matrix needs at least one sample")
@@ -59,7 +66,11 @@ def alignment_matrix(
             regularisation_outputs = recalibrator(regularisation_path_inputs(features), question_from_teacher=True)
             student_pooled += [r.float().mean(dim=0) for r in student_outputs]  # each (D_l,)
             regularisation_pooled += [r.float().mean(dim=0) for r in regularisation_outputs]
-    return alignment_similarity(torch.stack(student_pooled), torch.stack(regularisation_pooled)).cpu()
+    student_pooled, regularisation_pooled = torch.stack(student_pooled), torch.stack(regularisation_pooled)  # (N, D_l)
+    if centre:
+        student_pooled = student_pooled - student_pooled.mean(dim=0, keepdim=True)
+        regularisation_pooled = regularisation_pooled - regularisation_pooled.mean(dim=0, keepdim=True)
+    return alignment_similarity(student_pooled, regularisation_pooled).cpu()
 
 
 def diagonal_gap(matrix: Tensor) -> float:

@@ -32,7 +32,7 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 RUN_DEFINING_FIELDS = (
     "student", "data", "image_folder", "data_limit", "stages", "lr", "lr_end", "weight_decay", "grad_accum",
     "micro_batch_size", "steps_per_stage", "rec_blocks", "precision", "seed", "max_length", "ce_weight",
-    "kl_weight", "regularisation", "sft_weight", "grad_clip",
+    "kl_weight", "regularisation", "sft_weight", "grad_clip", "logit_distillation", "logit_distillation_weight",
 )
 
 
@@ -46,6 +46,8 @@ class TrainConfig:
     output: str  # run folder: checkpoints, stage exports, metrics, final student
     teacher_addr: str | None = None  # HOST:PORT of the teacher service (stages 1 and 2); comma-separated: replicas
     teacher_model: str | None = None  # or: a teacher checkpoint folder run in this process (single machine)
+    teacher_token_file: str | None = None  # file holding this client's bearer token (else $GENRECAL_TEACHER_TOKEN)
+    teacher_tls_ca: str | None = None  # PEM CA of the teacher's TLS certificate: connect over TLS
     image_folder: str | None = None  # where image names in the data resolve (default: the data file's folder)
     data_limit: int | None = None  # use only the first N usable samples
     eval_data: str | None = None  # evaluated with the final student when training ends (rank 0)
@@ -71,6 +73,8 @@ class TrainConfig:
     kl_weight: float = 1.0  # KL part of L1/L2
     regularisation: bool = True  # L2, the regularisation path
     sft_weight: float = 1.0  # L3
+    logit_distillation: str | None = None  # baselines: "kd" (same tokenizer) or "uld", added to L3
+    logit_distillation_weight: float = 1.0
 
     # ---- teacher connection --------------------------------------------------------------------------------
     teacher_timeout_s: float = 300.0  # per teacher call
@@ -109,10 +113,14 @@ class TrainConfig:
                 "give either teacher_addr (a teacher service, HOST:PORT) or teacher_model (a checkpoint run in "
                 "this process), not both"
             )
+        if self.logit_distillation in ("", "none"):
+            self.logit_distillation = None
         if self.needs_teacher and self.teacher_addr is None and self.teacher_model is None:
+            why = ("--logit-distillation needs the teacher's distributions" if self.logit_distillation else
+                   f"stages {self.stages} include stage 1 or 2, which need the teacher")
             raise ValueError(
-                f"stages {self.stages} include stage 1 or 2, which need the teacher: pass --teacher-addr HOST:PORT "
-                "(a running teacher_server) or --teacher-model PATH (an in-process teacher), or run --stages 3"
+                f"{why}: pass --teacher-addr HOST:PORT (a running teacher_server) or --teacher-model PATH (an "
+                "in-process teacher), or run --stages 3 without it"
             )
         if self.teacher_addr is not None and not all(
             _HOST_PORT.match(part.strip()) for part in self.teacher_addr.split(",")
@@ -164,13 +172,22 @@ class TrainConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return any(STAGES[s].needs_teacher for s in self.stage_list)
+        return any(self.stage_needs_teacher(s) for s in self.stage_list)
+
+    def stage_needs_teacher(self, stage: Stage) -> bool:
+        """Stages 1 and 2 need the teacher's features; a stage with L3 needs its distributions when a
+        logit-distillation baseline is on."""
+        return STAGES[stage].needs_teacher or self.uses_logit_distillation(stage)
+
+    def uses_logit_distillation(self, stage: Stage) -> bool:
+        return self.logit_distillation is not None and "L3" in STAGES[stage].losses
 
     @property
     def losses(self) -> LossConfig:
         return LossConfig(
             ce_weight=self.ce_weight, kl_weight=self.kl_weight, regularisation=self.regularisation,
-            sft_weight=self.sft_weight,
+            sft_weight=self.sft_weight, logit_distillation=self.logit_distillation,
+            logit_distillation_weight=self.logit_distillation_weight,
         )
 
     @property
@@ -211,6 +228,9 @@ _HELP = {
     "teacher_addr": "HOST:PORT of the teacher service (teacher_server), needed by stages 1 and 2",
     "teacher_model": "instead of --teacher-addr: a teacher checkpoint folder loaded in every training process "
                      "(single-machine runs, tests, benchmarks)",
+    "teacher_token_file": "file holding the bearer token the teacher service gave this training (its "
+                          "--auth-token-file); without it $GENRECAL_TEACHER_TOKEN is used, if set",
+    "teacher_tls_ca": "PEM CA bundle that signed the teacher's TLS certificate: connect over TLS and verify it",
     "image_folder": "folder that image file names in the data are relative to (default: the data file's folder)",
     "data_limit": "use only the first N usable training samples",
     "eval_data": "evaluation data; the final student is evaluated on it when training ends (eval.json)",
@@ -235,6 +255,11 @@ _HELP = {
     "kl_weight": "weight of the KL part of L1/L2 (0 = CE-only ablation) (default %(default)s)",
     "regularisation": "use L2, the regularisation path (--no-regularisation for its ablation) (default on)",
     "sft_weight": "weight of L3, the student's SFT loss (default %(default)s)",
+    "logit_distillation": "baseline instead of GenRecal: add a logit-distillation term to L3 in every stage that "
+                          "has L3 -- 'kd' (token-level KL to the teacher, same tokenizer only) or 'uld' (Universal "
+                          "Logit Distillation, any tokenizers); needs an in-process teacher (--teacher-model) "
+                          "(default: none)",
+    "logit_distillation_weight": "weight of the --logit-distillation term (default %(default)s)",
     "teacher_timeout_s": "seconds one teacher call may take, and how long to wait for a restarted teacher to be "
                          "SERVING again before failing (default %(default)s)",
     "teacher_retries": "retries of a call the teacher answers UNAVAILABLE (backoff 0.5 s doubling to 15 s) before "

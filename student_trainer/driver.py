@@ -31,7 +31,7 @@ def connect_teacher(config: TrainConfig, ctx: DistContext) -> ResilientTeacher:
     return open_teacher(
         addr=config.teacher_addr, model=config.teacher_model, device=ctx.device, dtype=config.torch_dtype,
         max_length=config.max_length, chunk_size=config.chunk_size, timeout_s=config.teacher_timeout_s,
-        retries=config.teacher_retries,
+        retries=config.teacher_retries, token_file=config.teacher_token_file, tls_ca=config.teacher_tls_ca,
     )
 
 
@@ -48,7 +48,7 @@ def run_training(config: TrainConfig, ctx: DistContext) -> Path | None:
         stages = config.stage_list
         for index, stage in enumerate(stages):
             files = layout.stage(stage)
-            if teacher is not None and not any(STAGES[s].needs_teacher for s in stages[index:]):
+            if teacher is not None and not any(config.stage_needs_teacher(s) for s in stages[index:]):
                 _close_teacher(teacher)  # free the in-process teacher's memory for the stages without it
                 teacher = None
             if files.is_done:
@@ -56,7 +56,7 @@ def run_training(config: TrainConfig, ctx: DistContext) -> Path | None:
             else:
                 if budget.exhausted:
                     raise StopRequested(f"stopped before stage {int(stage)}")
-                if STAGES[stage].needs_teacher and teacher is None:
+                if config.stage_needs_teacher(stage) and teacher is None:
                     teacher = connect_teacher(config, ctx)
                     identity = teacher.identity()
                     check_teacher_identity(layout.root, identity, ctx, config.teacher_addr or config.teacher_model)

@@ -43,7 +43,7 @@ from genrecal.families import load_vlm
 from genrecal.recalibrator import Recalibrator
 from genrecal.resilient_teacher import ResilientTeacher
 from genrecal.sample import Sample
-from genrecal.stages import STAGES, Stage, set_trainable
+from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable
 from student_trainer.config import TrainConfig
 from student_trainer.data import ShardedBatches
 from student_trainer.deepspeed_config import resolve_deepspeed_config, zero_stage
@@ -61,7 +61,7 @@ from student_trainer.module import DistillationModule, split_state_dict
 logger = logging.getLogger(__name__)
 
 # Loss parts summed over micro-batches and ranks (each is already divided by the global token count).
-LOSS_PARTS = ("L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3")
+LOSS_PARTS = ("L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3", "KD", "ULD")
 
 
 class StopRequested(Exception):
@@ -112,8 +112,8 @@ class StageRecipe:
         self.spec = STAGES[self.stage]
         self.ctx = ctx
         self.samples = samples
-        self.teacher = teacher if self.spec.needs_teacher else None
-        if self.spec.needs_teacher and teacher is None:
+        self.teacher = teacher if config.stage_needs_teacher(self.stage) else None
+        if config.stage_needs_teacher(self.stage) and teacher is None:
             raise ValueError(f"stage {int(stage)} needs the teacher")
         self.student_path = Path(student_path)
         self.recalibrator_path = Path(recalibrator_path) if recalibrator_path is not None else None
@@ -152,6 +152,7 @@ class StageRecipe:
         self.recalibrator_keys = list(recalibrator.state_dict()) if recalibrator is not None else []
         self.student.model.train()
         params = set_trainable(self.stage, self.student.adapter.parameter_groups(self.student.model), recalibrator)
+        frozen_modules_to_eval(self.student.model)  # e.g. the vision encoder: no dropout in what never trains
         module = DistillationModule(self.student, recalibrator)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = linear_schedule(optimizer, config.steps_per_stage, config.lr, config.lr_end)
@@ -238,6 +239,9 @@ class StageRecipe:
             progress.close()
         return True
 
+    def _encode_options(self) -> dict:
+        return {"answer_log_probs": True} if self.config.uses_logit_distillation(self.stage) else {}
+
     def accumulate_gradients(self, step: int) -> dict:
         """Forward and backward of optimizer step ``step``'s micro-batches; gradients end reduced over ranks.
 
@@ -248,7 +252,8 @@ class StageRecipe:
         groups = [[self.samples[i] for i in self.batches.batch(first + m)] for m in range(config.grad_accum)]
         wait_before = self.teacher.wait_s if self.teacher is not None else 0.0
         student_batches = [self.student.encode(group, max_length=config.max_length) for group in groups]
-        features = self.teacher.encode_step(groups) if self.teacher else [None] * len(groups)
+        features = (self.teacher.encode_step(groups, **self._encode_options()) if self.teacher
+                    else [None] * len(groups))
 
         # Global answer-token counts of the whole step (all micro-batches, all ranks): the normalisers.
         local = [
@@ -288,6 +293,8 @@ class StageRecipe:
 
     def _has_part(self, key: str) -> bool:
         name = key.split("_")[0]
+        if name in ("KD", "ULD"):
+            return self.config.uses_logit_distillation(self.stage) and name == self.config.logit_distillation.upper()
         return name in self.spec.losses and (name != "L2" or self.config.regularisation)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -76,5 +77,7 @@ def random_image(rng: np.random.Generator, size: int = 64) -> Image.Image:
 
 @pytest.fixture
 def rng(request) -> np.random.Generator:
-    """A fresh generator per test (seeded from the test name so failures reproduce)."""
-    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
+    """A fresh generator per test, seeded from a stable hash of the test's id so a failure reproduces in any
+    process (``hash()`` of a string is salted per interpreter)."""
+    digest = hashlib.sha256(request.node.nodeid.encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))

@@ -73,10 +73,13 @@ def rendered(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("compose")
     model = tmp / "model dir"  # a space on purpose: the bind source must survive interpolation intact
     model.mkdir()
-    proc = _compose_config(tmp, TEACHER_MODEL_DIR=str(model))
+    tokens = tmp / "teacher_tokens"
+    tokens.write_text("trainer-1 0123456789abcdef0123\n")
+    proc = _compose_config(tmp, TEACHER_MODEL_DIR=str(model), TEACHER_TOKEN_FILE=str(tokens))
     assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
     config = yaml.safe_load(proc.stdout)
     config["_model_dir"] = str(model)
+    config["_token_file"] = str(tokens)
     return config
 
 
@@ -93,10 +96,16 @@ def test_compose_mounts_the_model_read_only(rendered):
     ]
 
 
-def test_compose_publishes_the_grpc_port(rendered):
+SERVER_COMMAND = ["--model", "/model", "--host", "0.0.0.0", "--port", "50051",
+                  "--auth-token-file", "/run/secrets/teacher_tokens"]
+
+
+def test_compose_publishes_the_grpc_port_on_localhost_with_tokens_as_a_secret(rendered):
     teacher = rendered["services"]["teacher"]
-    assert teacher["ports"] == [{"published": 50051, "target": 50051}]
-    assert teacher["command"] == ["--model", "/model", "--host", "0.0.0.0", "--port", "50051"]
+    assert teacher["ports"] == ["127.0.0.1:50051:50051/tcp"]
+    assert teacher["command"] == SERVER_COMMAND
+    assert teacher["secrets"] == [{"source": "teacher_tokens"}]  # mounted at /run/secrets/teacher_tokens
+    assert rendered["secrets"] == {"teacher_tokens": {"file": rendered["_token_file"]}}
 
 
 def test_compose_healthcheck_calls_the_grpc_health_service(rendered):
@@ -125,12 +134,17 @@ def test_compose_build_stop_and_runtime_settings(rendered):
     assert teacher["init"] is True
 
 
-def test_compose_port_is_configurable(tmp_path):
-    proc = _compose_config(tmp_path, TEACHER_MODEL_DIR=str(tmp_path), TEACHER_PORT="6000")
+def test_compose_port_and_address_are_configurable(tmp_path):
+    proc = _compose_config(tmp_path, TEACHER_MODEL_DIR=str(tmp_path), TEACHER_PORT="6000",
+                           TEACHER_BIND="0.0.0.0", TEACHER_TOKEN_FILE=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load(proc.stdout)["services"]["teacher"]["ports"] == [
-        {"published": 6000, "target": 50051}
-    ]
+    assert yaml.safe_load(proc.stdout)["services"]["teacher"]["ports"] == ["0.0.0.0:6000:50051/tcp"]
+
+
+def test_compose_requires_the_token_file(tmp_path):
+    proc = _compose_config(tmp_path, TEACHER_MODEL_DIR=str(tmp_path))
+    assert proc.returncode != 0
+    assert "set TEACHER_TOKEN_FILE" in proc.stderr
 
 
 def test_compose_requires_the_model_dir(tmp_path):
@@ -146,7 +160,7 @@ def test_compose_validation_is_active(tmp_path):
     broken = tmp_path / "compose.yaml"
     broken.write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TEACHER_", "COMPOSE_", "DOCKER_"))}
-    env["TEACHER_MODEL_DIR"] = str(tmp_path)
+    env["TEACHER_MODEL_DIR"] = env["TEACHER_TOKEN_FILE"] = str(tmp_path)
     proc = subprocess.run(
         [_tool("docker-compose"), "-f", str(broken), "config"],
         capture_output=True,
@@ -217,7 +231,7 @@ def test_dockerfile_runtime_contract():
     for word, rest in steps:
         by_name.setdefault(word, []).append(rest)
     assert json.loads(by_name["ENTRYPOINT"][-1]) == ["python", "-m", "teacher_server"]
-    assert json.loads(by_name["CMD"][-1]) == ["--model", "/model", "--host", "0.0.0.0", "--port", "50051"]
+    assert json.loads(by_name["CMD"][-1]) == SERVER_COMMAND
     assert by_name["EXPOSE"] == ["50051"]
     assert any(re.search(r"\bHF_HUB_OFFLINE=1\b", env) for env in by_name["ENV"])
     user = by_name["USER"][-1]
@@ -437,3 +451,27 @@ def test_healthcheck_without_a_server_is_unhealthy():
 
 def test_healthcheck_bad_usage_is_unhealthy_not_reserved_status():
     assert _probe("--timeout", "abc").returncode == 1  # argparse would exit 2, which Docker reserves
+
+
+def test_healthcheck_speaks_tls_and_mtls(tmp_path):
+    grpc = pytest.importorskip("grpc")
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from tests.e2e.certs import make_certificates
+
+    certs = make_certificates(tmp_path)
+    credentials = grpc.ssl_server_credentials([(certs.server_key.read_bytes(), certs.server_cert.read_bytes())],
+                                              root_certificates=certs.ca.read_bytes(), require_client_auth=True)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        mtls = ["--tls-ca", str(certs.ca), "--tls-cert", str(certs.client_cert), "--tls-key", str(certs.client_key)]
+        ok = _probe(address, *mtls)
+        assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
+        assert _probe(address, *mtls[:2], "--timeout", "2").returncode == 1  # no client certificate
+        assert _probe(address, "--timeout", "2").returncode == 1  # plaintext against TLS
+    finally:
+        server.stop(None)

@@ -46,16 +46,17 @@ def test_token_kd_equals_kl_div_and_refuses_other_tokenizers(rng):
 
 @pytest.mark.parametrize(("baseline", "student_tokenizer"), [("uld", "llama2"), ("kd", "gpt2")])
 def test_baselines_train_in_process(tiny_checkpoint, tmp_path, rng, baseline, student_tokenizer):
+    from genrecal.distill import LossConfig
     from genrecal.inprocess import StageRunConfig, run_stages
     from tests.genrecal.test_inprocess import colour_samples
 
     teacher = tiny_checkpoint("qwen2_vl", tokenizer="gpt2", hidden_size=96)
     student = tiny_checkpoint("qwen2_vl", tokenizer=student_tokenizer, seed=3)
     config = StageRunConfig(stages=[3], steps_per_stage=3, batch_size=3, grad_accum=1, lr=2e-3, lr_end=2e-4,
-                            baseline=baseline)
+                            losses=LossConfig(logit_distillation=baseline))
     history = run_stages(teacher, student, colour_samples(6, rng), tmp_path / "run", config)[3]
     name = baseline.upper()
     assert all(name in row and row[name] >= 0 for row in history)
     assert history[-1]["L3"] < history[0]["L3"]
-    with pytest.raises(ValueError, match="baseline must be"):
-        StageRunConfig(baseline="nope")
+    with pytest.raises(ValueError, match="logit_distillation must be one of"):
+        LossConfig(logit_distillation="nope")

@@ -159,3 +159,18 @@ def test_a_stage_2_step_trains_the_body_through_l1_and_l3_but_not_the_head():
     assert student.lm_head.weight.grad is None
     assert all(p.grad is not None for p in student.model.layers.parameters())
     assert all(p.grad is not None for p in recalibrator.parameters())
+
+
+@pytest.mark.parametrize("stage", [Stage.ALIGNMENT, Stage.SFT])
+def test_frozen_parts_run_in_eval_mode(tiny_checkpoint, stage):
+    from genrecal.families import load_vlm
+    from genrecal.stages import frozen_modules_to_eval
+
+    vlm = load_vlm(tiny_checkpoint("internvl", tokenizer="llama2"))
+    vlm.model.train()
+    set_trainable(stage, vlm.adapter.parameter_groups(vlm.model), None if stage == Stage.SFT else nn.Linear(2, 2))
+    assert frozen_modules_to_eval(vlm.model) > 0
+    vision = vlm.model.get_submodule(vlm.adapter.vision_encoder_prefixes[0].rstrip("."))
+    assert not any(m.training for m in vision.modules())  # the vision encoder never trains
+    body = vlm.adapter.text_model(vlm.model)
+    assert body.training == (stage == Stage.SFT)  # stage 1 freezes the whole student

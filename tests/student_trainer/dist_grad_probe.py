@@ -34,7 +34,7 @@ def main() -> None:
     for ds_json in zero_configs:
         config = TrainConfig(
             student=student, data=data, output=str(Path(workdir) / Path(ds_json).stem), teacher_model=teacher,
-            stages="2", deepspeed=ds_json, grad_accum=2, micro_batch_size=1, steps_per_stage=4, seed=3,
+            stages="2", deepspeed=ds_json, grad_accum=3, micro_batch_size=1, steps_per_stage=4, seed=3,
             tensorboard=False,
         )
         samples, _ = load_dataset_samples(config.data)

@@ -56,6 +56,11 @@ def test_alignment_matrix_equals_a_direct_computation(models, rng, tmp_path):
         student_pooled = torch.stack([r.mean(0) for r in recalibrator(student_path_inputs(hidden, batch, features), False)])
         teacher_pooled = torch.stack([r.mean(0) for r in recalibrator(regularisation_path_inputs(features), True)])
     expected = torch.nn.functional.cosine_similarity(student_pooled[:, None, :], teacher_pooled[None, :, :], dim=-1)
+    uncentred = alignment_matrix(student, teacher, recalibrator, samples, batch_size=2, centre=False)
+    torch.testing.assert_close(uncentred, expected, atol=1e-4, rtol=1e-4)
+    # Centred (the default): each path's mean over the pairs removed first.
+    student_pooled, teacher_pooled = student_pooled - student_pooled.mean(0), teacher_pooled - teacher_pooled.mean(0)
+    expected = torch.nn.functional.cosine_similarity(student_pooled[:, None, :], teacher_pooled[None, :, :], dim=-1)
     torch.testing.assert_close(matrix, expected, atol=1e-4, rtol=1e-4)
 
     png = plot_alignment(matrix, tmp_path / "alignment.png", title="stage 1")

@@ -246,8 +246,41 @@ def test_single_process_zero3_three_stages_via_cli(uninterrupted_run, models, vq
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["kd", "uld"])
+def test_logit_distillation_baselines_train_through_the_cli(kind, models, vqa_data, subprocess_env, tmp_path,
+                                                            tiny_checkpoint):
+    """Stage 3 + the KD / ULD term with an in-process teacher: the term is logged every step and training moves."""
+    teacher, cross_student = models
+    student = tiny_checkpoint("qwen2_vl", tokenizer="gpt2", seed=5) if kind == "kd" else cross_student
+    output = tmp_path / kind
+    result = train_cli(subprocess_env, *run_args((teacher, student), vqa_data, output, "--stages", "3",
+                                                 "--logit-distillation", kind, "--deepspeed", CONFIGS / "zero2.json"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = metric_rows(output, 3)
+    name = kind.upper()
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(np.isfinite(r[name]) and r[name] > 0 and r["L3"] > 0 for r in rows)
+    assert rows[-1]["L3"] + rows[-1][name] < rows[0]["L3"] + rows[0][name]
+    assert json.loads((output / "config.json").read_text())["logit_distillation"] == kind
+
+
+def test_logit_distillation_needs_a_teacher_and_a_known_kind(models, vqa_data, tmp_path):
+    teacher, student = models
+    base = dict(student=str(student), data=str(vqa_data), output=str(tmp_path / "o"), stages="3")
+    with pytest.raises(ValueError, match="needs the teacher's distributions"):
+        TrainConfig(**base, logit_distillation="kd")
+    with pytest.raises(ValueError, match="logit_distillation must be one of"):
+        TrainConfig(**base, teacher_model=str(teacher), logit_distillation="nope")
+    assert not TrainConfig(**base).needs_teacher
+    assert TrainConfig(**base, teacher_model=str(teacher), logit_distillation="uld").needs_teacher
+
+
+@pytest.mark.slow
 def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env, tmp_path):
-    """Normalisation: 2 gloo ranks x 2 accumulated micro-batches give the gradient of ONE 4-sample batch's mean."""
+    """Normalisation: 2 gloo ranks x 3 accumulated micro-batches give the gradient of ONE 6-sample batch's mean.
+
+    Three micro-batches, not two: with two, an extra ``1 / grad_accum`` paired with summing instead of averaging
+    over the two ranks would cancel out and pass."""
     from genrecal.distill import LossConfig, genrecal_objective
     from genrecal.families import load_vlm
     from genrecal.recalibrator import Recalibrator
@@ -298,13 +331,14 @@ def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env
         ids_per_rank = probe["sample_ids"]
         assert probe["world_size"] == 2 and not set(ids_per_rank[0]) & set(ids_per_rank[1])
         big_batch = [by_id[i] for ids in ids_per_rank for i in ids]
-        reference, reference_loss = gradients([big_batch])  # ONE batch of all 4 samples
+        reference, reference_loss = gradients([big_batch])  # ONE batch of all 6 samples
         assert worst_relative_error(probe["grads"], reference) < 1e-4, name
         assert probe["row"]["loss"] == pytest.approx(reference_loss, rel=1e-5)
-        assert probe["row"]["student_answer_tokens"] != 4 * 2  # the answers differ in length
+        assert len(big_batch) == 6
+        assert probe["row"]["student_answer_tokens"] != 6 * 2  # the answers differ in length
     # The check has teeth: averaging per-micro-batch means (the naive normalisation) is measurably different.
     naive, _ = gradients([[by_id[i]] for ids in ids_per_rank for i in ids])
-    naive = {k: v / 4 for k, v in naive.items()}
+    naive = {k: v / 6 for k, v in naive.items()}
     assert worst_relative_error(naive, reference) > 1e-2
 
 

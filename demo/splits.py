@@ -1,0 +1,93 @@
+"""How the demo and the distillation benchmark divide easy-VQA's training split, and the noisy labels.
+
+- **Warm-up pool** (:func:`warmup_and_distillation`): the questions about every 4th training picture (9,756
+  questions on 1,000 pictures). The base students are pre-trained on it, vision tower included. (A pool of
+  yes/no questions only was tried first: students pre-trained on it never learnt to read the picture, and 300
+  SFT steps did not teach them to name a colour either — docs/benchmarks.md.)
+- **Distillation data**: every question about the other three quarters of the pictures (28,819); the
+  distillation never sees a warm-up picture.
+- **Noisy labels** (:func:`with_label_noise`): the distillation data as a weak annotator would label it — a seeded
+  fraction of the answers replaced by another answer of the same type. The teacher learnt from the clean
+  training split, so its distributions correct what the labels get wrong; SFT can only follow the labels. This is
+  the regime in which distillation can matter in miniature (docs/benchmarks.md, "Distillation benchmark").
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from demo.easy_vqa import SHAPES, YES_NO
+
+COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")  # easy-VQA's eight colours
+ANSWERS = {"colour": COLOURS, "shape": SHAPES, "yes_no": YES_NO}
+WARMUP_EVERY = 4  # every 4th training picture belongs to the warm-up pool
+
+
+def picture_index(record: dict) -> int:
+    """The easy-VQA picture a record asks about (``images/train/17.png`` -> 17)."""
+    return int(Path(record["image"]).stem)
+
+
+def answer(record: dict) -> str:
+    return record["conversations"][-1]["value"]
+
+
+def warmup_and_distillation(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(warm-up pool, distillation data): disjoint by picture, deterministic, in the records' order."""
+    warmup = [r for r in records if picture_index(r) % WARMUP_EVERY == 0]
+    distill = [r for r in records if picture_index(r) % WARMUP_EVERY != 0]
+    return warmup, distill
+
+
+def with_label_noise(records: list[dict], rate: float, seed: int) -> list[dict]:
+    """Copies of ``records``; a seeded ``rate`` fraction of them answer another answer of the same type.
+
+    Which records change and what they become depends only on ``seed`` and the record ids. Each changed record
+    keeps its clean answer under ``clean_answer``; records of an unknown type are left alone.
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"label-noise rate must be in [0, 1), got {rate}")
+    out = []
+    for record in records:
+        record = json.loads(json.dumps(record))  # a deep copy
+        choices = ANSWERS.get(record.get("type"))
+        rng = random.Random(f"label-noise/{seed}/{record['id']}")
+        if choices and rng.random() < rate:
+            clean = answer(record)
+            if clean not in choices:
+                raise ValueError(f"record {record['id']!r}: answer {clean!r} is not a {record['type']} answer")
+            record["conversations"][-1]["value"] = rng.choice([a for a in choices if a != clean])
+            record["clean_answer"] = clean
+        out.append(record)
+    return out
+
+
+def write_splits(data_dir: str | Path, *, noise: float, noise_seed: int = 0,
+                 distill_limit: int | None = None) -> tuple[Path, Path]:
+    """Write ``train_warmup.json`` and ``train_distill.json`` (noisy labels; the first ``distill_limit``
+    records of a seeded shuffle when given) next to ``train.json``; return both paths."""
+    data_dir = Path(data_dir)
+    records = json.loads((data_dir / "train.json").read_text(encoding="utf-8"))
+    warmup, distill = warmup_and_distillation(records)
+    if distill_limit is not None:
+        random.Random(f"distill-subset/{noise_seed}").shuffle(distill)
+        distill = distill[:distill_limit]
+    distill = with_label_noise(distill, noise, noise_seed)
+    paths = data_dir / "train_warmup.json", data_dir / "train_distill.json"
+    for path, content in zip(paths, (warmup, distill), strict=True):
+        path.write_text(json.dumps(content))
+    return paths
+
+
+def picture_labels(records: list[dict]) -> dict[str, tuple[str | None, str | None]]:
+    """``{image: (colour, shape)}`` read off the colour and shape questions about each picture (None if unasked);
+    the answers of records carrying a ``clean_answer`` count as that."""
+    labels: dict[str, list] = {}
+    for record in records:
+        kind = record.get("type")
+        if kind in ("colour", "shape"):
+            value = record.get("clean_answer", answer(record))
+            labels.setdefault(record["image"], [None, None])[0 if kind == "colour" else 1] = value
+    return {image: (c, s) for image, (c, s) in labels.items()}

@@ -1,0 +1,114 @@
+"""The demo's models: rebuilt from the shipped weights, they see; the command that made them runs at toy size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+
+from demo.models import RECIPES, SHIPPED, WEIGHTS_DIR, from_shipped, prepare_models
+from genrecal.families import load_vlm
+from genrecal.sample import Sample, Turn
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory) -> dict[str, Path]:
+    return prepare_models(tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("no-data"))
+
+
+def picture(colour: str, shape: str = "rectangle") -> Image.Image:
+    image = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse([12, 12, 52, 52], fill=colour)
+    else:
+        draw.rectangle([12, 12, 52, 52], fill=colour)
+    return image
+
+
+def answer_logits(vlm, question: str, images: list[Image.Image]) -> torch.Tensor:
+    """(len(images), V) logits of the first answer token, the same question about each picture."""
+    samples = [Sample(f"s{i}", [Turn("user", f"<image>\n{question}"), Turn("assistant", "x")], [im])
+               for i, im in enumerate(images)]
+    batch = vlm.encode(samples)
+    with torch.no_grad():
+        hidden = vlm.body_hidden_states(batch)
+        positions = [batch.prediction_positions(i)[0] for i in range(len(samples))]
+        return torch.stack([vlm.head(hidden[i, p]) for i, p in enumerate(positions)])
+
+
+def test_shipped_weights_fit_the_budget_and_match_their_recipes():
+    total = 0
+    for name in SHIPPED:
+        path = WEIGHTS_DIR / f"{name}.safetensors"
+        total += path.stat().st_size
+        with safe_open(path, "pt") as f:
+            assert f.metadata()["recipe_fingerprint"] == RECIPES[name].fingerprint()
+    assert total <= 20 * 1024 * 1024
+
+
+def test_teacher_and_student_differ_in_everything_genrecal_bridges(shipped):
+    teacher, student = (load_vlm(shipped[n]) for n in ("teacher", "student"))
+    assert teacher.adapter.model_type != student.adapter.model_type
+    assert type(teacher.processor.tokenizer).__name__ != type(student.processor.tokenizer).__name__
+    assert teacher.head.weight.shape[1] > student.head.weight.shape[1]  # D_l > D_s
+    image = picture("red")
+    tokens = [int((vlm.encode([Sample("s", [Turn("user", "<image>\nq"), Turn("assistant", "a")], [image])])
+                   .input_ids == vlm.model.config.image_token_id).sum()) for vlm in (teacher, student)]
+    assert tokens[0] != tokens[1] and min(tokens) > 0
+    # Rec-body (two of the student's decoder blocks) is at most a third of the student's decoder.
+    decoder = student.adapter.text_model(student.model)
+    per_block = sum(p.numel() for p in decoder.layers[0].parameters())
+    assert 2 * per_block <= sum(p.numel() for p in decoder.layers.parameters()) / 3 + 1
+
+
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_the_model_sees_the_picture(shipped, name):
+    """The answer logits move with the picture, and the colour answer is the picture's colour."""
+    vlm = load_vlm(shipped[name])
+    colours = ["red", "blue", "green", "yellow"]
+    logits = answer_logits(vlm, "what color is the shape?", [picture(c) for c in colours])
+    assert (logits - logits[0]).abs().max() > 1.0
+    first_ids = [int(vlm.encode([Sample("s", [Turn("user", "<image>\nq"), Turn("assistant", c)], [picture(c)])])
+                     .answer_token_ids(0)[0]) for c in colours]  # each colour's first answer token, in context
+    predicted = logits[:, first_ids].argmax(dim=1).tolist()
+    assert predicted == list(range(len(colours)))
+
+
+def test_a_changed_recipe_does_not_use_the_shipped_weights(tmp_path, monkeypatch):
+    import dataclasses
+
+    import demo.models as models
+
+    changed = dataclasses.replace(RECIPES["student"], seed=123)
+    monkeypatch.setitem(models.RECIPES, "student", changed)
+    assert from_shipped("student", tmp_path / "model") is None
+
+
+@pytest.mark.slow
+def test_the_build_command_reproduces_weights_at_toy_size(tmp_path):
+    """``python -m demo.models build`` (the command that made the shipped files), 2 steps, one model."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "weights"
+    result = subprocess.run(
+        [sys.executable, "-m", "demo.models", "build", "--only", "student", "--steps", "2", "--out", str(out),
+         "--work", str(tmp_path / "work"), "--evaluate", "8"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with safe_open(out / "student.safetensors", "pt") as f:
+        assert f.metadata()["recipe_fingerprint"] != RECIPES["student"].fingerprint()  # 2 steps, not the recipe
+        keys = set(f.keys())
+    with safe_open(WEIGHTS_DIR / "student.safetensors", "pt") as f:
+        assert keys == set(f.keys())
+    record = json.loads((tmp_path / "work" / "student" / "genrecal_pretraining.json").read_text())
+    assert record["recipe"]["pretraining"]["steps"] == 2 and record["samples"] > 1000
+    assert "overall" in result.stdout

@@ -1,0 +1,64 @@
+"""The demo's split of easy-VQA: warm-up pool vs distillation data by picture, and the seeded noisy labels."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from demo.splits import (
+    ANSWERS,
+    picture_index,
+    picture_labels,
+    warmup_and_distillation,
+    with_label_noise,
+    write_splits,
+)
+
+
+def records(n: int = 400) -> list[dict]:
+    out = []
+    for i in range(n):
+        kind = ("colour", "shape", "yes_no")[i % 3]
+        value = ANSWERS[kind][i % len(ANSWERS[kind])]
+        out.append({"id": f"train-{i}", "image": f"images/train/{i // 3}.png", "type": kind,
+                    "conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": value}]})
+    return out
+
+
+def test_warmup_and_distillation_are_disjoint_by_picture():
+    warmup, distill = warmup_and_distillation(records())
+    assert {picture_index(r) % 4 for r in warmup} == {0} and 0 not in {picture_index(r) % 4 for r in distill}
+    assert len(warmup) + len(distill) == 400 and not {r["image"] for r in warmup} & {r["image"] for r in distill}
+
+
+def test_label_noise_is_seeded_of_the_right_rate_and_type():
+    clean = records(3000)
+    noisy = with_label_noise(clean, 0.4, seed=0)
+    assert noisy == with_label_noise(clean, 0.4, seed=0) and noisy != with_label_noise(clean, 0.4, seed=1)
+    changed = [(c, n) for c, n in zip(clean, noisy, strict=True) if "clean_answer" in n]
+    assert 0.36 < len(changed) / len(clean) < 0.44
+    for c, n in changed:
+        new, old = n["conversations"][-1]["value"], c["conversations"][-1]["value"]
+        assert new != old and n["clean_answer"] == old and new in ANSWERS[c["type"]]
+    assert clean[0]["conversations"][-1]["value"] == ANSWERS["colour"][0]  # the input is not modified
+    assert Counter(n["conversations"][-1]["value"] for c, n in changed if c["type"] == "yes_no").keys() <= {"yes", "no"}
+    assert with_label_noise(clean, 0.0, seed=0) == clean
+    with pytest.raises(ValueError, match="rate must be in"):
+        with_label_noise(clean, 1.0, seed=0)
+
+
+def test_picture_labels_use_the_clean_answers():
+    noisy = with_label_noise(records(), 0.5, seed=0)
+    labels = picture_labels(noisy)
+    colour_of = {r["image"]: r.get("clean_answer", r["conversations"][-1]["value"]) for r in noisy if r["type"] == "colour"}
+    assert all(labels[image][0] == colour for image, colour in colour_of.items())
+
+
+def test_write_splits(tmp_path):
+    (tmp_path / "train.json").write_text(json.dumps(records()))
+    warmup_path, distill_path = write_splits(tmp_path, noise=0.3, distill_limit=50)
+    distill = json.loads(distill_path.read_text())
+    assert len(distill) == 50 and any("clean_answer" in r for r in distill)
+    assert all(picture_index(r) % 4 == 0 for r in json.loads(warmup_path.read_text()))
