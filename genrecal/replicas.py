@@ -131,13 +131,14 @@ class ReplicatedTeacher:
     def info(self, refresh: bool = False):
         return self._pick().client.info(refresh)
 
-    def encode(self, samples: Sequence[Sample], *, max_length: int | None = None) -> list[TeacherFeatures]:
+    def encode(self, samples: Sequence[Sample], **kwargs) -> list[TeacherFeatures]:
+        """``TeacherClient.encode`` (same keyword arguments) on the least busy live replica."""
         while True:
             replica = self._pick()
             with self._lock:
                 replica.outstanding += 1
             try:
-                features = replica.client.encode(samples, max_length=max_length)
+                features = replica.client.encode(samples, **kwargs)
             except TeacherUnavailable as exc:
                 self._drop(replica, exc)
                 continue  # another replica, if any is left (else _pick raises)
@@ -172,6 +173,13 @@ class ReplicatedTeacher:
                 grads[i] = grad
         ce, kl = torch.as_tensor(ce), torch.as_tensor(kl)
         return HeadScore(ce=ce, kl=kl, grad_inputs=torch.cat(grads) if grads else None, num_tokens=num_tokens), grads
+
+    def score_paths(self, features: Sequence[TeacherFeatures], outputs_by_path, *, release: bool = False,
+                    **kwargs) -> dict[str, tuple[HeadScore, list[torch.Tensor]]]:
+        """Several Recalibrator paths of the same samples: one ``score`` per path (releasing after the last)."""
+        paths = list(outputs_by_path)
+        return {path: self.score(features, outputs_by_path[path], release=release and k == len(paths) - 1, **kwargs)
+                for k, path in enumerate(paths)}
 
     def release(self, features: Sequence[TeacherFeatures]) -> int:
         released = 0

@@ -78,6 +78,12 @@ def test_replicas_share_encode_score_their_own_handles_and_survive_a_dead_one(te
         for g, e in zip(grads, reference_grads, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-8)
 
+        by_path = client.score_paths(features, {"L1": outputs, "L2": outputs}, ce_weight=0.7, kl_weight=1.3)
+        assert list(by_path) == ["L1", "L2"]
+        for path_score, path_grads in by_path.values():
+            torch.testing.assert_close(path_score.ce, score.ce, rtol=0, atol=0)
+            assert all(torch.equal(a, b) for a, b in zip(path_grads, grads, strict=True))
+
         # Kill the replica of the first half: its handles are gone with it; the wrapper re-encodes on the other.
         dead = int(halves[0][0].handle.split("/")[0])
         servers[dead].kill()
