@@ -63,6 +63,11 @@ class Served:
     def forwards(self) -> int:
         return sum(e.stats.forwards for e in self.engines)
 
+    @property
+    def samples_forwarded(self) -> int:
+        """Samples that went through the teacher body (the batcher merges concurrent requests into forwards)."""
+        return sum(sum(e.stats.samples_per_forward) for e in self.engines)
+
     def close(self) -> None:
         for server in self.servers:
             server.shutdown(1.0)
@@ -123,9 +128,10 @@ def main() -> None:
         try:
             make_client = clients(served.addresses)
             lockstep(make_client, [batches(99, 1, args.batch)])  # warm-up
-            base = served.forwards
+            base, base_samples = served.forwards, served.samples_forwarded
             seconds = lockstep(make_client, [shared] * args.students)
-            report[name] = {"forwards": served.forwards - base, "seconds": seconds,
+            report[name] = {"forwards": served.forwards - base, "samples_forwarded": served.samples_forwarded - base_samples,
+                            "seconds": seconds,
                             "aggregate_samples_per_s": args.students * samples_per_student / seconds}
             if name == "cache_off":
                 one = lockstep(make_client, [batches(1, args.steps, args.batch)])
@@ -148,7 +154,9 @@ def main() -> None:
     off, on = report["cache_off"], report["cache_on"]
     print(f"{args.students} students x {args.steps} steps x {args.batch} samples, same data:")
     print(f"  teacher forwards  cache off {off['forwards']:4d}   cache on {on['forwards']:4d}   "
-          f"(ratio {on['forwards'] / off['forwards']:.2f}, ideal {1 / args.students:.2f})")
+          f"(ratio {on['forwards'] / off['forwards']:.2f})")
+    print(f"  samples through the body  cache off {off['samples_forwarded']:4d}   cache on {on['samples_forwarded']:4d}   "
+          f"(ratio {on['samples_forwarded'] / off['samples_forwarded']:.2f}, ideal {1 / args.students:.2f})")
     print(f"  aggregate samples/s  cache off {off['aggregate_samples_per_s']:.1f}   cache on "
           f"{on['aggregate_samples_per_s']:.1f}   one student alone {report['one_student_samples_per_s']:.1f}")
     r1, r2 = report["replicas_1"], report["replicas_2"]
