@@ -23,14 +23,15 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/genrecal
 
 # 1) Dependencies only (cached until pyproject.toml or the CI pins change): with no package folders copied
-#    yet, `pip install .` installs the project's requirements (grpcio-health-checking included, which the
-#    HEALTHCHECK script uses) and an empty placeholder distribution.
+#    yet, `pip install ".[teacher]"` installs the core and teacher requirements (grpcio-health-checking
+#    included, which the HEALTHCHECK script uses; no DeepSpeed, datasets, tensorboard or matplotlib, which only
+#    the trainer needs) and an empty placeholder distribution.
 #    Pins come from .ci/constraints.txt (the versions CI tests) minus torch/torchvision, which the base
 #    image provides (pinning them here would reinstall several GB of CUDA wheels).
 COPY pyproject.toml README.md ./
 COPY .ci/constraints.txt /tmp/ci-constraints.txt
 RUN grep -v -E '^(torch|torchvision)==' /tmp/ci-constraints.txt > /tmp/constraints.txt \
-    && python -m pip install --no-cache-dir -c /tmp/constraints.txt . \
+    && python -m pip install --no-cache-dir -c /tmp/constraints.txt ".[teacher]" \
     && rm -rf build ./*.egg-info
 
 # 2) The code. --no-deps: everything it needs is installed above.

@@ -22,6 +22,7 @@ from torch import Tensor
 from genrecal.client import HandleLost, TeacherClient, TeacherError, TeacherUnavailable
 from genrecal.families import load_vlm
 from genrecal.head_scoring import HeadScore
+from genrecal.replicas import ReplicatedTeacher, resolve_addresses
 from genrecal.sample import Sample
 from genrecal.teacher import InProcessTeacher, Teacher, TeacherFeatures
 
@@ -266,15 +267,20 @@ def open_teacher(
 ) -> ResilientTeacher:
     """A teacher: a connection to the service at ``addr``, or the checkpoint ``model`` loaded in this process.
 
-    Remote: every call has the deadline ``timeout_s``; UNAVAILABLE is retried ``retries`` times with backoff
+    Remote: ``addr`` is HOST:PORT, or several comma-separated (or a name resolving to several) for teacher
+    replicas (:class:`genrecal.replicas.ReplicatedTeacher`). Every call has the deadline ``timeout_s``; UNAVAILABLE is retried ``retries`` times with backoff
     (0.5 s doubling, capped at 15 s), and after that the wrapper waits up to ``timeout_s`` more for the teacher to
     serve again (a restart) before it gives up (:class:`ResilientTeacher`).
     """
     if (addr is None) == (model is None):
         raise ValueError("pass exactly one of a teacher address (--teacher-addr) and a teacher model (--teacher-model)")
     if addr is not None:
-        client = TeacherClient(addr, timeout_s=timeout_s, retries=retries, backoff_s=0.5, max_backoff_s=15.0,
-                               token_file=token_file, tls_ca=tls_ca)
+        addresses = resolve_addresses(addr)
+        kwargs = dict(timeout_s=timeout_s, backoff_s=0.5, max_backoff_s=15.0, token_file=token_file, tls_ca=tls_ca)
+        if len(addresses) > 1:  # replicas: a dead one is dropped after one retry, its work moves to the others
+            client = ReplicatedTeacher(addresses, retries=1, **kwargs)
+        else:
+            client = TeacherClient(addr, retries=retries, **kwargs)
         client.wait_until_serving(timeout_s)
         return ResilientTeacher(client, restart_wait_s=timeout_s, one_request_per_step=True, max_length=max_length)
     vlm = load_vlm(model, dtype=dtype)

@@ -102,11 +102,31 @@ def write_tiny_checkpoint(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    if adapter.tiny_weight_renames:
+        _rename_weights(out, adapter.tiny_weight_renames)
     processor.save_pretrained(out)
     (out / "genrecal_tiny.json").write_text(
         json.dumps({"family": family, "tokenizer": tokenizer, "seed": seed, "sizes": asdict(sizes)}, indent=2) + "\n"
     )
     return out
+
+
+def _rename_weights(folder: Path, renames: tuple[tuple[str, str], ...]) -> None:
+    """Rewrite the saved safetensors with the weight names the family's published checkpoints use."""
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:  # a tiny checkpoint is one shard; an index would have to be rewritten too
+        raise ValueError(f"expected one safetensors file in {folder}, found {len(files)}")
+
+    def renamed(name: str) -> str:
+        for old, new in renames:
+            if name.startswith(old) and not name.startswith(new):
+                return new + name[len(old):]
+        return name
+
+    tensors = load_file(files[0])
+    save_file({renamed(name): tensor for name, tensor in tensors.items()}, files[0], metadata={"format": "pt"})
 
 
 def main(argv: list[str] | None = None) -> None:

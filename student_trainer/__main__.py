@@ -74,7 +74,8 @@ def build_align_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recalibrator", required=True,
                         help="the Recalibrator trained with it, e.g. OUTPUT/stage1/recalibrator.safetensors")
     teacher = parser.add_mutually_exclusive_group(required=True)
-    teacher.add_argument("--teacher-addr", help="HOST:PORT of the teacher service")
+    teacher.add_argument("--teacher-addr", help="HOST:PORT of the teacher service; several comma-separated (or a "
+                         "name resolving to several) spread Encode over teacher replicas and survive losing one")
     teacher.add_argument("--teacher-model", help="teacher checkpoint folder, run in this process")
     parser.add_argument("--data", required=True, help="question-answer pairs (same formats as training data)")
     parser.add_argument("--image-folder", help="folder image names are relative to (default: the data's folder)")

@@ -44,7 +44,7 @@ class TrainConfig:
     student: str  # student checkpoint folder (HF format, a supported family); stage 1's starting point
     data: str  # training data: LLaVA JSON/JSONL, a parquet/arrow file or a datasets save_to_disk folder
     output: str  # run folder: checkpoints, stage exports, metrics, final student
-    teacher_addr: str | None = None  # HOST:PORT of the teacher service (stages 1 and 2)
+    teacher_addr: str | None = None  # HOST:PORT of the teacher service (stages 1 and 2); comma-separated: replicas
     teacher_model: str | None = None  # or: a teacher checkpoint folder run in this process (single machine)
     teacher_token_file: str | None = None  # file holding this client's bearer token (else $GENRECAL_TEACHER_TOKEN)
     teacher_tls_ca: str | None = None  # PEM CA of the teacher's TLS certificate: connect over TLS
@@ -126,9 +126,12 @@ class TrainConfig:
                 f"{why}: pass --teacher-addr HOST:PORT (a running teacher_server) or --teacher-model PATH (an "
                 "in-process teacher), or run --stages 3 without it"
             )
-        if self.teacher_addr is not None and not _HOST_PORT.match(self.teacher_addr):
+        if self.teacher_addr is not None and not all(
+            _HOST_PORT.match(part.strip()) for part in self.teacher_addr.split(",")
+        ):
             raise ValueError(
-                f"teacher_addr must be HOST:PORT (e.g. teacher-node:50051 or [::1]:50051), got {self.teacher_addr!r}"
+                "teacher_addr must be HOST:PORT (e.g. teacher-node:50051 or [::1]:50051), or several separated by "
+                f"commas for teacher replicas, got {self.teacher_addr!r}"
             )
         if self.teacher_model is not None and not (Path(self.teacher_model) / "config.json").is_file():
             raise ValueError(

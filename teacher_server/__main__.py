@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from teacher_server.config import GIB, MIB, EngineConfig
+from teacher_server.config import BACKENDS, EXECUTOR_BACKENDS, GIB, MIB, EngineConfig, VllmOptions
 from teacher_server.limits import CallLimits
 
 
@@ -25,7 +25,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="compute dtype (default auto: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--device-map", default="auto",
-                        help="'auto' spreads the teacher over all visible GPUs (accelerate); or 'cpu', 'cuda:0'")
+                        help="transformers backend: 'auto' spreads the teacher over all visible GPUs (accelerate, "
+                             "one GPU busy at a time); or 'cpu', 'cuda:0'")
+    parser.add_argument("--backend", default="transformers", choices=BACKENDS,
+                        help="where the teacher body runs: transformers (default) or vllm (tensor/pipeline "
+                             "parallel; same API and results; the LM head stays a torch tensor for Score)")
+    vllm = parser.add_argument_group("vLLM backend (--backend vllm; see docs/teacher_server.md)")
+    options = VllmOptions.__dataclass_fields__
+    vllm.add_argument("--tensor-parallel-size", type=int, default=None,
+                      help=f"GPUs that split every layer (default {options['tensor_parallel_size'].default})")
+    vllm.add_argument("--pipeline-parallel-size", type=int, default=None,
+                      help="stages that split the layer stack; GPUs used = tensor x pipeline "
+                           f"(default {options['pipeline_parallel_size'].default})")
+    vllm.add_argument("--gpu-memory-utilization", type=float, default=None,
+                      help="share of each GPU vLLM may take; leave room on GPU 0 for the LM head and Score's "
+                           f"chunks (default {options['gpu_memory_utilization'].default})")
+    vllm.add_argument("--max-model-len", type=int, default=None,
+                      help="longest sample vLLM accepts, in teacher tokens (default: the checkpoint's limit)")
+    vllm.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS, default=None,
+                      help="vLLM's executor: mp (one node, default on GPUs), ray (several nodes: start the Ray "
+                           "cluster first, run the server on its head node)")
+    vllm.add_argument("--max-images-per-sample", type=int, default=None,
+                      help="images one sample may hold; vLLM reserves memory for them "
+                           f"(default {options['max_images_per_sample'].default})")
     parser.add_argument("--max-batch-tokens", type=int, default=defaults["max_batch_tokens"].default,
                         help="padded batch x length token budget of one teacher forward (default %(default)s)")
     parser.add_argument("--max-batch-samples", type=int, default=defaults["max_batch_samples"].default,
@@ -34,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for other students' requests to batch with (default %(default)s ms)")
     parser.add_argument("--handle-store-gib", type=float, default=defaults["handle_store_bytes"].default / GIB,
                         help="memory for kept teacher states between Encode and Score; oldest evicted (default %(default)s GiB)")
+    parser.add_argument("--encode-cache-gib", type=float, default=defaults["encode_cache_bytes"].default / GIB,
+                        help="memory for Encode results kept by sample content, so that students training on the "
+                             "same data share the teacher's forwards; oldest evicted; 0 = off (default %(default)s GiB)")
     parser.add_argument("--max-request-mib", type=int, default=defaults["max_request_bytes"].default // MIB,
                         help="largest Score payload accepted (default %(default)s MiB)")
     parser.add_argument("--chunk-size", type=int, default=defaults["chunk_size"].default,
@@ -88,9 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+VLLM_FLAGS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_model_len",
+              "distributed_executor_backend", "max_images_per_sample")
+
+
+def vllm_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> VllmOptions | None:
+    """The vLLM flags that were given, as options (None for the transformers backend, which refuses them)."""
+    given = {name: getattr(args, name) for name in VLLM_FLAGS if getattr(args, name) is not None}
+    if args.backend != "vllm":
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            parser.error(f"{flags} only apply to --backend vllm")
+        return None
+    try:
+        return VllmOptions(**given)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    vllm = vllm_options(args, parser)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from teacher_server.auth import TokenAuth
@@ -107,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
             handle_store_client_share=args.handle_store_client_share,
             max_request_bytes=args.max_request_mib * MIB, chunk_size=args.chunk_size, max_length=args.max_length,
             max_image_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes,
+            encode_cache_bytes=int(args.encode_cache_gib * GIB), backend=args.backend, vllm=vllm,
         )
         limits = CallLimits(
             call_timeout_s=args.call_timeout_s, stream_idle_s=args.stream_idle_s, max_calls=args.max_calls,

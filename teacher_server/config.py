@@ -12,6 +12,51 @@ from genrecal.identity import checkpoint_fingerprint  # noqa: F401 (re-exported)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 GIB = 1 << 30
 MIB = 1 << 20
+BACKENDS = ("transformers", "vllm")  # where the teacher body runs (teacher_server.backends)
+EXECUTOR_BACKENDS = ("mp", "ray", "uni", "external_launcher")  # vLLM's distributed executors
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """How vLLM places and sizes the teacher body (vLLM's own engine arguments of the same names)."""
+
+    tensor_parallel_size: int = 1  # GPUs that split every layer
+    pipeline_parallel_size: int = 1  # stages that split the layer stack (GPUs = tensor x pipeline)
+    gpu_memory_utilization: float = 0.85  # share of each GPU vLLM may take (weights, activations, KV cache)
+    max_model_len: int | None = None  # longest sample in tokens; None = the checkpoint's limit
+    distributed_executor_backend: str | None = None  # None = vLLM's choice; "ray" for several nodes
+    max_images_per_sample: int = 4  # vLLM reserves memory for this many images per prompt
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_images_per_sample"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1] (a share of each GPU), got {self.gpu_memory_utilization}"
+            )
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise ValueError(f"max_model_len must be a positive integer or None, got {self.max_model_len!r}")
+        if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
+            raise ValueError(
+                f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)} (or unset), "
+                f"got {self.distributed_executor_backend!r}"
+            )
+
+    def engine_kwargs(self) -> dict:
+        """The keyword arguments of ``vllm.LLM`` these options set."""
+        kwargs = dict(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            limit_mm_per_prompt={"image": self.max_images_per_sample},
+        )
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.distributed_executor_backend is not None:
+            kwargs["distributed_executor_backend"] = self.distributed_executor_backend
+        return kwargs
 
 @dataclass
 class EngineConfig:
@@ -27,11 +72,14 @@ class EngineConfig:
     batch_wait_ms: float = 5.0  # how long the batcher waits for more requests after the first one
     handle_store_bytes: int = 2 * GIB  # memory budget for kept prediction states; oldest evicted beyond it
     handle_store_client_share: float = 1.0  # most of the handle store one client may hold (fraction)
+    encode_cache_bytes: int = 1 * GIB  # Encode results kept by content for other clients (0 = off); LRU
     max_request_bytes: int = 256 * MIB  # largest request the server accepts (enforced on the wire)
     chunk_size: int = 512  # tokens per head-scoring chunk (peak extra memory ~ 12 B x chunk_size x V)
     max_length: int = 0  # refuse samples longer than this many teacher tokens; 0 = no limit
     max_image_pixels: int = 36_000_000  # width x height of one image, checked from its header before decoding
     max_concurrent_decodes: int = 4  # images decoded at once, across callers (bounds decoded-image memory)
+    backend: str = "transformers"  # where the body runs: "transformers" (device_map) or "vllm" (`vllm` options)
+    vllm: VllmOptions | None = None  # the vLLM backend's placement; None = its defaults
 
     def __post_init__(self) -> None:
         path = Path(self.model_path).expanduser()
@@ -57,6 +105,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.encode_cache_bytes, int) or self.encode_cache_bytes < 0:
+            raise ValueError(f"encode_cache_bytes must be an integer >= 0 (0 = no cache), got {self.encode_cache_bytes!r}")
         if not (isinstance(self.handle_store_client_share, int | float) and 0 < self.handle_store_client_share <= 1):
             raise ValueError(
                 f"handle_store_client_share must be a fraction in (0, 1], got {self.handle_store_client_share!r}"
@@ -70,6 +120,18 @@ class EngineConfig:
             )
         if not self.batch_wait_ms >= 0:
             raise ValueError(f"batch_wait_ms must be >= 0 (0 = no waiting for more requests), got {self.batch_wait_ms}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "vllm":
+            if self.device_map not in ("auto", None):
+                raise ValueError(
+                    f"device_map={self.device_map!r} places the transformers backend; vLLM places the body itself "
+                    "(tensor_parallel_size, pipeline_parallel_size): leave device_map at 'auto'"
+                )
+            if self.vllm is None:
+                self.vllm = VllmOptions()
+        elif self.vllm is not None:
+            raise ValueError("vLLM options were given but backend is 'transformers'; set backend='vllm'")
         if self.model_name is None:
             self.model_name = path.resolve().name
         if not self.model_name:
@@ -96,5 +158,5 @@ class EngineConfig:
         out = asdict(self)
         out["model_path"] = str(self.model_path)
         out["resolved_dtype"] = str(self.torch_dtype).removeprefix("torch.")
-        out["resolved_device_map"] = self.resolved_device_map
+        out["resolved_device_map"] = self.resolved_device_map if self.backend == "transformers" else None
         return out

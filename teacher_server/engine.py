@@ -23,6 +23,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from genrecal.sample import Sample
 from genrecal.teacher import TeacherFeatures, split_rows
 from teacher_server.batcher import Batcher, DeviceCall, EncodeJob, FormattedSample, TransformersBody
 from teacher_server.config import EngineConfig
+from teacher_server.encode_cache import CachedSample, EncodeCache, content_key
 from teacher_server.errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, ShuttingDown
 from teacher_server.handles import HandleStore, KeptSample
 
@@ -64,6 +66,8 @@ class TeacherInfo:
     server_version: str
     max_batch_tokens: int
     max_request_bytes: int
+    backend: str  # where the body runs: "transformers" or "vllm"
+    instance_id: str  # random per engine: the handles it issues are valid with it only
 
 
 @dataclass
@@ -106,6 +110,12 @@ class EngineStats:
     handles: int = 0  # handles held now
     handle_bytes: int = 0  # bytes they hold
     evicted_handles: int = 0  # handles dropped because the store was full
+    # the encode cache (teacher_server.encode_cache), in samples:
+    cache_hits: int = 0  # served from memory
+    cache_shared: int = 0  # waited for another request computing the same content
+    cache_misses: int = 0  # needed a forward (0 while the cache is off)
+    cache_entries: int = 0
+    cache_bytes: int = 0
 
 
 class TeacherEngine:
@@ -115,7 +125,14 @@ class TeacherEngine:
         self.config = config
         start = time.monotonic()
         dtype, device_map = config.torch_dtype, config.resolved_device_map
-        self.vlm: LoadedVLM | None = load_vlm(config.model_path, dtype=dtype, device_map=device_map)
+        if config.backend == "vllm":  # the body runs in vLLM; self.vlm holds the processor and the head only
+            from teacher_server.backends.vllm_body import VllmBody
+
+            body = VllmBody(config.model_path, dtype=dtype, options=config.vllm)
+            self.vlm: LoadedVLM | None = body.vlm
+        else:
+            self.vlm = load_vlm(config.model_path, dtype=dtype, device_map=device_map)
+            body = TransformersBody(self.vlm)
         model = self.vlm.model
         model.eval()
         model.requires_grad_(False)
@@ -125,13 +142,15 @@ class TeacherEngine:
         self._info = self._build_info()
         devices = sorted({str(p.device) for p in model.parameters()})
         logger.info(
-            "loaded teacher %s (revision %s, %s) from %s in %.1fs: dtype %s, device_map %r, devices %s, head on %s; "
-            "D_l=%d, V_l=%d",
+            "loaded teacher %s (revision %s, %s) from %s in %.1fs: %s backend, dtype %s, device_map %r, devices %s, "
+            "head on %s; D_l=%d, V_l=%d",
             config.model_name, config.revision, self._info.architecture, config.model_path,
-            time.monotonic() - start, dtype, device_map, ", ".join(devices), self._head_device,
+            time.monotonic() - start, config.backend, dtype, device_map if config.backend == "transformers" else None,
+            ", ".join(devices), self._head_device,
             self._info.hidden_size, self._info.vocab_size,
         )
         self._handles = HandleStore(config.handle_store_bytes, client_share=config.handle_store_client_share)
+        self._cache = EncodeCache(config.encode_cache_bytes)
         # HF fast tokenizers are not safe to call from several threads at once ("Already borrowed"): callers
         # format one at a time, still in parallel with the device thread. Also guards `vlm` against close().
         self._format_lock = threading.Lock()
@@ -139,8 +158,9 @@ class TeacherEngine:
         self._closed = False
         self._stats_lock = threading.Lock()
         self._counts = EngineStats()
+        self._body = body
         self._batcher = Batcher(
-            TransformersBody(self.vlm), max_batch_tokens=config.max_batch_tokens,
+            body, max_batch_tokens=config.max_batch_tokens,
             max_batch_samples=config.max_batch_samples, batch_wait_ms=config.batch_wait_ms,
         )
 
@@ -174,9 +194,9 @@ class TeacherEngine:
         limits = [n for n in (max_length, self.config.max_length) if n]
         try:
             formatted = [self._format(sample, i, min(limits) if limits else None) for i, sample in enumerate(samples)]
-            job = EncodeJob(formatted)
-            self._submit(job)
-            results = self._keep(self._wait(job, timeout_s), question_features=bool(return_question_features), client=client)
+            computed = self._compute(formatted, timeout_s)
+            results = self._keep(formatted, computed, question_features=bool(return_question_features),
+                                 client=client)
         except BaseException:
             with self._stats_lock:
                 self._counts.failed_encode_requests += 1
@@ -260,7 +280,7 @@ class TeacherEngine:
     @property
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters."""
-        forwards = self._batcher.stats
+        forwards, cache = self._batcher.stats, self._cache.stats
         with self._stats_lock:
             counts = self._counts
             return EngineStats(
@@ -274,6 +294,8 @@ class TeacherEngine:
                 handles=len(self._handles),
                 handle_bytes=self._handles.nbytes,
                 evicted_handles=self._handles.evicted,
+                cache_hits=cache.hits, cache_shared=cache.shared, cache_misses=cache.misses,
+                cache_entries=cache.entries, cache_bytes=cache.nbytes,
             )
 
     def add_forward_observer(self, observe) -> None:
@@ -302,6 +324,11 @@ class TeacherEngine:
             self._closed = True
         logger.info("teacher engine closing: finishing queued jobs")
         self._batcher.close()
+        self._cache.clear()
+        close_body = getattr(self._body, "close", None)  # vLLM's engine is stopped explicitly
+        self._body = None
+        if close_body is not None:
+            close_body()
         self._handles.clear()
         on_cuda = self._head_device.type == "cuda"
         with self._format_lock:
@@ -376,22 +403,68 @@ class TeacherEngine:
             images.append(image)
         return Sample(sample.sample_id, list(sample.turns), images)
 
-    def _keep(self, features: list[TeacherFeatures], *, question_features: bool, client: str) -> list[EncodedFeatures]:
-        """Keep each sample's scoring state under a new handle; hand the caller compact CPU results."""
-        results, kept = [], []
-        for feature in features:
-            states = feature.prediction_states.to(self._head_device, self._head_dtype)  # (La, D_l)
-            ids = feature.answer_token_ids.to(self._head_device)  # (La,)
-            kept.append(KeptSample(ids, states, ids.numel() * ids.element_size() + states.numel() * states.element_size()))
-            results.append(EncodedFeatures(
-                sample_id=feature.sample_id,
-                answer_segments=[_cpu_copy(s) for s in feature.answer_segments],
-                question_segments=[_cpu_copy(s) for s in feature.question_segments] if question_features else [],
-                answer_token_ids=_cpu_copy(feature.answer_token_ids),
-                prediction_states=states,
-                question_lengths=[int(s.shape[0]) for s in feature.question_segments],
-            ))
-        for result, handle in zip(results, self._handles.put_many(kept, client=client), strict=True):
+    def _compute(self, formatted: list[FormattedSample], timeout_s: float | None) -> list[CachedSample]:
+        """Each sample's results: from the encode cache, from another request computing it, or a forward."""
+        if not self._cache.enabled:
+            job = EncodeJob(formatted)
+            self._submit(job)
+            return [self._compact(f) for f in self._wait(job, timeout_s)]
+        revision = self.config.revision
+        keys = [content_key(f.batch.inputs, f.batch.answer_spans[0], revision) for f in formatted]
+        claims = [self._cache.claim(key) for key in keys]
+        owned = [i for i, (kind, _) in enumerate(claims) if kind == "run"]
+        results: list[CachedSample | None] = [entry if kind == "hit" else None for kind, entry in claims]
+        if owned:
+            try:
+                job = EncodeJob([formatted[i] for i in owned])
+                self._submit(job)
+                features = self._wait(job, timeout_s)
+            except BaseException as exc:
+                for i in owned:
+                    self._cache.fail(keys[i], exc)
+                raise
+            for i, feature in zip(owned, features, strict=True):
+                results[i] = self._compact(feature)
+                self._cache.fulfil(keys[i], results[i])
+        for i, (kind, pending) in enumerate(claims):
+            if kind == "wait":  # another request runs the forward of the same content
+                try:
+                    results[i] = pending.result(timeout=timeout_s)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        "the teacher did not finish another request's forward of the same sample within this "
+                        "call's deadline: it is overloaded; retry later or against another replica"
+                    ) from None
+        return results
+
+    def _compact(self, feature: TeacherFeatures) -> CachedSample:
+        """CPU copies of what is sent, and the scoring state on the head's device."""
+        states = feature.prediction_states.to(self._head_device, self._head_dtype)  # (La, D_l)
+        ids = feature.answer_token_ids.to(self._head_device)  # (La,)
+        kept = KeptSample(ids, states, ids.numel() * ids.element_size() + states.numel() * states.element_size())
+        return CachedSample(
+            answer_segments=[_cpu_copy(s) for s in feature.answer_segments],
+            question_segments=[_cpu_copy(s) for s in feature.question_segments],
+            answer_token_ids=_cpu_copy(feature.answer_token_ids),
+            kept=kept,
+        )
+
+    def _keep(self, formatted: list[FormattedSample], computed: list[CachedSample], *, question_features: bool,
+              client: str) -> list[EncodedFeatures]:
+        """Keep each sample's scoring state under a new handle; hand the caller its results (CPU)."""
+        results = [
+            EncodedFeatures(
+                sample_id=f.sample_id,
+                answer_segments=list(c.answer_segments),
+                question_segments=list(c.question_segments) if question_features else [],
+                answer_token_ids=c.answer_token_ids,
+                prediction_states=c.kept.prediction_states,
+                question_lengths=[int(s.shape[0]) for s in c.question_segments],
+            )
+            for f, c in zip(formatted, computed, strict=True)
+        ]
+        handles = self._handles.put_many([c.kept for c in computed], client=client)
+        for result, handle in zip(results, handles, strict=True):
             result.handle = handle
         return results
 
@@ -430,6 +503,8 @@ class TeacherEngine:
             server_version=genrecal.__version__,
             max_batch_tokens=self.config.max_batch_tokens,
             max_request_bytes=self.config.max_request_bytes,
+            backend=self.config.backend,
+            instance_id=uuid.uuid4().hex,
         )
 
     # ---- device thread -------------------------------------------------------------------------------

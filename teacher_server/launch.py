@@ -26,10 +26,14 @@ def free_port() -> int:
 
 
 class TeacherProcess:
-    def __init__(self, model: str | Path, *extra: str, timeout_s: float = 600.0, port: int = 0):
+    """``python -m teacher_server --model MODEL *extra`` in a subprocess; ``python`` picks the interpreter (e.g. the
+    vLLM venv's, whose packages cannot share the main venv: see .ci/vllm-venv); default: this one."""
+
+    def __init__(self, model: str | Path, *extra: str, timeout_s: float = 600.0, port: int = 0,
+                 python: str | Path | None = None):
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "teacher_server", "--model", str(model), "--port", str(port), *extra],
+            [str(python or sys.executable), "-m", "teacher_server", "--model", str(model), "--port", str(port), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         self.lines: list[str] = []

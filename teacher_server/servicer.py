@@ -96,6 +96,8 @@ class TeacherServicer:
                 server_version=info.server_version,
                 max_batch_tokens=info.max_batch_tokens,
                 max_request_bytes=info.max_request_bytes,
+                backend=info.backend,
+                instance_id=info.instance_id,
             )
 
     def Encode(self, request: bytes, context):

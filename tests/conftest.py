@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,25 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+VLLM_PYTHON_ENV = "GENRECAL_VLLM_PYTHON"
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The python of the vLLM venv (``.ci/vllm-venv``; vLLM cannot share the main venv), from $GENRECAL_VLLM_PYTHON.
+
+    Tests of the vLLM backend start the teacher server with it. ``.ci/run`` always sets the variable; without
+    it those tests skip, and a path that is set but wrong fails them.
+    """
+    python = os.environ.get(VLLM_PYTHON_ENV)
+    if not python:
+        pytest.skip(f"${VLLM_PYTHON_ENV} is unset: create the vLLM venv with `.ci/vllm-venv` and set "
+                    f"{VLLM_PYTHON_ENV}=.venv-vllm/bin/python (.ci/run does both)")
+    if not Path(python).is_file():
+        pytest.fail(f"${VLLM_PYTHON_ENV}={python!r} is not a file; run .ci/vllm-venv or fix the path")
+    return python
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,10 @@ class EncodedBatch:
     sample_ids: list[str]
     inputs: dict[str, torch.Tensor]  # model kwargs: input_ids (B, L), attention_mask (B, L), pixel_values, ...
     answer_spans: list[list[tuple[int, int]]]  # per sample, [start, end) token positions of every answer
+    # What the processor was given, per sample: the formatted chat text (with every answer) and the images.
+    # A body that runs outside transformers (the teacher's vLLM backend) starts from these.
+    texts: list[str] = field(default_factory=list)
+    images: list[list] = field(default_factory=list)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -47,7 +51,7 @@ class EncodedBatch:
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             moved[key] = value
-        return EncodedBatch(self.sample_ids, moved, self.answer_spans)
+        return EncodedBatch(self.sample_ids, moved, self.answer_spans, self.texts, self.images)
 
     def labels(self, ignore_index: int = -100) -> torch.Tensor:
         """HF-convention labels (B, L): the token id at answer positions, ``ignore_index`` elsewhere."""
@@ -115,6 +119,9 @@ class FamilyAdapter:
     head_prefixes: tuple[str, ...] = ("lm_head",)
     processor_kwargs: dict = field(default_factory=dict)
     text_model_attr: str = "language_model"  # the text decoder's attribute on ``model.model`` (Idefics3: text_model)
+    # (old prefix, new prefix) renames `genrecal.tiny` applies to the saved weight names, where transformers'
+    # save_pretrained writes other names than the family's published checkpoints hold (and vLLM expects).
+    tiny_weight_renames: tuple[tuple[str, str], ...] = ()
 
     # ---- loading -------------------------------------------------------------------------------------
     def load(self, path: str | Path, *, dtype: torch.dtype | None = None, device_map=None) -> LoadedVLM:
@@ -159,7 +166,7 @@ class FamilyAdapter:
                 )
             if spans[-1][1] > length:
                 raise SampleError(sample.sample_id, "the answer lies beyond the processed sequence (truncated)")
-        return EncodedBatch([s.sample_id for s in samples], dict(inputs), spans_per_sample)
+        return EncodedBatch([s.sample_id for s in samples], dict(inputs), spans_per_sample, texts, images)
 
     # ---- model parts ---------------------------------------------------------------------------------
     def body_hidden_states(self, model: nn.Module, batch: EncodedBatch) -> torch.Tensor:

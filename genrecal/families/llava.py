@@ -58,4 +58,7 @@ ADAPTER = FamilyAdapter(
     body_prefixes=("model.language_model.",),
     end_of_turn=None,  # the template relies on the tokenizer's eos
     tiny_recipe=tiny_recipe,
+    # Published checkpoints (llava-hf/*) keep the vision model's own prefix: `vision_tower.vision_model.*`;
+    # transformers 5.20 saves `vision_tower.*` and vLLM 0.32 loads only the former.
+    tiny_weight_renames=(("vision_tower.", "vision_tower.vision_model."),),
 )

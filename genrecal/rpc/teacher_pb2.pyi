@@ -33,7 +33,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_revision", "architecture", "model_type", "hidden_size", "vocab_size", "dtype", "tokenizer_name", "tokenizer_size", "tokenizer_fingerprint", "server_version", "max_batch_tokens", "max_request_bytes")
+    __slots__ = ("model_name", "model_revision", "architecture", "model_type", "hidden_size", "vocab_size", "dtype", "tokenizer_name", "tokenizer_size", "tokenizer_fingerprint", "server_version", "max_batch_tokens", "max_request_bytes", "backend", "instance_id")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,8 @@ class InfoResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_revision: str
     architecture: str
@@ -60,7 +62,9 @@ class InfoResponse(_message.Message):
     server_version: str
     max_batch_tokens: int
     max_request_bytes: int
-    def __init__(self, model_name: _Optional[str] = ..., model_revision: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tokenizer_name: _Optional[str] = ..., tokenizer_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., server_version: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
+    backend: str
+    instance_id: str
+    def __init__(self, model_name: _Optional[str] = ..., model_revision: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tokenizer_name: _Optional[str] = ..., tokenizer_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., server_version: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class Turn(_message.Message):
     __slots__ = ("role", "text")

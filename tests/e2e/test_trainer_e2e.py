@@ -223,6 +223,30 @@ def test_a_teacher_restart_mid_stage_loses_and_repeats_no_step(models, data, env
     loads_and_generates(output / "final", data.parent / "images" / "1.png")
 
 
+def test_two_replicas_one_killed_mid_stage_loses_and_repeats_no_step(models, data, env, alone, tmp_path):
+    """--teacher-addr names two replicas; one dies mid-stage: its work moves to the other, no step lost or repeated."""
+    ports = [free_port(), free_port()]
+    output, log = tmp_path / "out", tmp_path / "train.log"
+    replicas = [TeacherProcess(models[0], "--log-level", "DEBUG", port=port) for port in ports]
+    try:
+        addr = ",".join(f"127.0.0.1:{port}" for port in ports)
+        proc = start(env, train_args(models, data, output, 1, addr=addr), log)
+        deadline = time.monotonic() + 300
+        while (not rows(output, 1) or sum(len(scores(r)) for r in replicas) < 5) and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.01)
+        replicas[0].kill()  # mid-stage 1; replica 1 stays up
+        text = finish(proc, log)
+    finally:
+        for replica in replicas:
+            replica.kill()
+
+    assert "dropping it, 1 replica(s) left" in text
+    assert forwards(replicas[1])  # the survivor did the rest
+    assert_every_step_once(output, (1, 2))
+    assert_same_losses(output, alone[1], (1, 2), rel=1e-4)
+
+
 def test_two_runs_share_one_teacher_without_mixing_results(models, data, env, server, alone, tmp_path):
     """Two runs (other seeds, other outputs) against ONE service at once: each logs exactly its solo losses."""
     before = len(forwards(server))

@@ -50,3 +50,21 @@ def test_offline_tokenizers_differ():
 def test_sizes_are_validated():
     with pytest.raises(ValueError, match="divisible by num_heads"):
         TinySizes(hidden_size=50, num_heads=4)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_llava_family_vision_weights_have_published_names_and_load(tiny_checkpoint, family):
+    """Published llava-hf checkpoints (and vLLM) name the tower `vision_tower.vision_model.*`; transformers 5.20
+    saves `vision_tower.*`. The tiny writer renames, and transformers still loads every tensor strictly."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = tiny_checkpoint(family, num_heads=2)
+    saved = load_file(path / "model.safetensors")
+    vision = [name for name in saved if name.startswith("vision_tower.")]
+    assert vision and all(name.startswith("vision_tower.vision_model.") for name in vision)
+    model = load_vlm(path).model
+    name = next(n for n in vision if n.endswith("patch_embedding.weight"))
+    # transformers 5.20's own name for the same tensor drops `vision_model.` (its towers are flat modules)
+    loaded = dict(model.named_parameters())["model." + name.replace("vision_model.", "", 1)]
+    assert torch.equal(loaded, saved[name])
