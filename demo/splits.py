@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -51,7 +52,7 @@ def with_label_noise(records: list[dict], rate: float, seed: int) -> list[dict]:
         raise ValueError(f"label-noise rate must be in [0, 1), got {rate}")
     out = []
     for record in records:
-        record = json.loads(json.dumps(record))  # a deep copy
+        record = copy.deepcopy(record)
         choices = ANSWERS.get(record.get("type"))
         rng = random.Random(f"label-noise/{seed}/{record['id']}")
         if choices and rng.random() < rate:
