@@ -56,10 +56,14 @@ class ModelRecipe:
     pretraining: PretrainConfig
     image_side: int | None = None  # Qwen2-VL family: scale pictures to side x side px ((side / 28)^2 tokens)
     per_type: int | None = None  # at most this many (seeded-random) questions of each type
+    type_limits: tuple[tuple[str, int], ...] = ()  # (type, n): then keep only the first n of that type
     seed: int = 0
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if not fields["type_limits"]:  # added later: recipes without limits keep their fingerprints
+            del fields["type_limits"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 RECIPES: dict[str, ModelRecipe] = {
@@ -71,12 +75,12 @@ RECIPES: dict[str, ModelRecipe] = {
     "student": ModelRecipe(
         "internvl", "llama2", TinySizes(hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1,
                                         intermediate_size=128, vision_hidden_size=64, vision_layers=2, vision_heads=2),
-        data="warmup", per_type=1300,
+        data="warmup", per_type=1300, type_limits=(("colour", 200),),
         pretraining=PretrainConfig(steps=600, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
     "student_same_tok": ModelRecipe(
         "qwen2_vl", "gpt2", TinySizes(hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1, intermediate_size=128,
                                       vision_hidden_size=64, vision_layers=2, vision_heads=2),
-        data="warmup", per_type=1300, image_side=56,
+        data="warmup", per_type=1300, image_side=56, type_limits=(("colour", 200),),
         pretraining=PretrainConfig(steps=600, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
 }
 SHIPPED = ("teacher", "student")
@@ -128,7 +132,11 @@ def training_records(recipe: ModelRecipe, train: list[dict]) -> list[dict]:
     from demo.splits import warmup_and_distillation
 
     pool = warmup_and_distillation(train)[0] if recipe.data == "warmup" else train
-    return balanced_training_records(pool, recipe.per_type or 10**9, recipe.seed)
+    records = balanced_training_records(pool, recipe.per_type or 10**9, recipe.seed)
+    for kind, limit in recipe.type_limits:
+        of_kind = [r for r in records if r.get("type") == kind]
+        records = [r for r in records if r.get("type") != kind] + of_kind[:limit]
+    return records
 
 
 def vision_probe_labels(records: list[dict], train: list[dict]) -> list[PictureLabels]:

@@ -92,3 +92,27 @@ def picture_labels(records: list[dict]) -> dict[str, tuple[str | None, str | Non
             value = record.get("clean_answer", answer(record))
             labels.setdefault(record["image"], [None, None])[0 if kind == "colour" else 1] = value
     return {image: (c, s) for image, (c, s) in labels.items()}
+
+
+def write_balanced_test(data_dir: str | Path, per_type: int, *, seed: int = 0) -> Path:
+    """Write ``test_balanced.json`` next to ``test.json``: ``per_type`` seeded-random questions of each type.
+
+    easy-VQA's test split is 74 % yes/no questions, and a model that never looks at the picture answers 83.9 % of
+    them from the wording alone (every model here does exactly that), so the natural mix mostly measures the
+    wording prior. The benchmark scores on equal shares of colour, shape and yes/no questions, and also reports
+    the natural mix, re-weighted from the per-type accuracies.
+    """
+    data_dir = Path(data_dir)
+    records = json.loads((data_dir / "test.json").read_text(encoding="utf-8"))
+    rng = random.Random(f"balanced-test/{seed}")
+    chosen = []
+    for kind in [k for k in ANSWERS if any(r.get("type") == k for r in records)]:  # the types the split has
+        group = [r for r in records if r.get("type") == kind]
+        if len(group) < per_type:
+            raise ValueError(f"{data_dir / 'test.json'} has {len(group)} {kind} questions, fewer than "
+                             f"per_type={per_type}; convert the full test split (no --test-limit) or lower it")
+        chosen += rng.sample(group, per_type)
+    chosen.sort(key=lambda r: r["id"])
+    path = data_dir / "test_balanced.json"
+    path.write_text(json.dumps(chosen))
+    return path

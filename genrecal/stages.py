@@ -101,8 +101,12 @@ def parse_stages(text: str) -> list[Stage]:
     return stages
 
 
+TIED_POLICIES = ("train", "freeze")
+
+
 def set_trainable(
-    stage: Stage, student_groups: dict[str, list[nn.Parameter]], recalibrator: nn.Module | None
+    stage: Stage, student_groups: dict[str, list[nn.Parameter]], recalibrator: nn.Module | None,
+    *, tied: str = "freeze",
 ) -> list[nn.Parameter]:
     """Set ``requires_grad`` for ``stage`` on the student's groups and the Recalibrator; return what trains.
 
@@ -110,14 +114,19 @@ def set_trainable(
         stage: the stage to run.
         student_groups: every name of ``STUDENT_GROUPS`` -> that group's parameters (a group may be empty).
         recalibrator: the Recalibrator, required by stages that train it; in stage 3 it is frozen if given.
+        tied: what a parameter shared by a training group and a frozen one does: ``"train"`` (it trains if
+            **any** group holding it trains) or ``"freeze"`` (it trains only if **every** group holding it trains).
 
     Returns:
         The trainable parameters, each once, in group order (student groups, then the Recalibrator).
 
     A parameter that belongs to several groups (tied embeddings: the head weight *is* the input embedding in
-    ``"body"``) is decided by identity: it trains if **any** group holding it trains. So with tied embeddings,
-    stage 2 (body trains, head does not) also updates the head through the shared weight.
+    ``"body"``) is decided by identity, by ``tied``. With tied embeddings and ``"train"``, stage 2 (body trains,
+    head does not) also updates the head through the shared weight; with ``"freeze"`` the shared weight keeps
+    stage 2's frozen head frozen (the paper trains the body only; its input embeddings then stay as they are).
     """
+    if tied not in TIED_POLICIES:
+        raise ValueError(f"tied must be one of {TIED_POLICIES}, got {tied!r}")
     stage = Stage(stage)
     spec = STAGES[stage]
     if set(student_groups) != set(STUDENT_GROUPS):
@@ -132,11 +141,13 @@ def set_trainable(
     groups[RECALIBRATOR_GROUP] = recalibrator.parameters() if recalibrator is not None else []
     ordered: dict[int, nn.Parameter] = {}  # id -> parameter, first occurrence order
     trainable_ids: set[int] = set()
+    frozen_ids: set[int] = set()
     for name in (*STUDENT_GROUPS, RECALIBRATOR_GROUP):
         for parameter in groups[name]:
             ordered.setdefault(id(parameter), parameter)
-            if name in spec.trainable:
-                trainable_ids.add(id(parameter))
+            (trainable_ids if name in spec.trainable else frozen_ids).add(id(parameter))
+    if tied == "freeze":
+        trainable_ids -= frozen_ids
     for key, parameter in ordered.items():
         parameter.requires_grad_(key in trainable_ids)
     return [parameter for key, parameter in ordered.items() if key in trainable_ids]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from genrecal.distill import LossConfig
-from genrecal.stages import STAGES, Stage, parse_stages
+from genrecal.stages import STAGES, TIED_POLICIES, Stage, parse_stages
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 DEFAULT_DEEPSPEED_CONFIG = CONFIGS_DIR / "zero3.json"
@@ -30,9 +30,10 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 # Fields that decide the arithmetic or the data order of a run: a resumed run must keep them.
 RUN_DEFINING_FIELDS = (
-    "student", "data", "image_folder", "data_limit", "stages", "lr", "lr_end", "weight_decay", "grad_accum",
-    "micro_batch_size", "steps_per_stage", "rec_blocks", "precision", "seed", "max_length", "ce_weight",
+    "student", "data", "image_folder", "data_limit", "stages", "lr", "lr_end", "warmup_steps", "weight_decay",
+    "grad_accum", "micro_batch_size", "steps_per_stage", "rec_blocks", "precision", "seed", "max_length", "ce_weight",
     "kl_weight", "regularisation", "sft_weight", "grad_clip", "logit_distillation", "logit_distillation_weight",
+    "tied_embeddings",
 )
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     deepspeed: str = str(DEFAULT_DEEPSPEED_CONFIG)  # DeepSpeed JSON (ZeRO stage, offload, communication)
     lr: float = 1e-4  # AdamW learning rate at each stage's first step
     lr_end: float = 1e-5  # ... decayed linearly to this at the stage's last step
+    warmup_steps: int = 0  # per stage: linear warm-up to lr first (0 = the paper's schedule)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     grad_accum: int = 16  # micro-batches per optimizer step, per rank
@@ -75,6 +77,9 @@ class TrainConfig:
     sft_weight: float = 1.0  # L3
     logit_distillation: str | None = None  # baselines: "kd" (same tokenizer) or "uld", added to L3
     logit_distillation_weight: float = 1.0
+    # A tied input embedding / LM head in a stage that trains the body but not the head (stage 2): "freeze"
+    # keeps the head frozen, as the paper's stage 2 does; "train" lets L1 update it through the input side.
+    tied_embeddings: str = "freeze"
 
     # ---- teacher connection --------------------------------------------------------------------------------
     teacher_timeout_s: float = 300.0  # per teacher call
@@ -117,6 +122,8 @@ class TrainConfig:
                 "give either teacher_addr (a teacher service, HOST:PORT) or teacher_model (a checkpoint run in "
                 "this process), not both"
             )
+        if self.tied_embeddings not in TIED_POLICIES:
+            raise ValueError(f"tied_embeddings must be one of {', '.join(TIED_POLICIES)}, got {self.tied_embeddings!r}")
         if self.logit_distillation in ("", "none"):
             self.logit_distillation = None
         if self.needs_teacher and self.teacher_addr is None and self.teacher_model is None:
@@ -157,6 +164,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or unset, got {value!r}")
+        if not 0 <= self.warmup_steps < self.steps_per_stage:
+            raise ValueError(f"warmup_steps must be in [0, steps_per_stage={self.steps_per_stage}), got "
+                             f"{self.warmup_steps}")
         if not 0 < self.lr_end <= self.lr:
             raise ValueError(
                 f"need 0 < lr_end <= lr (the learning rate decays from lr to lr_end), got lr={self.lr}, "
@@ -249,6 +259,8 @@ _HELP = {
                  "from these options; no optimizer/scheduler sections) (default: the shipped ZeRO-3 config)",
     "lr": "AdamW learning rate at the first step of each stage (default %(default)s)",
     "lr_end": "learning rate at the last step of each stage, reached linearly (default %(default)s)",
+    "warmup_steps": "steps of linear learning-rate warm-up at the start of each stage, then the linear decay; 0 is "
+                    "the paper's schedule (default %(default)s)",
     "weight_decay": "AdamW weight decay (default %(default)s)",
     "grad_clip": "clip the global gradient norm to this; 0 = off (default %(default)s)",
     "grad_accum": "micro-batches per optimizer step on each rank (default %(default)s)",
@@ -268,6 +280,9 @@ _HELP = {
                           "Logit Distillation, any tokenizers); needs an in-process teacher (--teacher-model) "
                           "(default: none)",
     "logit_distillation_weight": "weight of the --logit-distillation term (default %(default)s)",
+    "tied_embeddings": "students with tied input embeddings and LM head, in stage 2 (the body trains, the head "
+                       "does not): 'freeze' keeps the shared weight frozen, as the paper keeps the head; 'train' "
+                       "lets L1 update it through the input side, which changes the head too (default %(default)s)",
     "teacher_timeout_s": "seconds one teacher call may take, and how long to wait for a restarted teacher to be "
                          "SERVING again before failing (default %(default)s)",
     "teacher_retries": "retries of a call the teacher answers UNAVAILABLE (backoff 0.5 s doubling to 15 s) before "

@@ -82,12 +82,19 @@ def make_optimizer(params, config: TrainConfig, ds_config: dict) -> torch.optim.
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_end: float):
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_end: float, warmup_steps: int = 0):
     """LR from ``lr`` at the first step to ``lr_end`` at the last (step ``steps - 1``), linearly: the paper's
-    per-stage schedule. The optimizer's learning rate must be ``lr``."""
-    return torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=1.0, end_factor=lr_end / lr, total_iters=max(steps - 1, 1)
+    per-stage schedule. With ``warmup_steps`` > 0 it first rises linearly from ``lr / (warmup_steps + 1)`` to
+    ``lr`` over that many steps, then decays over the rest. The optimizer's learning rate must be ``lr``."""
+    decay = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0, end_factor=lr_end / lr, total_iters=max(steps - 1 - warmup_steps, 1)
     )
+    if warmup_steps <= 0:
+        return decay
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / (warmup_steps + 1), end_factor=1.0, total_iters=warmup_steps
+    )
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
 
 
 class StepBudget:
@@ -168,11 +175,13 @@ class StageRecipe:
             recalibrator.to(dtype)  # built outside zero.Init: cast like the student
         self.recalibrator_keys = list(recalibrator.state_dict()) if recalibrator is not None else []
         self.student.model.train()
-        params = set_trainable(self.stage, self.student.adapter.parameter_groups(self.student.model), recalibrator)
+        params = set_trainable(self.stage, self.student.adapter.parameter_groups(self.student.model), recalibrator,
+                               tied=config.tied_embeddings)
         frozen_modules_to_eval(self.student.model)  # e.g. the vision encoder: no dropout in what never trains
         module = DistillationModule(self.student, recalibrator)
         optimizer = make_optimizer(params, config, self.ds_config)
-        scheduler = linear_schedule(optimizer, config.steps_per_stage, config.lr, config.lr_end)
+        scheduler = linear_schedule(optimizer, config.steps_per_stage, config.lr, config.lr_end,
+                                    config.warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False,

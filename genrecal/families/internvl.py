@@ -28,7 +28,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img
 # Named tokens InternVLProcessor reads from the tokenizer (saved in tokenizer_config.json).
 PROCESSOR_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
                     "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
-TILE = 56  # px; 14-px patches -> 4x4, pixel-shuffled by 0.5 -> 2x2 = 4 <IMG_CONTEXT> tokens per tile
+# A tile is 2 x TinySizes.image_size px: the default 28 -> 56 px, 14-px patches -> 4x4, pixel-shuffled by 0.5 ->
+# 2x2 = 4 <IMG_CONTEXT> tokens per tile; 42 -> 84 px -> 9 tokens. (Real InternVL3 tiles are 448 px.)
 PATCH = 14
 DOWNSAMPLE_RATIO = 0.5
 
@@ -44,12 +45,16 @@ def tiny_recipe(sizes: TinySizes, tokenizer):
 
     tokenizer = add_family_tokens(tokenizer, SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
     tokenizer._set_model_specific_special_tokens(PROCESSOR_TOKENS)  # no public setter for named extra tokens
-    tile = {"height": TILE, "width": TILE}
+    side = 2 * sizes.image_size
+    if side % (2 * PATCH):
+        raise ValueError(f"an InternVL tile (2 x image_size = {side} px) must be a multiple of {2 * PATCH} px: "
+                         f"whole 2x2 pixel-shuffle groups of {PATCH}-px patches; got image_size={sizes.image_size}")
+    tile = {"height": side, "width": side}
     mean_std = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     # Up to 2 tiles (+ a thumbnail); a square image is a single tile.
     image_processor = GotOcr2ImageProcessor(size=tile, crop_to_patches=True, min_patches=1, max_patches=2, **mean_std)
     video_processor = InternVLVideoProcessor(size=tile, **mean_std)
-    image_seq_length = int((TILE // PATCH) ** 2 * DOWNSAMPLE_RATIO**2)
+    image_seq_length = int((side // PATCH) ** 2 * DOWNSAMPLE_RATIO**2)
     processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                                   image_seq_length=image_seq_length, chat_template=CHAT_TEMPLATE)
     ids = tokenizer.convert_tokens_to_ids
@@ -58,7 +63,7 @@ def tiny_recipe(sizes: TinySizes, tokenizer):
     )
     vision_config = dict(hidden_size=sizes.vision_hidden_size, num_hidden_layers=sizes.vision_layers,
                          num_attention_heads=sizes.vision_heads, intermediate_size=2 * sizes.vision_hidden_size,
-                         image_size=TILE, patch_size=PATCH)
+                         image_size=side, patch_size=PATCH)
     config = InternVLConfig(text_config=text_config, vision_config=vision_config, image_token_id=ids("<IMG_CONTEXT>"),
                             image_seq_length=image_seq_length, downsample_ratio=DOWNSAMPLE_RATIO,
                             architectures=["InternVLForConditionalGeneration"])

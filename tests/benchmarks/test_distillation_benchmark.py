@@ -53,7 +53,7 @@ def test_rows_train_through_the_trainer_and_pair_by_seed(tiny_checkpoint, tmp_pa
     data = write_data(tmp_path / "data", rng)
     rows = ["sft", "genrecal", "same_tok_kd"]
     cfg = bench.BenchConfig(seeds=[0, 1], steps_per_stage=1, micro_batch_size=2, grad_accum=1, label_noise=0.5,
-                            test_limit=4, jobs=2)
+                            test_per_type=2, jobs=2)
     results = bench.run_benchmark(cfg, tmp_path / "out", rows, data=data, models=models)
 
     assert set(results["variants"]) == {"teacher", "base_student", "base_student_same_tok", *rows}

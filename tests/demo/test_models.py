@@ -94,6 +94,21 @@ def test_a_changed_recipe_does_not_use_the_shipped_weights(tmp_path, monkeypatch
     assert from_shipped("student", tmp_path / "model") is None
 
 
+def test_type_limits_keep_the_first_questions_of_a_type():
+    import dataclasses
+
+    from demo.models import training_records
+
+    train = [{"id": f"train-{i}", "image": f"images/train/{i}.png", "type": ("colour", "shape", "yes_no")[i % 3],
+              "conversations": []} for i in range(600)]
+    recipe = dataclasses.replace(RECIPES["student"], data="train", per_type=150, type_limits=(("colour", 20),))
+    chosen = training_records(recipe, train)
+    counts = {k: sum(r["type"] == k for r in chosen) for k in ("colour", "shape", "yes_no")}
+    assert counts == {"colour": 20, "shape": 150, "yes_no": 150}
+    unlimited = training_records(dataclasses.replace(recipe, type_limits=()), train)
+    assert [r for r in unlimited if r["type"] == "colour"][:20] == [r for r in chosen if r["type"] == "colour"]
+
+
 @pytest.mark.slow
 def test_the_build_command_reproduces_weights_at_toy_size(tmp_path):
     """``python -m demo.models build`` (the command that made the shipped files), 2 steps, one model."""

@@ -13,6 +13,7 @@ from demo.splits import (
     picture_labels,
     warmup_and_distillation,
     with_label_noise,
+    write_balanced_test,
     write_splits,
 )
 
@@ -62,3 +63,16 @@ def test_write_splits(tmp_path):
     distill = json.loads(distill_path.read_text())
     assert len(distill) == 50 and any("clean_answer" in r for r in distill)
     assert all(picture_index(r) % 4 == 0 for r in json.loads(warmup_path.read_text()))
+
+
+def test_balanced_test_has_equal_seeded_shares_of_each_type(tmp_path):
+    test = [dict(r, id=f"test-{i}") for i, r in enumerate(records(300))]
+    test += [dict(r, id=f"test-y{i}") for i, r in enumerate(records(300)) if r["type"] == "yes_no"]  # 2/3 yes/no
+    (tmp_path / "test.json").write_text(json.dumps(test))
+    path = write_balanced_test(tmp_path, 40)
+    chosen = json.loads(path.read_text())
+    assert path.name == "test_balanced.json" and Counter(r["type"] for r in chosen) == {
+        "colour": 40, "shape": 40, "yes_no": 40}
+    assert len({r["id"] for r in chosen}) == 120 and chosen == json.loads(write_balanced_test(tmp_path, 40).read_text())
+    with pytest.raises(ValueError, match="fewer than per_type=101"):
+        write_balanced_test(tmp_path, 101)

@@ -10,7 +10,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMS
 
 from genrecal.losses import answer_path_loss, student_sft_loss
 from genrecal.recalibrator import Recalibrator, RecalibratorInput, RecalibratorSpec
-from genrecal.stages import STAGES, STUDENT_GROUPS, Stage, parse_stages, set_trainable
+from genrecal.stages import STAGES, STUDENT_GROUPS, TIED_POLICIES, Stage, parse_stages, set_trainable
 from tests.conftest import tiny_qwen2_config
 
 D_S, D_L, VOCAB = 16, 24, 40
@@ -79,21 +79,37 @@ class ToyStudent(nn.Module):
         }
 
 
+@pytest.mark.parametrize("policy", TIED_POLICIES)
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("stage", list(Stage))
-def test_set_trainable(stage, tied):
+def test_set_trainable(stage, tied, policy):
     student, recalibrator = ToyStudent(tied), nn.Linear(3, 3)
-    trainable = set_trainable(stage, student.groups(), recalibrator)
+    trainable = set_trainable(stage, student.groups(), recalibrator, tied=policy)
     spec = STAGES[stage]
+    holders: dict[int, set[str]] = {}  # parameter -> the groups that hold it (tied: embed is in body and head)
     for name, parameters in student.groups().items():
-        tied_head = tied and name == "head"  # the same Parameter as the body's embedding
-        expected = name in spec.trainable or (tied_head and "body" in spec.trainable)
-        assert all(p.requires_grad == expected for p in parameters), name
+        for p in parameters:
+            holders.setdefault(id(p), set()).add(name)
+    for p in student.parameters():
+        training = [g in spec.trainable for g in holders[id(p)]]
+        expected = any(training) if policy == "train" else all(training)
+        assert p.requires_grad == expected, (sorted(holders[id(p)]), policy)
     assert all(p.requires_grad == ("recalibrator" in spec.trainable) for p in recalibrator.parameters())
     # Each parameter once, exactly the ones that now require grad.
     all_parameters = {id(p): p for p in [*student.parameters(), *recalibrator.parameters()]}
     assert len(trainable) == len({id(p) for p in trainable})
     assert {id(p) for p in trainable} == {k for k, p in all_parameters.items() if p.requires_grad}
+
+
+def test_tied_embeddings_in_stage2():
+    """Stage 2 trains the body, not the head: with tied weights, "freeze" keeps the shared matrix frozen."""
+    student = ToyStudent(tied=True)
+    set_trainable(Stage.DISTILLATION, student.groups(), nn.Linear(3, 3), tied="freeze")
+    assert not student.embed.weight.requires_grad and all(p.requires_grad for p in student.layer.parameters())
+    set_trainable(Stage.DISTILLATION, student.groups(), nn.Linear(3, 3), tied="train")
+    assert student.embed.weight.requires_grad
+    with pytest.raises(ValueError, match="tied must be one of"):
+        set_trainable(Stage.DISTILLATION, student.groups(), nn.Linear(3, 3), tied="sometimes")
 
 
 def test_set_trainable_rejects_missing_pieces():

@@ -68,3 +68,14 @@ def test_llava_family_vision_weights_have_published_names_and_load(tiny_checkpoi
     # transformers 5.20's own name for the same tensor drops `vision_model.` (its towers are flat modules)
     loaded = dict(model.named_parameters())["model." + name.replace("vision_model.", "", 1)]
     assert torch.equal(loaded, saved[name])
+
+
+def test_internvl_tile_follows_image_size(tmp_path):
+    """InternVL tiles are 2 x image_size px: the default 56 px gives 4 image tokens, 84 px gives 9."""
+    from genrecal.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint("internvl", tmp_path / "m", sizes=TinySizes(image_size=42), tokenizer="llama2")
+    config = AutoConfig.from_pretrained(path)
+    assert config.image_seq_length == 9 and config.vision_config.image_size == [84, 84]
+    with pytest.raises(ValueError, match="multiple of 28 px"):
+        write_tiny_checkpoint("internvl", tmp_path / "bad", sizes=TinySizes(image_size=35), tokenizer="llama2")

@@ -419,6 +419,32 @@ def test_linear_schedule_is_the_closed_form_and_resumes_from_its_state(steps):
     assert first + second == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("steps, warmup", [(5, 1), (10, 3)])
+def test_linear_schedule_with_warmup_rises_then_decays_and_resumes(steps, warmup):
+    from student_trainer.recipe import linear_schedule
+
+    lr, lr_end = 1e-3, 1e-4
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=lr)
+    scheduler = linear_schedule(optimizer, steps, lr, lr_end, warmup_steps=warmup)
+    span = max(steps - 1 - warmup, 1)
+    expected = [lr * (k + 1) / (warmup + 1) if k < warmup else lr + (lr_end - lr) * min(k - warmup, span) / span
+                for k in range(steps)]
+    seen = []
+    for k in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        if k == warmup - 1:  # resume across the warm-up/decay boundary from the saved states
+            state, opt_state = scheduler.state_dict(), optimizer.state_dict()
+            optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+            scheduler = linear_schedule(optimizer, steps, lr, lr_end, warmup_steps=warmup)
+            optimizer.load_state_dict(opt_state)
+            scheduler.load_state_dict(state)
+    assert seen == pytest.approx(expected, rel=1e-9)
+    assert seen[warmup] == pytest.approx(lr) and seen[-1] == pytest.approx(lr_end)
+
+
 def test_two_different_samples_under_one_id_are_refused():
     from genrecal.resilient_teacher import unique_samples
     from genrecal.sample import Sample, Turn
