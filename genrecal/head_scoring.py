@@ -144,6 +144,35 @@ def _score_chunk(
     return ce_sum, kl_sum, grad_inputs
 
 
+@torch.no_grad()
+def token_ce_with_head(
+    head_weight: torch.Tensor,
+    states: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    head_bias: torch.Tensor | None = None,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """Per-token CE ``-log softmax(head(states))[labels]`` -> ``(N,)`` fp32 (fp64 for fp64 states), no gradient.
+
+    ``states`` (N, D) in the head's dtype, ``labels`` (N,) integer ids. Scored in chunks of ``chunk_size`` rows,
+    so at most two fp32 ``[chunk_size x V]`` buffers exist at a time. With the teacher's own prediction-position
+    states this is the teacher's CE on its own answers (the paper's reference curve, GENRECAL.md "Diagnostics").
+    """
+    if states.dim() != 2 or labels.shape != states.shape[:1]:
+        raise ValueError(f"states must be (N, D) and labels (N,), got {tuple(states.shape)} and {tuple(labels.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    pieces = []
+    for chunk, chunk_labels in zip(states.split(chunk_size), labels.split(chunk_size), strict=True):
+        log_p = F.log_softmax(_upcast(F.linear(chunk, head_weight, head_bias)), dim=-1)  # (C, V)
+        pieces.append(-log_p.gather(1, chunk_labels.long()[:, None]).squeeze(1))  # (C,)
+        del log_p
+    if not pieces:
+        return states.new_zeros((0,), dtype=_upcast(states).dtype)
+    return torch.cat(pieces)
+
+
 _COMPILED_SCORE_CHUNK = None
 
 

@@ -156,6 +156,8 @@ def _optimizer_step(stage, student, recalibrator, teacher, group, config) -> dic
         objective.loss.backward()
         for key, value in objective.metrics.items():
             totals[key] = totals.get(key, 0.0) + value
+    if teacher_tokens:  # the teacher's own CE on its answers, token-weighted over the step (as the trainer logs it)
+        totals["teacher_ce"] = sum(f.teacher_ce * f.num_answer_tokens for fs in features for f in fs) / teacher_tokens
     return totals
 
 

@@ -3,8 +3,9 @@
 For each sample the teacher (a frozen VLM) formats the conversation with its own processor and template and
 runs its body once (``no_grad``). The student needs the answer features ``z_al`` (and the question features
 ``z_ql`` for the regularisation path); the teacher keeps, for scoring, its own states at its prediction
-positions (they give ``P_l``) and its answer token ids (``gt_l``). :class:`InProcessTeacher` holds both sides
-in one process; the gRPC service (``teacher_server``) splits them across the network with the same math.
+positions (they give ``P_l``) and its answer token ids (``gt_l``), and reports its own CE on its answers (the
+reference curve of the paper's loss plots). :class:`InProcessTeacher` holds both sides in one process; the gRPC
+service (``teacher_server``) splits them across the network with the same math.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from genrecal.families import EncodedBatch, LoadedVLM
-from genrecal.head_scoring import HeadScore, score_with_head
+from genrecal.head_scoring import HeadScore, score_with_head, token_ce_with_head
 from genrecal.identity import checkpoint_fingerprint, teacher_identity, tokenizer_fingerprint
 from genrecal.sample import Sample
 
@@ -38,6 +39,9 @@ class TeacherFeatures:
     # (La, V_l) fp32 log P_l, the teacher's own next-token distributions at its La prediction positions; only when
     # asked for (``encode(..., answer_log_probs=True)``): the logit-distillation baselines need them.
     answer_log_probs: Tensor | None = None
+    # The teacher's own mean token CE on its answers, -mean log P_l(gt_l) over the La prediction positions (nats per
+    # token; 0.0 without answer tokens). None from a teacher that does not report it (a server before this field).
+    teacher_ce: float | None = None
 
     @property
     def num_answer_tokens(self) -> int:
@@ -63,6 +67,26 @@ def extract_teacher_features(vlm: LoadedVLM, batch: EncodedBatch) -> list[Teache
     return features
 
 
+@torch.no_grad()
+def own_answer_ce(head: nn.Linear, features: Sequence[TeacherFeatures], chunk_size: int = 512) -> list[float]:
+    """Per sample, the teacher's own mean token CE on its answers (``TeacherFeatures.teacher_ce``), nats/token.
+
+    One chunked head pass over all samples' prediction states ``(sum La, D_l)`` and one host sync; fp32 softmax
+    (:func:`genrecal.head_scoring.token_ce_with_head`). A sample without answer tokens gets 0.0.
+    """
+    if not features:
+        return []
+    if any(f.prediction_states is None for f in features):
+        raise ValueError("the teacher's own CE needs its prediction states (only the teacher holds them)")
+    weight = head.weight  # (V_l, D_l)
+    states = torch.cat([f.prediction_states for f in features]).to(weight.device, weight.dtype)  # (N, D_l)
+    labels = torch.cat([f.answer_token_ids for f in features]).to(weight.device)  # (N,)
+    token_ce = token_ce_with_head(weight, states, labels, head_bias=head.bias, chunk_size=chunk_size)  # (N,)
+    counts = [f.num_answer_tokens for f in features]
+    sums = torch.stack([piece.sum() for piece in split_rows(token_ce, counts)]).tolist()  # sync point
+    return [total / count if count else 0.0 for total, count in zip(sums, counts, strict=True)]
+
+
 def split_rows(tensor: Tensor, counts: Sequence[int]) -> list[Tensor]:
     """(sum(counts), ...) -> per-sample pieces."""
     return list(torch.split(tensor, list(counts), dim=0))
@@ -73,10 +97,10 @@ class Teacher(Protocol):
     (:class:`genrecal.client.TeacherClient`) and the trainer's wrapper around either
     (:class:`genrecal.resilient_teacher.ResilientTeacher`) all satisfy it.
 
-    ``encode`` returns one :class:`TeacherFeatures` per sample, in order; a remote teacher keeps the prediction
-    states server-side under ``handle`` until ``release``. ``score`` takes per-sample answer outputs
-    ``(La_i, D_l)`` and returns the micro-batch's :class:`~genrecal.head_scoring.HeadScore` and the per-sample
-    gradients with respect to those outputs. ``score_paths`` scores several Recalibrator paths (L1 and L2) of the
+    ``encode`` returns one :class:`TeacherFeatures` per sample, in order, each with the teacher's own CE on its
+    answers (``teacher_ce``); a remote teacher keeps the prediction states server-side under ``handle`` until
+    ``release``. ``score`` takes per-sample answer outputs ``(La_i, D_l)`` and returns the micro-batch's
+    :class:`~genrecal.head_scoring.HeadScore` and the per-sample gradients with respect to those outputs. ``score_paths`` scores several Recalibrator paths (L1 and L2) of the
     same samples at once — the same result as one ``score`` per path, in one round trip for a remote teacher.
     """
 
@@ -166,6 +190,8 @@ class InProcessTeacher:
         model = self.vlm.model
         batch = self.vlm.encode(samples, max_length=self.max_length).to(model.device, model.dtype)
         features = extract_teacher_features(self.vlm, batch)
+        for f, ce in zip(features, own_answer_ce(self.vlm.head, features, self.chunk_size), strict=True):
+            f.teacher_ce = ce
         if answer_log_probs:
             from genrecal.baselines import teacher_answer_log_probs
 

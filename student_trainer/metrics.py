@@ -1,8 +1,9 @@
 """Per-step training metrics: a JSONL file per stage, TensorBoard scalars, and the paper's loss-curve plot.
 
 Rows are one JSON object per optimizer step: whatever the trainer measured (``lr``, ``L1_ce``, ``L1_kl``,
-``L2_ce``, ``L2_kl``, ``L3``, ``tokens_per_s``, ``teacher_wait_share``, ...) plus ``stage``, ``step`` and ``time``
-(Unix seconds). Only rank 0 writes; other ranks' loggers do nothing.
+``L2_ce``, ``L2_kl``, ``L3``, ``teacher_ce`` (the teacher's own CE on its answers, in the stages that use the
+teacher), ``tokens_per_s``, ``teacher_wait_share``, ...) plus ``stage``, ``step`` and ``time`` (Unix seconds). Only
+rank 0 writes; other ranks' loggers do nothing.
 
 Resuming: a step that is not after the last one already in the file (a run resumed from an earlier checkpoint)
 first drops every row with ``step >=`` it, so no step appears twice; TensorBoard gets the same cut through
@@ -22,7 +23,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 # The paper's Appendix D curves: the Recalibrator's CE on both paths against the student's CE on its own answers
-# (and, when the trainer reports it, the teacher's CE on its own answers).
+# and the teacher's CE on its own answers (logged in the stages that use the teacher).
 LOSS_CURVES = {
     "L1_ce": "Recalib(q_s, a_l) CE (L1)",
     "L2_ce": "Recalib(q_l, a_l) CE (L2)",

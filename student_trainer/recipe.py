@@ -285,13 +285,19 @@ class StageRecipe:
         inputs = self.inputs.get(step)
         student_batches, features = inputs.student_batches, inputs.features
 
-        # Global answer-token counts of the whole step (all micro-batches, all ranks): the normalisers.
+        # Global answer-token counts of the whole step (all micro-batches, all ranks): the normalisers. Also the
+        # teacher's own CE on its answers, summed over tokens (and the samples whose teacher did not report it).
+        teacher_feats = [f for fs in features if fs for f in fs]
         local = [
             sum(int((b.labels()[:, 1:] != -100).sum()) for b in student_batches),
-            sum(f.num_answer_tokens for fs in features if fs for f in fs),
+            sum(f.num_answer_tokens for f in teacher_feats),
             sum(int(b.inputs["attention_mask"].sum()) for b in student_batches),
+            sum(f.teacher_ce * f.num_answer_tokens for f in teacher_feats if f.teacher_ce is not None),
+            sum(f.teacher_ce is None for f in teacher_feats),
         ]
-        student_tokens, teacher_tokens, sequence_tokens = ctx.all_reduce_sum(local)  # sync point
+        student_tokens, teacher_tokens, sequence_tokens, teacher_ce_sum, unreported = (
+            ctx.all_reduce_sum(local)  # sync point
+        )
         totals = dict.fromkeys((*LOSS_PARTS, "loss"), 0.0)
         for m, (batch, feats) in enumerate(zip(student_batches, features, strict=True)):
             batch = batch.to(ctx.device, self.config.torch_dtype)
@@ -320,6 +326,8 @@ class StageRecipe:
         )
         if self.teacher is not None:
             row["teacher_answer_tokens"] = int(teacher_tokens)
+            if teacher_tokens and not unreported:  # token-weighted mean over the step's samples, all ranks
+                row["teacher_ce"] = teacher_ce_sum / teacher_tokens
         if config.log_sample_ids:
             row["sample_ids"] = [sample.sample_id for group in inputs.groups for sample in group]  # rank 0's
         return row

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from genrecal.families import LoadedVLM
 from genrecal.families.base import EncodedBatch
 from genrecal.sample import Sample
-from genrecal.teacher import TeacherFeatures
+from genrecal.teacher import TeacherFeatures, own_answer_ce
 from teacher_server.errors import ShuttingDown
 
 logger = logging.getLogger(__name__)
@@ -208,8 +208,12 @@ _STOP = object()
 class Batcher:
     """The device thread. ``submit`` a job, wait on ``job.future``; ``close`` finishes the queued jobs."""
 
-    def __init__(self, backend: BodyBackend, *, max_batch_tokens: int, max_batch_samples: int, batch_wait_ms: float):
+    def __init__(self, backend: BodyBackend, *, max_batch_tokens: int, max_batch_samples: int, batch_wait_ms: float,
+                 head: nn.Linear | None = None, chunk_size: int = 512):
         self._backend: BodyBackend | None = backend
+        # With the teacher's head, each forward's samples also get the teacher's own CE on its answers (teacher_ce).
+        self.head: nn.Linear | None = head
+        self.chunk_size = chunk_size
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_samples = max_batch_samples
         self.batch_wait_s = batch_wait_ms / 1000.0
@@ -234,13 +238,14 @@ class Batcher:
             self._queue.put(job)
 
     def close(self) -> None:
-        """Refuse new jobs, run the queued ones, stop the thread and drop the backend (and its model)."""
+        """Refuse new jobs, run the queued ones, stop the thread and drop the backend and head (and the model)."""
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self._queue.put(_STOP)
         self._thread.join()
         self._backend = None
+        self.head = None
 
     @property
     def queue_depth(self) -> int:
@@ -339,6 +344,9 @@ class Batcher:
         try:
             states = self._backend.hidden_states(formatted)
             features = [sample_features(f, s) for f, s in zip(formatted, states, strict=True)]
+            if self.head is not None:  # one head pass over the forward's prediction states, one sync
+                for feature, ce in zip(features, own_answer_ce(self.head, features, self.chunk_size), strict=True):
+                    feature.teacher_ce = ce
         except Exception as exc:
             self._isolate(entries, jobs, exc)
             return

@@ -42,6 +42,7 @@ class CachedSample:
     question_segments: list[Tensor]  # k-th (Lq_k, D_l) z_ql, CPU
     answer_token_ids: Tensor  # (La,) CPU
     kept: KeptSample  # answer ids and prediction states on the head's device, shared by every handle
+    teacher_ce: float | None = None  # the teacher's own mean token CE on its answers, nats/token
 
     @property
     def nbytes(self) -> int:

@@ -1,7 +1,8 @@
 """The teacher engine: the service's work, without gRPC.
 
 One frozen teacher VLM serves many student trainings. ``encode`` formats samples with the teacher's own
-processor, runs its body and returns ``z_al`` / ``z_ql`` (GENRECAL.md, "One training sample"), keeping the
+processor, runs its body and returns ``z_al`` / ``z_ql`` (GENRECAL.md, "One training sample") and the teacher's
+own CE on its answers (``teacher_ce``, its head on its prediction states, on the device thread), keeping the
 teacher's prediction-position states and answer ids under a handle (``teacher_server.handles``); ``score``
 scores Recalibrator answer outputs for those handles with the teacher's head (CE + KL,
 ``genrecal.head_scoring``) and returns the loss values and ``dL/d outputs``. Same math as
@@ -162,6 +163,7 @@ class TeacherEngine:
         self._batcher = Batcher(
             body, max_batch_tokens=config.max_batch_tokens,
             max_batch_samples=config.max_batch_samples, batch_wait_ms=config.batch_wait_ms,
+            head=head, chunk_size=config.chunk_size,
         )
 
     # ---- public API ----------------------------------------------------------------------------------
@@ -447,6 +449,7 @@ class TeacherEngine:
             question_segments=[_cpu_copy(s) for s in feature.question_segments],
             answer_token_ids=_cpu_copy(feature.answer_token_ids),
             kept=kept,
+            teacher_ce=feature.teacher_ce,
         )
 
     def _keep(self, formatted: list[FormattedSample], computed: list[CachedSample], *, question_features: bool,
@@ -459,6 +462,7 @@ class TeacherEngine:
                 question_segments=list(c.question_segments) if question_features else [],
                 answer_token_ids=c.answer_token_ids,
                 prediction_states=c.kept.prediction_states,
+                teacher_ce=c.teacher_ce,
                 question_lengths=[int(s.shape[0]) for s in c.question_segments],
             )
             for f, c in zip(formatted, computed, strict=True)

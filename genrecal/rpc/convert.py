@@ -78,6 +78,8 @@ def encode_response_frames(
             answer_features=len(tensors),
             question_features=-1,
         )
+        if f.teacher_ce is not None:
+            item.teacher_ce = f.teacher_ce
         tensors.append(_wire(answer, dtype))
         if question_features:
             item.question_features = len(tensors)
@@ -112,6 +114,7 @@ def features_from_frames(
                 answer_token_ids=torch.tensor(list(item.answer_token_ids), dtype=torch.long),
                 prediction_states=None,
                 handle=item.handle,
+                teacher_ce=item.teacher_ce if item.HasField("teacher_ce") else None,
             )
         )
     return features

@@ -97,7 +97,7 @@ class EncodeRequest(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., return_question_features: _Optional[bool] = ..., feature_dtype: _Optional[_Union[DType, str]] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class EncodedSample(_message.Message):
-    __slots__ = ("sample_id", "handle", "answer_token_ids", "answer_lengths", "question_lengths", "answer_features", "question_features")
+    __slots__ = ("sample_id", "handle", "answer_token_ids", "answer_lengths", "question_lengths", "answer_features", "question_features", "teacher_ce")
     SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     ANSWER_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class EncodedSample(_message.Message):
     QUESTION_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FEATURES_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_CE_FIELD_NUMBER: _ClassVar[int]
     sample_id: str
     handle: str
     answer_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -112,7 +113,8 @@ class EncodedSample(_message.Message):
     question_lengths: _containers.RepeatedScalarFieldContainer[int]
     answer_features: int
     question_features: int
-    def __init__(self, sample_id: _Optional[str] = ..., handle: _Optional[str] = ..., answer_token_ids: _Optional[_Iterable[int]] = ..., answer_lengths: _Optional[_Iterable[int]] = ..., question_lengths: _Optional[_Iterable[int]] = ..., answer_features: _Optional[int] = ..., question_features: _Optional[int] = ...) -> None: ...
+    teacher_ce: float
+    def __init__(self, sample_id: _Optional[str] = ..., handle: _Optional[str] = ..., answer_token_ids: _Optional[_Iterable[int]] = ..., answer_lengths: _Optional[_Iterable[int]] = ..., question_lengths: _Optional[_Iterable[int]] = ..., answer_features: _Optional[int] = ..., question_features: _Optional[int] = ..., teacher_ce: _Optional[float] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("samples", "tensors")

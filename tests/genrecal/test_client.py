@@ -117,6 +117,7 @@ def test_teacher_server_sees_the_jpeg_pixels_the_student_decoded(tiny_checkpoint
         for r, e in zip(features, expected, strict=True):
             assert r.sample_id == e.sample_id
             torch.testing.assert_close(r.answer_token_ids, e.answer_token_ids, rtol=0, atol=0)
+            assert r.teacher_ce == pytest.approx(e.teacher_ce, rel=1e-6)  # Encode's own-answer CE, through gRPC
             assert len(r.answer_segments) == len(e.answer_segments) and len(r.question_segments) == len(
                 e.question_segments) > 0
             for a, b in zip(r.answer_segments + r.question_segments, e.answer_segments + e.question_segments,

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from genrecal.head_scoring import IGNORE_INDEX, HeadScore, reference_head_loss, score_with_head
+from genrecal.head_scoring import (
+    IGNORE_INDEX,
+    HeadScore,
+    reference_head_loss,
+    score_with_head,
+    token_ce_with_head,
+)
 
 VOCAB, HIDDEN, TOKENS = 503, 48, 29
 
@@ -93,6 +99,24 @@ def test_ce_matches_hand_written_reference():
     logits = case["inputs"] @ case["head_weight"].T  # (N, V)
     expected = -logits.log_softmax(-1)[torch.arange(TOKENS), case["labels"]].mean()
     torch.testing.assert_close(got.ce, expected)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, TOKENS + 5])
+def test_token_ce_is_per_token_cross_entropy_and_sums_to_the_scored_ce(chunk_size):
+    """The teacher's own CE on its answers: per token, and equal to scoring its own states with no KL."""
+    case = make_case(seed=9, bias=True)
+    states, labels, weight, bias = case["teacher_states"], case["labels"], case["head_weight"], case["head_bias"]
+    got = token_ce_with_head(weight, states, labels, head_bias=bias, chunk_size=chunk_size)
+    expected = F.cross_entropy(F.linear(states, weight, bias), labels, reduction="none")
+    assert got.shape == (TOKENS,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+    scored = score_with_head(weight, states, labels, None, head_bias=bias, compute_grad=False)
+    torch.testing.assert_close(got.mean(), scored.ce)
+    bf16 = make_case(seed=9, bias=True, dtype=torch.bfloat16)
+    low = token_ce_with_head(bf16["head_weight"], bf16["teacher_states"], labels, head_bias=bf16["head_bias"])
+    assert low.dtype == torch.float32  # fp32 softmax of the bf16 logits
+    torch.testing.assert_close(low, expected, rtol=0.05, atol=0.05)
+    assert token_ce_with_head(weight, states[:0], labels[:0]).shape == (0,)
 
 
 def test_kl_matches_torch_kl_div():

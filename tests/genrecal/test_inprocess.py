@@ -44,6 +44,9 @@ def test_three_stages_losses_fall_and_final_student_reloads_and_generates(tiny_c
     assert histories[2][-1]["L3"] < histories[2][0]["L3"]
     assert histories[2][-1]["L1_ce"] < histories[2][0]["L1_ce"]
     assert histories[3][-1]["L3"] < histories[3][0]["L3"]
+    # The teacher's own CE on its answers, in the stages with a teacher (its reference curve), as the trainer logs it.
+    assert all(0 < r["teacher_ce"] < 20 for r in histories[1] + histories[2])
+    assert "teacher_ce" not in histories[3][0]
     assert [r["lr"] for r in histories[3]] == pytest.approx(np.linspace(2e-3, 2e-4, 4).tolist())
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["stages"] == [1, 2, 3] and saved["grad_accum"] == 2

@@ -70,16 +70,38 @@ def test_resume_purges_tensorboard_points(tmp_path):
     assert scalar_events(tmp_path / "tensorboard")["stage1/L3"] == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0)]
 
 
-def test_loss_curve_png(tmp_path):
+def curve_pixels(png, colour) -> int:
+    """How many pixels of the PNG have (about) ``colour`` (RGB, 0-255)."""
+    with Image.open(png) as image:
+        pixels = torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.int16)  # (H * W, 3)
+    return int(((pixels - torch.tensor(colour)).abs().max(dim=1).values <= 8).sum())
+
+
+TEACHER_RED = (214, 39, 40)  # matplotlib's fourth default colour ("C3"): the teacher's line, after L1, L2, L3
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_loss_curve_png(tmp_path, with_teacher):
     jsonl = tmp_path / "metrics" / "stage2.jsonl"
     with MetricsLogger(tmp_path, stage=2, tensorboard=False) as metrics:
         for step in range(5):
-            metrics.log(step, {"L1_ce": 4.0 - step * 0.5, "L2_ce": 3.0 - step * 0.4, "L3": 5 - step, "lr": 1e-4})
+            row = {"L1_ce": 4.0 - step * 0.5, "L2_ce": 3.0 - step * 0.4, "L3": 5 - step, "lr": 1e-4}
+            if with_teacher:  # what the trainer logs in stages 1 and 2: the teacher's own CE on its answers
+                row["teacher_ce"] = 0.8 + 0.01 * step
+            metrics.log(step, row)
     png = plot_loss_curves(jsonl, tmp_path / "plots" / "stage2.png")
     data = png.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+    # The teacher's line (and its legend entry) is drawn exactly when the rows carry teacher_ce.
+    assert (curve_pixels(png, TEACHER_RED) > 100) == with_teacher
+
+    # A stage-1 file with only L1/L2 and the teacher's CE plots too (stage 3 has no teacher: no such line).
+    stage1 = tmp_path / "stage1.jsonl"
+    stage1.write_text("".join(json.dumps({"step": s, "L1_ce": 3.0 - s, "L2_ce": 2.5 - s, "teacher_ce": 0.9}) + "\n"
+                              for s in range(3)))
+    assert plot_loss_curves(stage1, tmp_path / "stage1.png").stat().st_size > 1000
 
     (tmp_path / "no_losses.jsonl").write_text(json.dumps({"step": 0, "lr": 1e-4}) + "\n")
     with pytest.raises(ValueError, match="no loss columns"):

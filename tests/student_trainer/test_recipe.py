@@ -166,6 +166,9 @@ def test_single_process_zero3_three_stages_via_cli(uninterrupted_run, models, vq
             assert row["tokens_per_s"] > 0 and row["samples"] == 2
             if stage < 3:
                 assert 0 < row["teacher_wait_share"] < 1
+                assert 0 < row["teacher_ce"] < 20  # the teacher's own CE on its answers (nats/token)
+            else:
+                assert "teacher_ce" not in row  # no teacher in stage 3
         assert [r["lr"] for r in rows] == pytest.approx(np.linspace(2e-3, 2e-4, 4).tolist())
         assert [r["data_position"] for r in rows] == [2, 4, 6, 8]
         stage_dir = output / f"stage{stage}"
@@ -366,9 +369,10 @@ def test_remote_teacher_trains_like_the_in_process_one(uninterrupted_run, models
         remote, local = metric_rows(output, stage), metric_rows(uninterrupted_run, stage)
         assert [r["step"] for r in remote] == [0, 1, 2, 3]
         for got, want in zip(remote, local, strict=True):
-            for key in ("L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3"):
+            for key in ("L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3", "teacher_ce"):
                 if key in want:
                     assert got[key] == pytest.approx(want[key], rel=1e-4), (stage, got["step"], key)
+            assert "teacher_ce" in got  # Encode's teacher_ce reached the trainer through gRPC
     assert (output / "final" / "config.json").is_file()
     assert not list((output / "final").glob("recalibrator*"))
 

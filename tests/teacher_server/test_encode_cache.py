@@ -55,6 +55,7 @@ def test_same_content_from_another_client_is_served_from_memory(make_engine, rng
     for a, b in zip(first, second, strict=True):
         assert b.sample_id.startswith("exp2-")
         assert torch.equal(a.answer_token_ids, b.answer_token_ids)
+        assert a.teacher_ce is not None and b.teacher_ce == a.teacher_ce  # the cache keeps the teacher's own CE
         for x, y in zip(a.answer_segments + a.question_segments, b.answer_segments + b.question_segments, strict=True):
             assert torch.equal(x, y)
     # Both clients' handles score, identically; releasing one client's keeps the other's.
@@ -77,6 +78,7 @@ def test_cached_results_equal_a_fresh_forward(make_engine, rng):
     hit = cached.encode(samples(rng, "b", images), return_question_features=True)
     fresh = make_engine(encode_cache_bytes=0).encode(samples(rng, "b", images), return_question_features=True)
     for h, f in zip(hit, fresh, strict=True):
+        assert h.teacher_ce == pytest.approx(f.teacher_ce, rel=1e-5)
         for x, y in zip(h.answer_segments + h.question_segments, f.answer_segments + f.question_segments, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 

@@ -94,6 +94,7 @@ def assert_same_features(got, want, tol, *, question_features: bool = True) -> N
     else:
         assert got.question_segments == []
     torch.testing.assert_close(got.prediction_states, want.prediction_states, **tol)
+    assert got.teacher_ce == pytest.approx(want.teacher_ce, rel=tol["rtol"], abs=tol["atol"])
 
 
 def run_concurrently(calls) -> list:
@@ -216,6 +217,28 @@ def test_encode_matches_the_in_process_teacher(make_engine, reference, rng):
     for g, w in zip(lean, want, strict=True):
         assert_same_features(g, w, TIGHT, question_features=False)
     assert engine.stats.forwards == 2 and engine.stats.encode_requests == 2
+
+
+def test_teacher_ce_is_the_hf_models_own_answer_ce(make_engine, reference, teacher_path, rng):
+    """Encode's ``teacher_ce``: the plain HF model's CE (its own logits at its prediction positions against its
+    answer ids), for a merged, padded forward of mixed samples, equal to the in-process teacher's."""
+    engine = make_engine(encode_cache_bytes=0)
+    samples = random_samples(rng, 5)
+    got = engine.encode(samples)  # one forward of all five: padding, images and multi-turn mixed
+    assert engine.stats.forwards == 1
+    want = reference.encode(samples)
+    vlm = load_vlm(teacher_path)
+    with torch.no_grad():
+        for sample, g, w in zip(samples, got, want, strict=True):
+            batch = vlm.encode([sample])  # (1, L), unpadded
+            logits = vlm.model(**batch.inputs, use_cache=False).logits[0]  # (L, V_l), the HF model's own head
+            expected = torch.nn.functional.cross_entropy(
+                logits[batch.prediction_positions(0)].float(), batch.answer_token_ids(0)
+            ).item()
+            assert g.num_answer_tokens > 0 and expected > 0
+            assert g.teacher_ce == pytest.approx(expected, rel=1e-5, abs=1e-6), sample.sample_id
+            assert w.teacher_ce == pytest.approx(expected, rel=1e-5, abs=1e-6), sample.sample_id
+    assert len({round(f.teacher_ce, 6) for f in got}) > 1  # per sample, not one value for the batch
 
 
 def test_score_matches_the_in_process_teacher_for_two_paths(make_engine, reference, rng):
