@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label-noise", type=float, default=0.0,
                         help="fraction of distillation answers replaced by a wrong one, the benchmark's regime "
                              "(default 0: clean labels)")
-    parser.add_argument("--steps-per-stage", type=int, default=40, help="trainer optimizer steps per stage")
+    parser.add_argument("--steps-per-stage", type=int, default=100, help="trainer optimizer steps per stage")
     parser.add_argument("--grad-accum", type=int, default=2, help="trainer gradient accumulation")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="trainer micro-batch size")
     parser.add_argument("--lr", type=float, default=1e-3, help="trainer peak learning rate (decays 10x per stage)")
