@@ -36,7 +36,7 @@ from pathlib import Path
 
 from demo.easy_vqa import SHAPES
 from demo.pretrain import PictureLabels, PretrainConfig, pretrain
-from demo.splits import COLOURS, picture_labels
+from demo.splits import COLOURS, picture_labels, sample_per_type
 from genrecal.head_scoring import IGNORE_INDEX
 from genrecal.tiny import TinySizes, write_tiny_checkpoint
 
@@ -107,15 +107,8 @@ def balanced_training_records(records: list[dict], per_type: int, seed: int) -> 
     easy-VQA's training split is 74% yes/no questions, which a blind model answers 82% right from the wording
     alone; balancing gives the colour and shape questions — no such shortcut — a third of the steps each.
     """
-    by_type: dict[str, list[dict]] = {}
-    for record in records:
-        by_type.setdefault(str(record.get("type")), []).append(record)
-    rng = random.Random(f"demo-teacher/{seed}")  # the name stays: it seeds the shipped models' subsets
-    chosen = []
-    for question_type in sorted(by_type):
-        group = by_type[question_type]
-        chosen += rng.sample(group, min(per_type, len(group)))
-    return chosen
+    # the seed's name stays: it seeds the shipped models' subsets
+    return sample_per_type(records, per_type, random.Random(f"demo-teacher/{seed}"))
 
 
 def write_init(recipe: ModelRecipe, out: Path) -> Path:

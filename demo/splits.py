@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 from demo.easy_vqa import SHAPES, YES_NO
@@ -94,6 +95,18 @@ def picture_labels(records: list[dict]) -> dict[str, tuple[str | None, str | Non
     return {image: (c, s) for image, (c, s) in labels.items()}
 
 
+def sample_per_type(records: list[dict], per_type: int, rng: random.Random) -> list[dict]:
+    """Up to ``per_type`` records of each question type drawn with ``rng``, types in name order (records without a
+    type form one group), each type's draw in ``rng.sample`` order."""
+    by_type: dict[str, list[dict]] = {}
+    for record in records:
+        by_type.setdefault(str(record.get("type")), []).append(record)
+    chosen = []
+    for kind in sorted(by_type):
+        chosen += rng.sample(by_type[kind], min(per_type, len(by_type[kind])))
+    return chosen
+
+
 def write_balanced_test(data_dir: str | Path, per_type: int, *, seed: int = 0) -> Path:
     """Write ``test_balanced.json`` next to ``test.json``: ``per_type`` seeded-random questions of each type.
 
@@ -103,16 +116,12 @@ def write_balanced_test(data_dir: str | Path, per_type: int, *, seed: int = 0) -
     the natural mix, re-weighted from the per-type accuracies.
     """
     data_dir = Path(data_dir)
-    records = json.loads((data_dir / "test.json").read_text(encoding="utf-8"))
-    rng = random.Random(f"balanced-test/{seed}")
-    chosen = []
-    for kind in [k for k in ANSWERS if any(r.get("type") == k for r in records)]:  # the types the split has
-        group = [r for r in records if r.get("type") == kind]
-        if len(group) < per_type:
-            raise ValueError(f"{data_dir / 'test.json'} has {len(group)} {kind} questions, fewer than "
+    records = [r for r in json.loads((data_dir / "test.json").read_text(encoding="utf-8")) if r.get("type") in ANSWERS]
+    for kind, count in sorted(Counter(r["type"] for r in records).items()):
+        if count < per_type:
+            raise ValueError(f"{data_dir / 'test.json'} has {count} {kind} questions, fewer than "
                              f"per_type={per_type}; convert the full test split (no --test-limit) or lower it")
-        chosen += rng.sample(group, per_type)
-    chosen.sort(key=lambda r: r["id"])
+    chosen = sorted(sample_per_type(records, per_type, random.Random(f"balanced-test/{seed}")), key=lambda r: r["id"])
     path = data_dir / "test_balanced.json"
     path.write_text(json.dumps(chosen))
     return path
