@@ -3,10 +3,11 @@
     python benchmarks/trainer_step.py [--steps 12] [--repeats 2] [--teacher-hidden 256] [--teacher-layers 4]
                                       [--delay-ms 20]
 
-With ``--delay-ms D`` (default 20; 0 = off) two more sides run against the same server through a delaying TCP proxy
-in this process (every byte forwarded D/2 ms late in each direction: a D ms round trip, bandwidth unchanged):
-with the trainer's default prefetch (the next step's Encode in flight while a step computes) and with
-``--prefetch-steps 0``, to show how much of the delay prefetch hides (the Score calls still wait for it).
+With ``--delay-ms D`` (default 20; 0 = off) three more sides run against the same server through a delaying TCP
+proxy in this process (every byte forwarded D/2 ms late in each direction: a D ms round trip, bandwidth
+unchanged): with the trainer's defaults (prefetch: the next step's Encode in flight while a step computes; Score
+overlap: each micro-batch's Score in flight during the next micro-batch's forward), with ``--no-score-overlap``
+and with ``--prefetch-steps 0`` (Score overlap still on), to show how much of the delay each hides.
 
 Runs the real trainer CLI (``python -m student_trainer --stages 2``, ZeRO-3 DeepSpeed config, one process) on the
 same tiny models, data and seed, alternately against a ``teacher_server`` subprocess on localhost
@@ -25,7 +26,8 @@ one by one in process); and the RPC boundary alone, from the SAME teacher calls 
 per micro-batch, one release) timed through the client and in this process against the same server, as a share
 of the remote step. Prints a table and one JSON line.
 
-The trainer runs with its defaults: prefetch 1 step, both Recalibrator paths in one Score call per micro-batch.
+The trainer runs with its defaults: prefetch 1 step, both Recalibrator paths in one Score call per micro-batch,
+that Score overlapped with the next micro-batch's forward.
 """
 
 from __future__ import annotations
@@ -214,7 +216,8 @@ def main() -> None:
         if args.delay_ms > 0:
             proxy = DelayProxy(int(server.address.rsplit(":", 1)[1]), args.delay_ms / 2000)
             delayed = ["--teacher-addr", f"127.0.0.1:{proxy.port}"]
-            sides.update({"delayed": delayed, "delayed, no prefetch": [*delayed, "--prefetch-steps", "0"]})
+            sides.update({"delayed": delayed, "delayed, no overlap": [*delayed, "--no-score-overlap"],
+                          "delayed, no prefetch": [*delayed, "--prefetch-steps", "0"]})
         names = list(sides)
         order = [side for i in range(args.repeats) for side in (names if i % 2 == 0 else names[::-1])]
         calls: dict[str, float] = {}
@@ -256,6 +259,7 @@ def main() -> None:
     boundary = (w_remote * t_remote - w_local * t_local) / t_remote
     direct_ms = 1000 * (calls["remote"] - calls["in-process"])
     same_losses = bool(np.allclose(losses["remote"], losses["in-process"], rtol=1e-4))
+    overlap_same = losses["delayed"] == losses["delayed, no overlap"] if "delayed" in losses else None  # exact
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads per process {args.threads}")
     print(f"teacher: Qwen2-VL hidden {args.teacher_hidden}, {args.teacher_layers} layers; student: InternVL hidden "
@@ -265,7 +269,7 @@ def main() -> None:
     print(f"{'step time (ms, median)':30}{1000 * t_local:12.1f}{1000 * t_remote:12.1f}{ratio:8.3f}{'<= 1.03':>9}")
     print(f"{'teacher_wait_share':30}{w_local:12.3f}{w_remote:12.3f}")
     delayed = {}
-    for side in ("delayed", "delayed, no prefetch"):
+    for side in ("delayed", "delayed, no overlap", "delayed, no prefetch"):
         if results.get(side):
             t, w = med(t for t, _ in results[side]), med(w for _, w in results[side])
             delayed[side] = (t, w)
@@ -278,7 +282,8 @@ def main() -> None:
           f"{1000 * calls['in-process']:.1f} ms -> RPC boundary {direct_ms:.1f} ms = "
           f"{direct_ms / (1000 * t_remote):.3f} of the remote step")
     print(f"per-run medians (ms): remote {[round(1000 * t, 1) for t, _ in results['remote']]}, "
-          f"in-process {[round(1000 * t, 1) for t, _ in results['in-process']]}; same losses: {same_losses}")
+          f"in-process {[round(1000 * t, 1) for t, _ in results['in-process']]}; same losses: {same_losses}; "
+          f"overlap gives the no-overlap losses exactly: {overlap_same}")
     print(json.dumps({
         "benchmark": "trainer_step", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "teacher_hidden": args.teacher_hidden, "teacher_layers": args.teacher_layers,
@@ -293,7 +298,7 @@ def main() -> None:
         "rpc_boundary_ms_per_step": round(direct_ms, 1), "rpc_boundary_share": round(direct_ms / (1000 * t_remote), 3),
         "runs_remote_ms": [round(1000 * t, 1) for t, _ in results["remote"]],
         "runs_in_process_ms": [round(1000 * t, 1) for t, _ in results["in-process"]],
-        "same_losses": same_losses, "delay_ms": args.delay_ms,
+        "same_losses": same_losses, "overlap_same_losses": overlap_same, "delay_ms": args.delay_ms,
         "delayed": {side: {"step_ms": round(1000 * t, 1), "ratio": round(t / t_local, 3),
                            "teacher_wait_share": round(w, 3),
                            "runs_ms": [round(1000 * x, 1) for x, _ in results[side]]}

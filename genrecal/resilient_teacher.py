@@ -4,6 +4,13 @@
 (:class:`genrecal.client.TeacherClient`) or an :class:`genrecal.teacher.InProcessTeacher` — and satisfies the same
 protocol, adding the seconds spent waiting on the teacher (``wait_s``) and, for a remote teacher, recovery from
 lost handles. :func:`open_teacher` builds one from an address or a checkpoint folder.
+
+**Asynchronous Score.** ``score_paths_async`` sends a Score and returns at once (a :class:`ScoreInFlight`), so the
+trainer computes the next micro-batch while the round trip runs (:mod:`student_trainer.accumulate`). The calls go
+to ONE worker thread, so they run and are answered in the order they were sent, each with the same retries and
+lost-handle recovery as ``score_paths``. Only a remote teacher gets the thread (``async_score=True``, what
+:func:`open_teacher` sets for an address): an in-process teacher would compute on the same device as the student,
+so there is nothing to gain and it scores at once (an already completed future).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +32,7 @@ from genrecal.families import load_vlm
 from genrecal.head_scoring import HeadScore
 from genrecal.replicas import ReplicatedTeacher, resolve_addresses
 from genrecal.sample import Sample
-from genrecal.teacher import InProcessTeacher, Teacher, TeacherFeatures
+from genrecal.teacher import InProcessTeacher, ScoredPaths, Teacher, TeacherFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +73,14 @@ class ResilientTeacher:
     """
 
     def __init__(self, teacher: Teacher, *, restart_wait_s: float | None = None, one_request_per_step: bool = False,
-                 **encode_kwargs):
+                 async_score: bool = False, **encode_kwargs):
         self.teacher = teacher
         self.encode_kwargs = encode_kwargs  # e.g. the remote client's max_length
         self.restart_wait_s = restart_wait_s  # None: give up when the client's own retries are spent
         self.one_request_per_step = one_request_per_step  # encode_step: all micro-batches in one encode call
-        self.wait_s = 0.0
+        self.async_score = async_score  # score_paths_async: in a worker thread (True) or at once (False)
+        self.wait_s = 0.0  # seconds the calling (training) thread spent in, or blocked on, teacher calls
+        self._score_worker: ThreadPoolExecutor | None = None  # one thread: Score calls stay in order
         self.recoveries = 0  # re-encodes after a lost handle (teacher restarted or evicted our states)
         self._samples: dict[str, Sample] = {}  # handle -> the sample encoded under it (remote teachers only)
         self._lock = threading.Lock()  # guards _samples: the trainer encodes ahead in a prefetch thread
@@ -99,6 +109,23 @@ class ResilientTeacher:
         return self._timed(self._recovering, features,
                            lambda: self.teacher.score_paths(features, outputs_by_path, **kwargs))
 
+    def score_paths_async(self, features: Sequence[TeacherFeatures], outputs_by_path: Mapping[str, Sequence[Tensor]],
+                          **kwargs) -> ScoreInFlight:
+        """``score_paths`` sent without waiting (see the module docstring); ``result()`` gives its answer.
+
+        ``outputs_by_path`` must be detached and left unchanged until then; ``features``' handles may be replaced
+        (a recovery) while the call is in flight, so release them only after ``result()``. Only the time
+        ``result()`` blocks counts in ``wait_s``.
+        """
+        call = lambda: self.teacher.score_paths(features, outputs_by_path, **kwargs)  # noqa: E731
+        if not self.async_score:
+            done: Future = Future()
+            done.set_result(self._timed(self._recovering, features, call))
+            return ScoreInFlight(self, done)
+        if self._score_worker is None:
+            self._score_worker = ThreadPoolExecutor(1, thread_name_prefix="teacher-score")
+        return ScoreInFlight(self, self._score_worker.submit(self._recovering, features, call))
+
     def release(self, features: Sequence[TeacherFeatures]) -> None:
         with self._lock:
             for f in features:
@@ -108,6 +135,9 @@ class ResilientTeacher:
 
     def close(self) -> None:
         """Close the teacher and drop it (an in-process teacher's memory goes with the last reference)."""
+        if self._score_worker is not None:
+            self._score_worker.shutdown(wait=True)  # a Score still in flight finishes first
+            self._score_worker = None
         if self.teacher is not None:
             self.teacher.close()
         self.teacher = None
@@ -225,6 +255,24 @@ class ResilientTeacher:
                        len(features), self.recoveries)
 
 
+class ScoreInFlight:
+    """A Score sent by :meth:`ResilientTeacher.score_paths_async`: ``result()`` waits for the answer (re-raising
+    the call's error) and adds the time it blocked to the teacher's ``wait_s``."""
+
+    def __init__(self, teacher: ResilientTeacher, future: Future):
+        self._teacher, self._future = teacher, future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> ScoredPaths:
+        start = time.perf_counter()
+        try:
+            return self._future.result()
+        finally:
+            self._teacher.wait_s += time.perf_counter() - start
+
+
 def unique_samples(samples: Iterable[Sample]) -> dict[str, Sample]:
     """``{sample_id: sample}`` in first-seen order; two *different* samples under one id are refused."""
     unique: dict[str, Sample] = {}
@@ -282,7 +330,8 @@ def open_teacher(
         else:
             client = TeacherClient(addr, retries=retries, **kwargs)
         client.wait_until_serving(timeout_s)
-        return ResilientTeacher(client, restart_wait_s=timeout_s, one_request_per_step=True, max_length=max_length)
+        return ResilientTeacher(client, restart_wait_s=timeout_s, one_request_per_step=True, async_score=True,
+                                max_length=max_length)
     vlm = load_vlm(model, dtype=dtype)
     vlm.model.to(device)
     return ResilientTeacher(InProcessTeacher(vlm, max_length=max_length, chunk_size=chunk_size))

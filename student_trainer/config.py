@@ -86,6 +86,7 @@ class TrainConfig:
     teacher_retries: int = 5  # connection attempts before giving up
     chunk_size: int = 512  # head-scoring chunk of an in-process teacher
     prefetch_steps: int = 1  # steps whose inputs (data, student batches, teacher Encode) are built ahead; 0 = off
+    score_overlap: bool = True  # a remote teacher's Score of micro-batch k travels during the forward of k+1
     data_workers: int = 2  # DataLoader worker processes that read and decode records; 0 = in the trainer
     validate_data: bool = False  # check every record up front (in data_workers processes) before training
     log_sample_ids: bool = False  # auditing: each metrics row lists rank 0's sample ids of the step
@@ -160,6 +161,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {value!r}")
+        if not isinstance(self.score_overlap, bool):
+            raise ValueError(f"score_overlap must be true or false, got {self.score_overlap!r}")
         for name in ("data_limit", "eval_limit", "max_length", "stop_after_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -296,6 +299,9 @@ _HELP = {
     "prefetch_steps": "optimizer steps whose inputs (data, student batches and the teacher's Encode of all their "
                       "micro-batches) are prepared in a background thread while the current step computes, so "
                       "the teacher's latency hides behind the student's compute; 0 = off (default %(default)s)",
+    "score_overlap": "send each micro-batch's Score to a remote teacher without waiting and run the next "
+                     "micro-batch's forward while it travels (one more micro-batch of activations in memory; same "
+                     "losses and gradients); --no-score-overlap waits for each Score (default on)",
     "save_every": "write a DeepSpeed checkpoint every N optimizer steps, besides each stage's end "
                   "(default %(default)s)",
     "keep_checkpoints": "DeepSpeed checkpoints kept per stage; older ones are deleted (default %(default)s)",

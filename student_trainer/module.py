@@ -1,6 +1,7 @@
 """The module a stage trains: the student VLM and the Recalibrator as ONE ``nn.Module``, whose ``forward`` is the
-loss of one micro-batch (:func:`genrecal.distill.genrecal_objective`). A new loss option is a change here (and in
-:class:`genrecal.distill.LossConfig`), nowhere else in the trainer."""
+loss of one micro-batch (:func:`genrecal.distill.genrecal_objective`), or with ``pending=True`` its first phase
+with the Score in flight (:func:`genrecal.distill.start_objective`, for :mod:`student_trainer.accumulate`). A new
+loss option is a change here (and in :class:`genrecal.distill.LossConfig`), nowhere else in the trainer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from genrecal.distill import LossConfig, genrecal_objective
+from genrecal.distill import LossConfig, PendingObjective, start_objective
 from genrecal.families import EncodedBatch, LoadedVLM
 from genrecal.recalibrator import Recalibrator
 from genrecal.stages import Stage
@@ -41,13 +42,21 @@ class DistillationModule(nn.Module):
         teacher_tokens: float | None = None,
         student_tokens: float | None = None,
         losses: LossConfig,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The micro-batch's loss (a tensor: DeepSpeed hooks its backward on it) and its metrics."""
-        objective = genrecal_objective(
+        pending: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, float]] | tuple[list[torch.Tensor], PendingObjective]:
+        """The micro-batch's loss (a tensor: DeepSpeed hooks its backward on it) and its metrics.
+
+        ``pending=True``: the graph tensors the loss will flow through (DeepSpeed hooks those instead) and the
+        :class:`~genrecal.distill.PendingObjective` whose ``finish()`` gives the loss once the Score is back.
+        """
+        objective = start_objective(
             stage, self._student, batch, recalibrator=self.recalibrator, teacher=teacher, features=features,
             teacher_tokens=teacher_tokens, student_tokens=student_tokens, losses=losses,
         )
-        return objective.loss, objective.metrics
+        if pending:
+            return objective.graph_tensors(), objective
+        done = objective.finish()
+        return done.loss, done.metrics
 
 
 def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -8,15 +8,8 @@ communication. Stages hand off through checkpoints only (:class:`student_trainer
 :mod:`genrecal.inprocess` (the plain-PyTorch reference loop). The loss of one micro-batch is
 :meth:`student_trainer.module.DistillationModule.forward`: the one place a loss option changes.
 
-**Loss normalisation.** An optimizer step is ``grad_accum`` micro-batches on each of ``W`` ranks and must equal
-one big batch's mean loss. Before its micro-batches run, a rank counts the student and teacher answer tokens of
-all of them; one ``all_reduce(SUM)`` gives the global counts ``N_s`` and ``N_t``, passed as ``student_tokens`` /
-``teacher_tokens`` so each micro-batch's loss is its *sum* over answer tokens divided by the global count. The sum
-of those over micro-batches and ranks is the big batch's mean. DeepSpeed would scale that twice: ``backward``
-divides the loss by ``grad_accum`` (undone with ``engine.backward(loss, scale_wrt_gas=False)``) and the gradient
-reduction *averages* over the ``W`` data-parallel ranks (undone by back-propagating ``W * loss``; ZeRO 0-3 all
-divide by the data-parallel world size). ``tests/student_trainer/test_recipe.py`` checks the result against a
-single-process big-batch gradient.
+**The micro-batches of a step** (loss normalisation over accumulation and ranks, the Score round trips overlapped
+with compute): :class:`student_trainer.accumulate.GradientAccumulator`.
 
 **Resume.** A finished stage has its export and a ``DONE`` marker and is skipped. An unfinished stage restarts
 from its latest DeepSpeed checkpoint: module, optimizer and scheduler states, and the client state (optimizer
@@ -44,6 +37,7 @@ from genrecal.recalibrator import Recalibrator
 from genrecal.resilient_teacher import ResilientTeacher
 from genrecal.sample import Sample
 from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable
+from student_trainer.accumulate import GradientAccumulator
 from student_trainer.config import TrainConfig
 from student_trainer.data import ShardedBatches
 from student_trainer.dataset import BadRecord, MicroBatchLoader
@@ -62,10 +56,6 @@ from student_trainer.prefetch import StepPrefetcher
 from student_trainer.step_inputs import StepBuilder
 
 logger = logging.getLogger(__name__)
-
-# Loss parts summed over micro-batches and ranks (each is already divided by the global token count).
-LOSS_PARTS = ("L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3", "KD", "ULD")
-
 
 class StopRequested(Exception):
     """``--stop-after-steps`` was reached: the run stops as if killed (no checkpoint, no export)."""
@@ -148,6 +138,7 @@ class StageRecipe:
         self.engine = None
         self.metrics: MetricsLogger | None = None
         self.inputs: StepPrefetcher | None = None
+        self.accumulator: GradientAccumulator | None = None
         self._hf_ds_config = None
 
     # ---- setup ---------------------------------------------------------------------------------------------
@@ -200,15 +191,18 @@ class StageRecipe:
                                    encode_options=self._encode_options())
         self.inputs = StepPrefetcher(self.builder.build, self.builder.release, start=self.step,
                                      stop=config.steps_per_stage, depth=config.prefetch_steps)
+        self.accumulator = GradientAccumulator(self.engine, ctx, config, self.stage, self.teacher, self.inputs,
+                                               self.builder, self.bad_records, self.dp_world_size)
         self.metrics = MetricsLogger(
             self.layout.root, stage=int(self.stage), rank=ctx.rank, tensorboard=config.tensorboard,
             resume_step=self.step,  # rows of steps after the checkpoint are logged again
         )
         log_rank0(
-            ctx, "stage %d (%s): %s %d/%d steps; %d trainable parameters; ZeRO-%d, %s, %s, world %d",
+            ctx, "stage %d (%s): %s %d/%d steps; %d trainable parameters; ZeRO-%d, %s, %s, world %d%s",
             int(self.stage), self.stage.name.lower(), "resuming at step" if resumed else "starting,",
             self.step, config.steps_per_stage, sum(getattr(p, "ds_numel", p.numel()) for p in params),
             zero_stage(self.ds_config), type(optimizer).__name__, str(dtype).removeprefix("torch."), ctx.world_size,
+            "; each Score overlaps the next micro-batch's forward" if self.accumulator.overlap else "",
         )
 
     def _load_latest_checkpoint(self) -> bool:
@@ -276,73 +270,8 @@ class StageRecipe:
         return {"answer_log_probs": True} if self.config.uses_logit_distillation(self.stage) else {}
 
     def accumulate_gradients(self, step: int) -> dict:
-        """Forward and backward of optimizer step ``step``'s micro-batches; gradients end reduced over ranks.
-
-        Returns the step's metrics as global values: loss parts (big-batch means), token counts, samples.
-        """
-        config, ctx, engine = self.config, self.ctx, self.engine
-        wait_before = self._teacher_wait_s()
-        inputs = self.inputs.get(step)
-        student_batches, features = inputs.student_batches, inputs.features
-
-        # Global answer-token counts of the whole step (all micro-batches, all ranks): the normalisers. Also the
-        # teacher's own CE on its answers, summed over tokens (and the samples whose teacher did not report it).
-        teacher_feats = [f for fs in features if fs for f in fs]
-        local = [
-            sum(int((b.labels()[:, 1:] != -100).sum()) for b in student_batches),
-            sum(f.num_answer_tokens for f in teacher_feats),
-            sum(int(b.inputs["attention_mask"].sum()) for b in student_batches),
-            sum(f.teacher_ce * f.num_answer_tokens for f in teacher_feats if f.teacher_ce is not None),
-            sum(f.teacher_ce is None for f in teacher_feats),
-        ]
-        student_tokens, teacher_tokens, sequence_tokens, teacher_ce_sum, unreported = (
-            ctx.all_reduce_sum(local)  # sync point
-        )
-        totals = dict.fromkeys((*LOSS_PARTS, "loss"), 0.0)
-        for m, (batch, feats) in enumerate(zip(student_batches, features, strict=True)):
-            batch = batch.to(ctx.device, self.config.torch_dtype)
-            loss, metrics = engine(
-                self.stage, batch, teacher=self.teacher, features=feats,
-                teacher_tokens=teacher_tokens if self.teacher else None, student_tokens=student_tokens,
-                losses=config.losses,
-            )
-            # The loss is already this micro-batch's share of the big-batch mean: no 1/grad_accum, and
-            # x dp_world_size against the gradient averaging over ranks.
-            engine.backward(loss * self.dp_world_size, scale_wrt_gas=False)
-            if m < len(student_batches) - 1:
-                engine.step()  # not a boundary: only counts the micro-step
-            for key in LOSS_PARTS:
-                totals[key] += metrics.get(key, 0.0)
-            totals["loss"] += float(loss.detach())
-        self.builder.release(inputs)  # one call per step, in step order
-        *values, skipped = ctx.all_reduce_sum([*totals.values(), len(self.bad_records)])  # sync point
-        summed = dict(zip(totals, values, strict=True))
-        row = {k: v for k, v in summed.items() if k == "loss" or self._has_part(k)}
-        row.update(
-            skipped_records=int(skipped),  # bad records met so far in this stage, all ranks
-            student_answer_tokens=int(student_tokens), samples=config.micro_batch_size * config.grad_accum *
-            ctx.world_size, data_position=(step + 1) * config.grad_accum, sequence_tokens=sequence_tokens,
-            teacher_wait_s=self._teacher_wait_s() - wait_before,
-        )
-        if self.teacher is not None:
-            row["teacher_answer_tokens"] = int(teacher_tokens)
-            if teacher_tokens and not unreported:  # token-weighted mean over the step's samples, all ranks
-                row["teacher_ce"] = teacher_ce_sum / teacher_tokens
-        if config.log_sample_ids:
-            row["sample_ids"] = [sample.sample_id for group in inputs.groups for sample in group]  # rank 0's
-        return row
-
-    def _teacher_wait_s(self) -> float:
-        """Seconds this rank has waited on the teacher: its calls, and prefetched steps that were not ready."""
-        if self.teacher is None:
-            return 0.0
-        return self.teacher.wait_s + (self.inputs.wait_s if self.inputs is not None else 0.0)
-
-    def _has_part(self, key: str) -> bool:
-        name = key.split("_")[0]
-        if name in ("KD", "ULD"):
-            return self.config.uses_logit_distillation(self.stage) and name == self.config.logit_distillation.upper()
-        return name in self.spec.losses and (name != "L2" or self.config.regularisation)
+        """Forward and backward of step ``step``'s micro-batches (:class:`GradientAccumulator`); its metrics."""
+        return self.accumulator.run(step)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:

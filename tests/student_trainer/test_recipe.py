@@ -238,7 +238,8 @@ def test_logit_distillation_needs_a_teacher_and_a_known_kind(models, vqa_data, t
 
 @pytest.mark.slow
 def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env, tmp_path):
-    """Normalisation: 2 gloo ranks x 3 accumulated micro-batches give the gradient of ONE 6-sample batch's mean.
+    """Normalisation: 2 gloo ranks x 3 accumulated micro-batches give the gradient of ONE 6-sample batch's mean,
+    with the sequential and with the overlapped micro-batch loop (each Score in flight during the next forward).
 
     Three micro-batches, not two: with two, an extra ``1 / grad_accum`` paired with summing instead of averaging
     over the two ranks would cancel out and pass."""
@@ -287,8 +288,9 @@ def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env
         assert set(a) == set(b)
         return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b)
 
-    assert set(probes) == {"zero2", "zero3"}
+    assert set(probes) == {"zero2", "zero3", "zero2+overlap", "zero3+overlap"}
     for name, probe in probes.items():
+        assert probe["overlap"] == name.endswith("+overlap")  # the overlapped loop ran where asked
         ids_per_rank = probe["sample_ids"]
         assert probe["world_size"] == 2 and not set(ids_per_rank[0]) & set(ids_per_rank[1])
         big_batch = [by_id[i] for ids in ids_per_rank for i in ids]
@@ -515,3 +517,38 @@ def test_zero_offload_steps_with_deepspeed_cpu_adam_like_adamw(models, vqa_data,
     assert any(not torch.equal(original[k], want[k]) for k in original)  # the steps moved the weights
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_overlapped_score_trains_exactly_like_the_sequential_loop(models, vqa_data, subprocess_env, tmp_path):
+    """Against a real teacher_server (ZeRO-3, 2 micro-batches per step: the last backward follows another
+    backward): with each Score in flight during the next micro-batch's forward, stage 2 logs the same losses and
+    ends with the same weights as with --no-score-overlap, bit for bit. (Stage 1 overlapped, against the in-process
+    teacher: test_remote_teacher_trains_like_the_in_process_one.)"""
+    from teacher_server.launch import TeacherProcess
+
+    teacher_path, student_path = models
+    flags = ["--student", student_path, "--data", vqa_data, "--stages", "2", "--steps-per-stage", "2",
+             "--grad-accum", "2", "--micro-batch-size", "1", "--save-every", "100", "--lr", "2e-3", "--lr-end",
+             "2e-4", "--seed", "0", "--no-tensorboard", "--data-workers", "0"]
+    server = TeacherProcess(teacher_path)
+    try:
+        runs = {name: train_cli(subprocess_env, "--teacher-addr", server.address, "--output", tmp_path / name,
+                                *flags, *extra)
+                for name, extra in (("overlap", []), ("sequential", ["--no-score-overlap"]))}
+    finally:
+        server.terminate()
+    for name, result in runs.items():
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert ("each Score overlaps the next micro-batch's forward" in result.stderr) == (name == "overlap")
+    got, want = metric_rows(tmp_path / "overlap", 2), metric_rows(tmp_path / "sequential", 2)
+    assert [r["step"] for r in got] == [0, 1]  # step 1's losses see step 0's update
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3", "student_answer_tokens",
+                    "teacher_answer_tokens", "teacher_ce"):
+            assert key in a and a[key] == b[key], (a["step"], key)
+        assert 0 < a["teacher_wait_share"] < 1
+    for file in ("student/model.safetensors", "recalibrator.safetensors"):
+        overlapped, sequential = (load_file(tmp_path / run / "stage2" / file) for run in runs)
+        assert set(overlapped) == set(sequential)
+        assert all(torch.equal(overlapped[k], sequential[k]) for k in sequential), file

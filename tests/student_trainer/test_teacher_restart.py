@@ -186,3 +186,62 @@ def test_features_not_encoded_through_the_wrapper_cannot_be_recovered(teacher_pa
     outputs = [torch.zeros(f.num_answer_tokens, stand_in.hidden_size) for f in features]
     with pytest.raises(RuntimeError, match="not encoded through this wrapper"):
         ResilientTeacher(stand_in).score(features, outputs)
+
+
+class GatedTeacher(ForgetfulTeacher):
+    """Records each Score's thread and path names; a Score waits for ``gate`` (a call still travelling)."""
+
+    def __init__(self, teacher: InProcessTeacher):
+        super().__init__(teacher)
+        self.gate = threading.Event()
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def score_paths(self, features, outputs_by_path, **kwargs):
+        self.gate.wait(timeout=30)
+        self.calls.append((threading.current_thread().name, tuple(outputs_by_path)))
+        return super().score_paths(features, outputs_by_path, **kwargs)
+
+    def close(self) -> None:
+        self.gate.set()
+
+
+def test_async_scores_run_in_order_in_one_thread_recover_and_count_only_the_blocked_time(teacher_path, rng):
+    samples = make_samples(rng)
+    stand_in = GatedTeacher(InProcessTeacher(load_vlm(teacher_path)))
+    teacher = ResilientTeacher(stand_in, async_score=True)
+    features = teacher.encode(samples)
+    generator = torch.Generator().manual_seed(0)
+    outputs = [torch.randn(f.num_answer_tokens, stand_in.hidden_size, generator=generator) for f in features]
+    stand_in.gate.set()
+    reference = teacher.score_paths(features, {"L1": outputs}, ce_weight=0.7)["L1"]  # synchronous, same wrapper
+    stand_in.gate.clear()
+    stand_in.restart()  # the handles are lost: the first async Score recovers in the worker thread
+    stand_in.calls.clear()
+    wait_before = teacher.wait_s
+    first = teacher.score_paths_async(features, {"L1": outputs}, ce_weight=0.7)
+    second = teacher.score_paths_async(features, {"L2": outputs}, ce_weight=0.7)
+    threading.Event().wait(0.3)  # the trainer computes meanwhile: not teacher wait
+    assert not first.done() and teacher.wait_s == wait_before
+    stand_in.gate.set()
+    got = [first.result()["L1"], second.result()["L2"]]
+    assert teacher.wait_s - wait_before < 0.3  # only the time result() blocked
+    assert [paths for _, paths in stand_in.calls] == [("L1",), ("L1",), ("L2",)]  # in order (L1 retried once)
+    assert {name for name, _ in stand_in.calls} == {"teacher-score_0"} and teacher.recoveries == 1
+    for score, grads in got:
+        torch.testing.assert_close(score.ce, reference[0].ce)
+        for g, want in zip(grads, reference[1], strict=True):
+            torch.testing.assert_close(g, want)
+    teacher.close()
+
+
+def test_an_in_process_teacher_scores_at_once():
+    class Counting:
+        def score_paths(self, features, outputs_by_path, **kwargs):
+            self.thread = threading.current_thread().name
+            return {"L1": "answer"}
+
+    stand_in = Counting()
+    teacher = ResilientTeacher(stand_in)  # async_score=False: no worker thread
+    pending = teacher.score_paths_async([], {"L1": []})
+    assert pending.done() and pending.result() == {"L1": "answer"}
+    assert stand_in.thread == threading.current_thread().name and teacher._score_worker is None
