@@ -80,9 +80,13 @@ def clients(addresses: list[str]):
     return lambda: ReplicatedTeacher(addresses, retries=1)
 
 
-def lockstep(make_client, data: list[list[list[Sample]]]) -> float:
-    """Students (one per entry of ``data``) encode their batches step by step; returns wall seconds."""
+def lockstep(make_client, data: list[list[list[Sample]]], on_held=None) -> float:
+    """Students (one per entry of ``data``) encode their batches step by step; returns wall seconds.
+
+    With ``on_held``, every step also waits until all students hold their handles and calls ``on_held()`` once
+    (in one thread) before they release them."""
     barrier = threading.Barrier(len(data))
+    held = threading.Barrier(len(data), action=on_held) if on_held is not None else None
     errors = []
 
     def student(batches_):
@@ -90,10 +94,15 @@ def lockstep(make_client, data: list[list[list[Sample]]]) -> float:
         try:
             for batch in batches_:
                 barrier.wait()
-                client.release(client.encode(batch))
+                features = client.encode(batch)
+                if held is not None:
+                    held.wait()
+                client.release(features)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
             barrier.abort()
+            if held is not None:
+                held.abort()
         finally:
             client.close()
 
@@ -133,6 +142,16 @@ def main() -> None:
             report[name] = {"forwards": served.forwards - base, "samples_forwarded": served.samples_forwarded - base_samples,
                             "seconds": seconds,
                             "aggregate_samples_per_s": args.students * samples_per_student / seconds}
+            # Untimed: the handle store while every student holds one step (memory held vs charged to clients).
+            peak = {"held": 0, "charged": 0}
+
+            def observe(engine=served.engines[0], peak=peak):
+                stats = engine.stats
+                peak["held"] = max(peak["held"], stats.handle_bytes)
+                peak["charged"] = max(peak["charged"], stats.handle_charged_bytes)
+
+            lockstep(make_client, [shared] * args.students, on_held=observe)
+            report[name].update(handle_bytes_held=peak["held"], handle_bytes_charged=peak["charged"])
             if name == "cache_off":
                 one = lockstep(make_client, [batches(1, args.steps, args.batch)])
                 report["one_student_samples_per_s"] = samples_per_student / one
@@ -157,6 +176,9 @@ def main() -> None:
           f"(ratio {on['forwards'] / off['forwards']:.2f})")
     print(f"  samples through the body  cache off {off['samples_forwarded']:4d}   cache on {on['samples_forwarded']:4d}   "
           f"(ratio {on['samples_forwarded'] / off['samples_forwarded']:.2f}, ideal {1 / args.students:.2f})")
+    print(f"  handle store while all hold a step: memory held  cache off {off['handle_bytes_held']:,} B   cache on "
+          f"{on['handle_bytes_held']:,} B (ratio {on['handle_bytes_held'] / off['handle_bytes_held']:.2f}); charged "
+          f"to the clients {off['handle_bytes_charged']:,} / {on['handle_bytes_charged']:,} B")
     print(f"  aggregate samples/s  cache off {off['aggregate_samples_per_s']:.1f}   cache on "
           f"{on['aggregate_samples_per_s']:.1f}   one student alone {report['one_student_samples_per_s']:.1f}")
     r1, r2 = report["replicas_1"], report["replicas_2"]

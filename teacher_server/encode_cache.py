@@ -11,7 +11,8 @@ samples before the cache is asked.
 A sample that is being computed for one client when another asks for it is waited for, not computed twice
 (students in lockstep send the same step at the same moment). Every handle issued for an entry holds the
 entry's own ``KeptSample`` (the prediction states Score needs: one tensor in memory, however many clients hold
-it); the handle store still charges each client for its handles, so that its per-client fairness is unchanged.
+it); the handle store counts it once in the memory it holds and still charges each client for its handles, so
+that its per-client fairness is unchanged (:mod:`teacher_server.handles`).
 
 Bounded in bytes (LRU): an entry costs its CPU feature copies plus its prediction states, which live on the
 head's device. ``capacity_bytes=0`` switches the cache off (``--encode-cache-gib 0``).

@@ -109,7 +109,8 @@ class EngineStats:
     requests_per_forward: list[int] = field(default_factory=list)
     padded_tokens_per_forward: list[int] = field(default_factory=list)  # B * L
     handles: int = 0  # handles held now
-    handle_bytes: int = 0  # bytes they hold
+    handle_bytes: int = 0  # memory they hold (states shared through the encode cache counted once)
+    handle_charged_bytes: int = 0  # what their clients are charged (a shared state once per handle)
     evicted_handles: int = 0  # handles dropped because the store was full
     # the encode cache (teacher_server.encode_cache), in samples:
     cache_hits: int = 0  # served from memory
@@ -295,6 +296,7 @@ class TeacherEngine:
                 padded_tokens_per_forward=forwards.padded_tokens_per_forward,
                 handles=len(self._handles),
                 handle_bytes=self._handles.nbytes,
+                handle_charged_bytes=self._handles.charged_bytes,
                 evicted_handles=self._handles.evicted,
                 cache_hits=cache.hits, cache_shared=cache.shared, cache_misses=cache.misses,
                 cache_entries=cache.entries, cache_bytes=cache.nbytes,

@@ -5,8 +5,13 @@ handle owned by the calling client; Score looks them up, Release (or ``score(rel
 A handle is only visible to its owner: another client naming it gets NOT_FOUND, exactly as for a handle that
 never existed, and the owner's handle is untouched.
 
-The store is bounded in bytes. When it is full, the entries evicted are the least recently used ones *of the
-client holding the most bytes* (never the entries being stored). So with N clients holding handles, a client
+The store is bounded in bytes of memory actually held: a ``KeptSample`` that several handles share (the Encode
+cache hands the same states to every client that sends the same sample, :mod:`teacher_server.encode_cache`) is
+counted once in ``nbytes`` and against ``capacity_bytes``, however many handles hold it. Each client is still
+*charged* the full size of every handle it holds (``bytes_by_client``, its share, who is the largest holder), so
+sharing cannot let one client crowd out the others. When the store is full, the entries evicted are the least
+recently used ones *of the client charged the most bytes* (never the entries being stored), preferring those whose
+states no other handle holds (dropping a shared one frees no memory); eviction goes on until the memory fits. So with N clients holding handles, a client
 that holds at most ``capacity / N`` never loses a handle to the others: the largest holder then holds more,
 and pays. A careless client that never releases evicts only its own handles once it is the largest holder. A
 single request whose samples need more than the store (or more than ``client_share`` of it) is refused with
@@ -52,9 +57,10 @@ class HandleStore:
         self.client_bytes = int(capacity_bytes * client_share)  # most one client may hold
         self._owner: dict[str, str] = {}  # handle -> client
         self._by_client: dict[str, OrderedDict[str, KeptSample]] = {}  # client -> its entries, LRU first
-        self._bytes: Counter[str] = Counter()  # client -> bytes held
+        self._bytes: Counter[str] = Counter()  # client -> bytes charged (every handle it holds, in full)
+        self._refs: Counter[int] = Counter()  # id(KeptSample) -> handles holding it (all clients)
         self._lock = threading.Lock()
-        self._nbytes = 0
+        self._nbytes = 0  # memory held: each distinct KeptSample once
         self.evicted = 0
         self.evicted_by_client: Counter[str] = Counter()
 
@@ -74,14 +80,14 @@ class HandleStore:
             for handle, entry in zip(handles, kept, strict=True):
                 entries[handle] = entry
                 self._owner[handle] = client
+                self._hold(entry)
             self._bytes[client] += need
-            self._nbytes += need
             fresh = set(handles)
             evicted: Counter[str] = Counter()
             while self._bytes[client] > self.client_bytes:  # over its own share: its oldest go first
                 evicted[self._evict_oldest(client, fresh)] += 1
-            while self._nbytes > self.capacity_bytes:
-                evicted[self._evict_oldest(self._largest_holder(fresh), fresh)] += 1
+            while self._nbytes > self.capacity_bytes:  # memory is short: prefer handles whose drop frees some
+                evicted[self._evict_oldest(self._largest_holder(fresh), fresh, frees_memory=True)] += 1
             self.evicted += sum(evicted.values())
             self.evicted_by_client.update(evicted)
         if evicted:
@@ -112,6 +118,7 @@ class HandleStore:
             self._owner.clear()
             self._by_client.clear()
             self._bytes.clear()
+            self._refs.clear()
             self._nbytes = 0
 
     def bytes_by_client(self) -> dict[str, int]:
@@ -124,10 +131,23 @@ class HandleStore:
 
     @property
     def nbytes(self) -> int:
+        """Memory held (a state shared by several handles counted once); ``<= capacity_bytes``."""
         with self._lock:
             return self._nbytes
 
+    @property
+    def charged_bytes(self) -> int:
+        """What the clients are charged in all (a shared state once per handle); ``>= nbytes``."""
+        with self._lock:
+            return sum(self._bytes.values())
+
     # ---- under the lock ---------------------------------------------------------------------------------------
+
+    def _hold(self, entry: KeptSample) -> None:
+        key = id(entry)  # the entry object lives as long as a handle holds it, so its id cannot be reused
+        if self._refs[key] == 0:
+            self._nbytes += entry.nbytes
+        self._refs[key] += 1
 
     def _largest_holder(self, fresh: set[str]) -> str:
         """The client holding the most bytes among those with evictable (not ``fresh``) entries."""
@@ -135,8 +155,14 @@ class HandleStore:
         assert candidates, "the store is over capacity only because of older entries"  # need <= capacity
         return max(candidates, key=lambda c: self._bytes[c])
 
-    def _evict_oldest(self, client: str, fresh: set[str]) -> str:
-        handle = next(h for h in self._by_client[client] if h not in fresh)
+    def _evict_oldest(self, client: str, fresh: set[str], *, frees_memory: bool = False) -> str:
+        """Drop ``client``'s least recently used handle (with ``frees_memory``: its least recently used one whose
+        state no other handle holds, if it has one)."""
+        evictable = [h for h in self._by_client[client] if h not in fresh]
+        if frees_memory:
+            freeing = [h for h in evictable if self._refs[id(self._by_client[client][h])] == 1]
+            evictable = freeing or evictable
+        handle = evictable[0]
         self._drop(client, handle)
         return client
 
@@ -144,7 +170,11 @@ class HandleStore:
         entry = self._by_client[client].pop(handle)
         del self._owner[handle]
         self._bytes[client] -= entry.nbytes
-        self._nbytes -= entry.nbytes
+        key = id(entry)
+        self._refs[key] -= 1
+        if self._refs[key] == 0:  # the last handle on these states: their memory is free
+            del self._refs[key]
+            self._nbytes -= entry.nbytes
         if not self._by_client[client]:
             del self._by_client[client]
             del self._bytes[client]

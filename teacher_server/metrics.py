@@ -78,11 +78,15 @@ class _StateCollector:
         if engine is not None and not engine.closed:
             yield GaugeMetricFamily("teacher_queue_depth", "Jobs waiting for the device thread",
                                     value=engine.queue_depth)
-            stored = GaugeMetricFamily("teacher_handle_store_bytes", "Bytes of kept teacher state, by client",
+            stored = GaugeMetricFamily("teacher_handle_store_bytes", "Bytes of kept teacher state charged to each "
+                                       "client (a state shared through the encode cache: to each holder)",
                                        labels=["client"])
             for client, nbytes in sorted(engine.handle_bytes_by_client().items()):
                 stored.add_metric([client], nbytes)
             yield stored
+            yield GaugeMetricFamily("teacher_handle_store_held_bytes", "Memory the handle store holds (a state "
+                                    "shared by several handles counted once; bounded by --handle-store-gib)",
+                                    value=engine.stats.handle_bytes)
             evicted = CounterMetricFamily("teacher_handle_evictions", "Handles evicted because the store was full, "
                                           "by the client that owned them", labels=["client"])
             for client, count in sorted(engine.evictions_by_client().items()):

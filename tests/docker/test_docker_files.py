@@ -134,6 +134,42 @@ def test_compose_build_stop_and_runtime_settings(rendered):
     assert teacher["init"] is True
 
 
+REPLICAS = ("teacher-a", "teacher-b")
+
+
+def test_compose_two_replicas_share_the_teacher_service_with_one_gpu_set_and_port_each(rendered):
+    """`--profile replicas`: two whole teachers on one host, each on its own GPUs and host port."""
+    services = rendered["services"]
+    teacher = services["teacher"]
+    assert "profiles" not in teacher  # `docker compose up` alone starts the single teacher only
+    ports, gpus = [], []
+    for name in REPLICAS:
+        replica = services[name]
+        assert replica["profiles"] == ["replicas"]
+        differing = {"ports", "deploy", "profiles"}
+        assert {k: v for k, v in replica.items() if k not in differing} == {
+            k: v for k, v in teacher.items() if k not in differing
+        }, f"{name} must run the same image, model, command, secrets and health check as `teacher`"
+        (device,) = replica["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device
+        gpus.append(device["device_ids"])
+        ports.extend(replica["ports"])
+    assert gpus == [["0"], ["1"]]
+    assert ports == ["127.0.0.1:50051:50051/tcp", "127.0.0.1:50052:50051/tcp"]
+
+
+def test_compose_replica_gpu_sets_and_ports_are_configurable(tmp_path):
+    proc = _compose_config(tmp_path, TEACHER_MODEL_DIR=str(tmp_path), TEACHER_TOKEN_FILE=str(tmp_path),
+                           TEACHER_A_GPUS="0,1,2,3", TEACHER_B_GPUS="4,5,6,7", TEACHER_A_PORT="7001",
+                           TEACHER_B_PORT="7002")
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    for name, ids, port in (("teacher-a", "0,1,2,3", "7001"), ("teacher-b", "4,5,6,7", "7002")):
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == [ids]
+        assert services[name]["ports"] == [f"127.0.0.1:{port}:50051/tcp"]
+
+
 def test_compose_port_and_address_are_configurable(tmp_path):
     proc = _compose_config(tmp_path, TEACHER_MODEL_DIR=str(tmp_path), TEACHER_PORT="6000",
                            TEACHER_BIND="0.0.0.0", TEACHER_TOKEN_FILE=str(tmp_path))
@@ -242,6 +278,20 @@ def test_dockerfile_runtime_contract():
     for word, rest in steps:
         if word == "RUN" and "pip install" in rest:
             assert "--no-cache-dir" in rest and "[dev]" not in rest
+
+
+def test_dockerfile_can_run_the_vllm_backend_on_the_base_images_torch():
+    """vLLM's CUDA wheel goes in after the project's requirements, held to the base image's torch/torchvision."""
+    steps = _instructions()
+    version = next(rest for word, rest in steps if word == "ARG" and rest.startswith("VLLM_VERSION="))
+    assert re.fullmatch(r"VLLM_VERSION=\d+\.\d+\.\d+", version)
+    base = next(rest for word, rest in steps if word == "ARG" and rest.startswith("BASE_IMAGE="))
+    assert base.startswith("BASE_IMAGE=pytorch/pytorch:2.14.0-")  # the torch vLLM 0.33.0 pins
+    (layer,) = [rest for word, rest in steps if word == "RUN" and "vllm==" in rest]
+    assert '"vllm==${VLLM_VERSION}"' in layer and 'if [ -n "${VLLM_VERSION}" ]' in layer
+    assert "torch==$(python -c 'import torch;" in layer and "torchvision==$(python -c 'import torchvision;" in layer
+    assert layer.index('".[teacher]"') < layer.index("vllm==")  # vLLM's requirements settle last
+    assert "[trainer]" not in layer and "deepspeed" not in layer  # the teacher image carries no trainer stack
 
 
 def _ignore_patterns() -> list[tuple[bool, re.Pattern]]:

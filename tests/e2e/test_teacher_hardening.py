@@ -397,7 +397,8 @@ def test_metrics_endpoint_serves_the_documented_metrics(server, rng):
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     for name in ('teacher_requests_total{code="OK",method="Encode"}', 'teacher_request_seconds_bucket{le="0.005",method="Score"}',
                  "teacher_batch_samples_fill_bucket", "teacher_batch_tokens_fill_bucket", "teacher_queue_depth",
-                 'teacher_handle_store_bytes{client="alice"}', "teacher_received_bytes_total",
+                 'teacher_handle_store_bytes{client="alice"}', "teacher_handle_store_held_bytes",
+                 "teacher_received_bytes_total",
                  "teacher_sent_bytes_total", "teacher_active_calls", "teacher_inflight_bytes",
                  'teacher_requests_total{code="UNAUTHENTICATED",method="Info"}'):
         assert name in text, name

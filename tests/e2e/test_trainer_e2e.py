@@ -225,13 +225,14 @@ def test_a_teacher_restart_mid_stage_loses_and_repeats_no_step(models, data, env
 
 
 def test_two_replicas_one_killed_mid_stage_loses_and_repeats_no_step(models, data, env, alone, tmp_path):
-    """--teacher-addr names two replicas; one dies mid-stage: its work moves to the other, no step lost or repeated."""
+    """--teacher-addr names two replicas; one dies mid-stage 1: its work moves to the other, no step lost or
+    repeated, and the run goes on through stages 2 and 3 to a loadable student."""
     ports = [free_port(), free_port()]
     output, log = tmp_path / "out", tmp_path / "train.log"
     replicas = [TeacherProcess(models[0], "--log-level", "DEBUG", port=port) for port in ports]
     try:
         addr = ",".join(f"127.0.0.1:{port}" for port in ports)
-        proc = start(env, train_args(models, data, output, 1, addr=addr), log)
+        proc = start(env, train_args(models, data, output, 1, addr=addr, stages="1,2,3"), log)
         deadline = time.monotonic() + 300
         while (not rows(output, 1) or sum(len(scores(r)) for r in replicas) < 5) and proc.poll() is None:
             assert time.monotonic() < deadline, log.read_text()[-4000:]
@@ -244,8 +245,9 @@ def test_two_replicas_one_killed_mid_stage_loses_and_repeats_no_step(models, dat
 
     assert "dropping it, 1 replica(s) left" in text
     assert forwards(replicas[1])  # the survivor did the rest
-    assert_every_step_once(output, (1, 2))
+    assert_every_step_once(output, (1, 2, 3))
     assert_same_losses(output, alone[1], (1, 2), rel=1e-4)
+    loads_and_generates(output / "final", data.parent / "images" / "1.png")
 
 
 def test_two_runs_share_one_teacher_without_mixing_results(models, data, env, server, alone, tmp_path):

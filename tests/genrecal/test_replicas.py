@@ -78,7 +78,14 @@ def test_replicas_share_encode_score_their_own_handles_and_survive_a_dead_one(te
         for g, e in zip(grads, reference_grads, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-8)
 
+        calls = []  # Score calls per replica: both paths travel in one call to each replica
+        for replica in client.replicas:
+            replica.client.score_paths = lambda *a, _real=replica.client.score_paths, _i=replica.index, **k: (
+                calls.append(_i), _real(*a, **k))[1]
         by_path = client.score_paths(features, {"L1": outputs, "L2": outputs}, ce_weight=0.7, kl_weight=1.3)
+        assert sorted(calls) == [0, 1]
+        for replica in client.replicas:
+            del replica.client.score_paths
         assert list(by_path) == ["L1", "L2"]
         for path_score, path_grads in by_path.values():
             torch.testing.assert_close(path_score.ce, score.ce, rtol=0, atol=0)

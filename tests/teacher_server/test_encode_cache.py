@@ -43,14 +43,18 @@ def samples(rng, prefix: str, images: list) -> list[Sample]:
 def test_same_content_from_another_client_is_served_from_memory(make_engine, rng):
     engine = make_engine()
     images = [random_image(rng) for _ in range(3)]
-    first = engine.encode(samples(rng, "exp1-", images), return_question_features=True)
+    first = engine.encode(samples(rng, "exp1-", images), return_question_features=True, client="exp1")
     stats = engine.stats
     assert (stats.forwards, stats.cache_misses, stats.cache_hits, stats.cache_entries) == (1, 3, 0, 3)
     held = stats.handle_bytes
-    second = engine.encode(samples(rng, "exp2-", images), return_question_features=True)  # other ids, same content
+    assert held > 0 and stats.handle_charged_bytes == held
+    second = engine.encode(samples(rng, "exp2-", images), return_question_features=True,  # other ids, same content
+                           client="exp2")
     stats = engine.stats
     assert (stats.forwards, stats.cache_misses, stats.cache_hits) == (1, 3, 3)
-    assert stats.handle_bytes == 2 * held  # each client pays for its own handles in the fair store
+    # The shared prediction states are held once; each client is charged its own handles in the fair store.
+    assert stats.handle_bytes == held and stats.handle_charged_bytes == 2 * held
+    assert engine.handle_bytes_by_client() == {"exp1": held, "exp2": held}
     assert stats.handles == 6 and len({f.handle for f in first + second}) == 6
     for a, b in zip(first, second, strict=True):
         assert b.sample_id.startswith("exp2-")
@@ -60,15 +64,17 @@ def test_same_content_from_another_client_is_served_from_memory(make_engine, rng
             assert torch.equal(x, y)
     # Both clients' handles score, identically; releasing one client's keeps the other's.
     outputs = [(torch.randn(f.num_answer_tokens, 96)) for f in first]
-    scores_1, grads_1 = engine.score([(f.handle, "L1", o) for f, o in zip(first, outputs, strict=True)])
-    assert engine.release([f.handle for f in first]) == 3
-    assert engine.stats.handle_bytes == held
-    scores_2, grads_2 = engine.score([(f.handle, "L1", o) for f, o in zip(second, outputs, strict=True)])
+    scores_1, grads_1 = engine.score([(f.handle, "L1", o) for f, o in zip(first, outputs, strict=True)],
+                                     client="exp1")
+    assert engine.release([f.handle for f in first], client="exp1") == 3
+    assert engine.stats.handle_bytes == held and engine.stats.handle_charged_bytes == held
+    scores_2, grads_2 = engine.score([(f.handle, "L1", o) for f, o in zip(second, outputs, strict=True)],
+                                     client="exp2")
     assert scores_1 == scores_2
     for g1, g2 in zip(grads_1, grads_2, strict=True):
         assert torch.equal(g1, g2)
-    engine.release([f.handle for f in second])
-    assert engine.stats.handle_bytes == 0
+    engine.release([f.handle for f in second], client="exp2")
+    assert engine.stats.handle_bytes == 0 and engine.stats.handle_charged_bytes == 0
 
 
 def test_cached_results_equal_a_fresh_forward(make_engine, rng):

@@ -47,3 +47,40 @@ def test_other_clients_cannot_see_or_release_a_handle():
     assert store.release([handle], client="b") == 0
     assert store.get(handle, client="a").nbytes == 10
     assert store.release([handle, handle], client="a") == 1 and len(store) == 0 and store.bytes_by_client() == {}
+
+
+def test_a_state_shared_by_several_handles_is_held_once_and_charged_to_each_holder():
+    """The encode cache gives several clients the same KeptSample: memory counts it once, fairness per holder."""
+    store = HandleStore(100)
+    shared = kept(40)
+    (a,) = store.put_many([shared], client="a")
+    (b,) = store.put_many([shared], client="b")
+    assert store.nbytes == 40 and store.charged_bytes == 80
+    assert store.bytes_by_client() == {"a": 40, "b": 40}
+    # 60 more bytes fit in the 100 held (they would not if the shared state were counted twice).
+    (c,) = store.put_many([kept(60)], client="c")
+    assert store.nbytes == 100 and store.evicted == 0
+    # Over capacity: the largest charged holder ("c") pays; dropping a shared handle alone would free nothing.
+    store.put_many([kept(10)], client="a")
+    with pytest.raises(HandleNotFound):
+        store.get(c, client="c")
+    assert store.nbytes == 50 and store.evicted_by_client == {"c": 1}
+    # Releasing one holder of the shared state keeps it for the other; the last release frees its memory.
+    assert store.release([a], client="a") == 1 and store.nbytes == 50 and store.get(b, client="b") is shared
+    assert store.release([b], client="b") == 1 and store.nbytes == 10 and store.charged_bytes == 10
+
+
+def test_eviction_of_shared_handles_goes_on_until_the_memory_fits():
+    store = HandleStore(100)
+    shared = kept(50)
+    store.put_many([shared], client="big")
+    store.put_many([kept(10)], client="big")  # big's newer handle, not shared
+    store.put_many([shared], client="other")  # 60 held, big charged 60, other 50
+    store.put_many([kept(45)], client="new")  # 105 held: big pays, with the handle whose drop frees memory
+    assert store.evicted_by_client == {"big": 1} and store.nbytes == 95
+    assert store.bytes_by_client() == {"big": 50, "other": 50, "new": 45}
+    # Holders whose only handles are shared lose them, largest first, until enough memory is free: dropping
+    # big's shared handle frees nothing, dropping other's (then its last holder) frees 50.
+    store.put_many([kept(50)], client="late")  # 145 held; big (50) and other (50) charged the most
+    assert store.nbytes == 95 and store.bytes_by_client() == {"new": 45, "late": 50}
+    assert store.evicted_by_client == {"big": 2, "other": 1}
