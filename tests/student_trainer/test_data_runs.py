@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.student_trainer.test_recipe import metric_rows, train_cli
+from tests.student_trainer.test_recipe import concurrently, metric_rows, train_cli
 
 pytestmark = pytest.mark.slow
 STAGE3 = ["--stages", "3", "--grad-accum", "2", "--micro-batch-size", "1", "--seed", "0", "--no-tensorboard",
@@ -48,9 +48,11 @@ def test_resume_with_data_workers_neither_repeats_nor_skips(models, vqa_data, su
     data = jsonl_copy(vqa_data, tmp_path, 5)  # 5 records, 2 per step: epochs wrap inside steps
     _, student = models
     flags = ["--student", student, "--data", data, "--steps-per-stage", "5", "--save-every", "2", *STAGE3]
-    whole = train_cli(subprocess_env, *flags, "--output", tmp_path / "whole")
+    whole, stopped = concurrently(  # independent runs
+        lambda: train_cli(subprocess_env, *flags, "--output", tmp_path / "whole"),
+        lambda: train_cli(subprocess_env, *flags, "--output", tmp_path / "resumed", "--stop-after-steps", "3"),
+    )
     assert whole.returncode == 0, whole.stderr[-4000:]
-    stopped = train_cli(subprocess_env, *flags, "--output", tmp_path / "resumed", "--stop-after-steps", "3")
     assert stopped.returncode == 0, stopped.stderr[-4000:]
     assert [r["step"] for r in metric_rows(tmp_path / "resumed", 3)] == [0, 1, 2]  # checkpoint at step 2
     resumed = train_cli(subprocess_env, *flags, "--output", tmp_path / "resumed")

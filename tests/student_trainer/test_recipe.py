@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,13 @@ RUN_FLAGS = ["--steps-per-stage", "4", "--grad-accum", "2", "--micro-batch-size"
 def train_cli(env, *args, timeout=420) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "student_trainer", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def concurrently(*calls):
+    """Run independent trainer invocations at the same time (one torch thread each; the CI machine has 2 cores);
+    return their results in order."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]
 
 
 def run_args(models, data, output, *extra):
@@ -533,9 +541,11 @@ def test_overlapped_score_trains_exactly_like_the_sequential_loop(models, vqa_da
              "2e-4", "--seed", "0", "--no-tensorboard", "--data-workers", "0"]
     server = TeacherProcess(teacher_path)
     try:
-        runs = {name: train_cli(subprocess_env, "--teacher-addr", server.address, "--output", tmp_path / name,
-                                *flags, *extra)
-                for name, extra in (("overlap", []), ("sequential", ["--no-score-overlap"]))}
+        sides = {"overlap": [], "sequential": ["--no-score-overlap"]}
+        results = concurrently(*(lambda name=name, extra=extra: train_cli(
+            subprocess_env, "--teacher-addr", server.address, "--output", tmp_path / name, *flags, *extra)
+            for name, extra in sides.items()))
+        runs = dict(zip(sides, results, strict=True))
     finally:
         server.terminate()
     for name, result in runs.items():
