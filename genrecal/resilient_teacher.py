@@ -127,11 +127,21 @@ class ResilientTeacher:
         return ScoreInFlight(self, self._score_worker.submit(self._recovering, features, call))
 
     def release(self, features: Sequence[TeacherFeatures]) -> None:
+        """Free the teacher's states of ``features``. With ``async_score`` the Release goes through the Score
+        worker (after every Score sent before it, so no handle is freed before its last Score) and the training
+        thread does not wait for its round trip; a Release that fails is logged (the server evicts unreleased
+        states itself, nothing is lost)."""
         with self._lock:
             for f in features:
                 if f.handle:
                     self._samples.pop(f.handle, None)
-        self._timed(self._patient, "release", lambda: self.teacher.release(features))
+        call = lambda: self.teacher.release(features)  # noqa: E731
+        if not self.async_score:
+            self._timed(self._patient, "release", call)
+            return
+        if self._score_worker is None:
+            self._score_worker = ThreadPoolExecutor(1, thread_name_prefix="teacher-score")
+        self._score_worker.submit(self._patient, "release", call).add_done_callback(_log_failed_release)
 
     def close(self) -> None:
         """Close the teacher and drop it (an in-process teacher's memory goes with the last reference)."""
@@ -271,6 +281,11 @@ class ScoreInFlight:
             return self._future.result()
         finally:
             self._teacher.wait_s += time.perf_counter() - start
+
+
+def _log_failed_release(done: Future) -> None:
+    if done.exception() is not None:
+        logger.warning("teacher Release failed (the server will evict those states itself): %s", done.exception())
 
 
 def unique_samples(samples: Iterable[Sample]) -> dict[str, Sample]:
