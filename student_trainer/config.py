@@ -31,7 +31,7 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 # Fields that decide the arithmetic or the data order of a run: a resumed run must keep them.
 RUN_DEFINING_FIELDS = (
     "student", "data", "image_folder", "data_limit", "stages", "lr", "lr_end", "warmup_steps", "weight_decay",
-    "grad_accum", "micro_batch_size", "steps_per_stage", "rec_blocks", "precision", "seed", "max_length", "ce_weight",
+    "grad_accum", "micro_batch_size", "steps_per_stage", "alignment_steps", "alignment_lr", "rec_blocks", "precision", "seed", "max_length", "ce_weight",
     "kl_weight", "regularisation", "sft_weight", "grad_clip", "logit_distillation", "logit_distillation_weight",
     "tied_embeddings",
 )
@@ -65,6 +65,8 @@ class TrainConfig:
     grad_accum: int = 16  # micro-batches per optimizer step, per rank
     micro_batch_size: int = 1  # samples per micro-batch, per rank
     steps_per_stage: int = 1000  # optimizer steps of every stage
+    alignment_steps: int | None = None  # stage 1's own optimizer steps (None: steps_per_stage)
+    alignment_lr: float | None = None  # stage 1's own peak lr (only the fresh Recalibrator trains); None: lr
     rec_blocks: int = 2  # Rec-body decoder blocks
     precision: str = "auto"  # "auto" (bf16 on GPUs that support it, else fp32), "bf16" or "fp32"
     seed: int = 0
@@ -163,13 +165,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {value!r}")
         if not isinstance(self.score_overlap, bool):
             raise ValueError(f"score_overlap must be true or false, got {self.score_overlap!r}")
-        for name in ("data_limit", "eval_limit", "max_length", "stop_after_steps"):
+        for name in ("data_limit", "eval_limit", "max_length", "stop_after_steps", "alignment_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or unset, got {value!r}")
-        if not 0 <= self.warmup_steps < self.steps_per_stage:
-            raise ValueError(f"warmup_steps must be in [0, steps_per_stage={self.steps_per_stage}), got "
-                             f"{self.warmup_steps}")
+        shortest = min(self.steps_for(stage) for stage in Stage)
+        if not 0 <= self.warmup_steps < shortest:
+            raise ValueError(f"warmup_steps must be in [0, {shortest}) (the shortest stage's steps: "
+                             f"steps_per_stage / alignment_steps), got {self.warmup_steps}")
+        if self.alignment_lr is not None and not self.alignment_lr > 0:
+            raise ValueError(f"alignment_lr must be > 0 (or unset: lr), got {self.alignment_lr}")
         if not 0 < self.lr_end <= self.lr:
             raise ValueError(
                 f"need 0 < lr_end <= lr (the learning rate decays from lr to lr_end), got lr={self.lr}, "
@@ -199,6 +204,19 @@ class TrainConfig:
         """Stages 1 and 2 need the teacher's features; a stage with L3 needs its distributions when a
         logit-distillation baseline is on."""
         return STAGES[stage].needs_teacher or self.uses_logit_distillation(stage)
+
+    def steps_for(self, stage: Stage) -> int:
+        """Optimizer steps of ``stage``: ``alignment_steps`` for stage 1 when set, else ``steps_per_stage``."""
+        if Stage(stage) == Stage.ALIGNMENT and self.alignment_steps is not None:
+            return self.alignment_steps
+        return self.steps_per_stage
+
+    def lr_for(self, stage: Stage) -> tuple[float, float]:
+        """(peak, end) learning rate of ``stage``: stage 1 with ``alignment_lr`` decays to ``alignment_lr x
+        lr_end / lr`` (the same 10x-style ratio as every stage)."""
+        if Stage(stage) == Stage.ALIGNMENT and self.alignment_lr is not None:
+            return self.alignment_lr, self.alignment_lr * self.lr_end / self.lr
+        return self.lr, self.lr_end
 
     def uses_logit_distillation(self, stage: Stage) -> bool:
         return self.logit_distillation is not None and "L3" in STAGES[stage].losses
@@ -270,6 +288,11 @@ _HELP = {
     "micro_batch_size": "samples per micro-batch on each rank (default %(default)s)",
     "steps_per_stage": "optimizer steps of each stage; one step = micro_batch_size x grad_accum x world size "
                        "samples (default %(default)s)",
+    "alignment_steps": "optimizer steps of stage 1 (alignment) alone, where only the fresh Recalibrator trains "
+                       "(default: --steps-per-stage). The Recalibrator must be aligned before stage 2: a stage 1 "
+                       "that ends with its KL to the teacher above 1 nat/token logs a warning",
+    "alignment_lr": "peak learning rate of stage 1 alone (decays by the same lr_end / lr ratio); a fresh "
+                    "Recalibrator may take a higher rate than the pre-trained student (default: --lr)",
     "rec_blocks": "decoder blocks in the Recalibrator's body (default %(default)s)",
     "precision": "training precision: auto = bf16 on GPUs that support it, else fp32 (default %(default)s)",
     "seed": "seed for the data order and the Recalibrator's initialisation (default %(default)s)",

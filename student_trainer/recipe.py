@@ -61,15 +61,15 @@ class StopRequested(Exception):
     """``--stop-after-steps`` was reached: the run stops as if killed (no checkpoint, no export)."""
 
 
-def make_optimizer(params, config: TrainConfig, ds_config: dict) -> torch.optim.Optimizer:
+def make_optimizer(params, config: TrainConfig, ds_config: dict, lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW over ``params``; DeepSpeed's vectorised CPU Adam (in AdamW mode, the same update) when the DeepSpeed
     config offloads the optimizer (ZeRO-Offload), where torch's AdamW would step the CPU copy several times slower.
     """
     if offloaded_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-compiles its C++ op on first use (~1 min)
 
-        return DeepSpeedCPUAdam(params, lr=config.lr, weight_decay=config.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return DeepSpeedCPUAdam(params, lr=lr or config.lr, weight_decay=config.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr or config.lr, weight_decay=config.weight_decay)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_end: float, warmup_steps: int = 0):
@@ -85,6 +85,27 @@ def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_
         optimizer, start_factor=1.0 / (warmup_steps + 1), end_factor=1.0, total_iters=warmup_steps
     )
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
+
+
+# KL of a Recalibrator path to the teacher (nats per answer token) above which stage 1 has not aligned it: an
+# aligned one sits at ~0.1-0.2 in the distillation benchmark, an unaligned one (predicting the end of turn
+# everywhere) at 3-5 (docs/benchmarks.md, "What the investigation found").
+ALIGNED_KL = 1.0
+
+
+def check_alignment(ctx: DistContext, row: dict) -> None:
+    """At the end of stage 1: warn when a Recalibrator path's KL to the teacher is still above ``ALIGNED_KL``,
+    i.e. stage 2 would train the student through a mapping that does not yet carry the teacher's predictions."""
+    kls = {path: row[f"{path}_kl"] for path in ("L1", "L2") if f"{path}_kl" in row}
+    if kls and max(kls.values()) > ALIGNED_KL and ctx.is_main:
+        shown = ", ".join(f"{path} {kl:.2f}" for path, kl in kls.items())
+        logger.warning(
+            "stage 1 ended with the Recalibrator NOT aligned: KL to the teacher %s nats/token (aligned: < %.1f); "
+            "stage 2 would train the student through it. Give stage 1 more steps (--alignment-steps) or a higher "
+            "learning rate (--alignment-lr)", shown, ALIGNED_KL)
+    elif kls and max(kls.values()) <= ALIGNED_KL:
+        log_rank0(ctx, "stage 1: Recalibrator aligned (KL to the teacher %s nats/token)",
+                  ", ".join(f"{path} {kl:.2f}" for path, kl in kls.items()))
 
 
 class StepBudget:
@@ -135,6 +156,9 @@ class StageRecipe:
         self.files = self.layout.stage(self.stage)
         self.ds_dir = self.files.ds_dir
         self.step = 0  # optimizer steps done
+        self.steps = config.steps_for(self.stage)  # this stage's optimizer steps
+        self.lr, self.lr_end = config.lr_for(self.stage)
+        self.last_row: dict | None = None  # the last step's metrics (the alignment check)
         self.engine = None
         self.metrics: MetricsLogger | None = None
         self.inputs: StepPrefetcher | None = None
@@ -170,8 +194,8 @@ class StageRecipe:
                                tied=config.tied_embeddings)
         frozen_modules_to_eval(self.student.model)  # e.g. the vision encoder: no dropout in what never trains
         module = DistillationModule(self.student, recalibrator)
-        optimizer = make_optimizer(params, config, self.ds_config)
-        scheduler = linear_schedule(optimizer, config.steps_per_stage, config.lr, config.lr_end,
+        optimizer = make_optimizer(params, config, self.ds_config, lr=self.lr)
+        scheduler = linear_schedule(optimizer, self.steps, self.lr, self.lr_end,
                                     config.warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
@@ -185,12 +209,12 @@ class StageRecipe:
         resumed = self._load_latest_checkpoint()
         loader = MicroBatchLoader(
             self.samples, self.batches, start=self.step * config.grad_accum,
-            stop=config.steps_per_stage * config.grad_accum, workers=config.data_workers,
+            stop=self.steps * config.grad_accum, workers=config.data_workers,
         )
         self.builder = StepBuilder(self.samples, loader, self.student, self.teacher, config, self.bad_records,
                                    encode_options=self._encode_options())
         self.inputs = StepPrefetcher(self.builder.build, self.builder.release, start=self.step,
-                                     stop=config.steps_per_stage, depth=config.prefetch_steps)
+                                     stop=self.steps, depth=config.prefetch_steps)
         self.accumulator = GradientAccumulator(self.engine, ctx, config, self.stage, self.teacher, self.inputs,
                                                self.builder, self.bad_records, self.dp_world_size)
         self.metrics = MetricsLogger(
@@ -200,7 +224,7 @@ class StageRecipe:
         log_rank0(
             ctx, "stage %d (%s): %s %d/%d steps; %d trainable parameters; ZeRO-%d, %s, %s, world %d%s",
             int(self.stage), self.stage.name.lower(), "resuming at step" if resumed else "starting,",
-            self.step, config.steps_per_stage, sum(getattr(p, "ds_numel", p.numel()) for p in params),
+            self.step, self.steps, sum(getattr(p, "ds_numel", p.numel()) for p in params),
             zero_stage(self.ds_config), type(optimizer).__name__, str(dtype).removeprefix("torch."), ctx.world_size,
             "; each Score overlaps the next micro-batch's forward" if self.accumulator.overlap else "",
         )
@@ -237,11 +261,11 @@ class StageRecipe:
 
         config, ctx = self.config, self.ctx
         progress = tqdm(
-            total=config.steps_per_stage, initial=self.step, disable=not ctx.is_main,
+            total=self.steps, initial=self.step, disable=not ctx.is_main,
             desc=f"stage {int(self.stage)} ({self.stage.name.lower()})", unit="step", dynamic_ncols=True,
         )
         try:
-            while self.step < config.steps_per_stage:
+            while self.step < self.steps:
                 if self.budget.exhausted:
                     log_rank0(ctx, "stopping at stage %d step %d (--stop-after-steps)", int(self.stage), self.step)
                     return False
@@ -255,15 +279,18 @@ class StageRecipe:
                 if self.spec.needs_teacher:
                     row["teacher_wait_share"] = wait  # mean over ranks
                 self.metrics.log(self.step, row)
+                self.last_row = row
                 self.step += 1
                 self.budget.take()
                 progress.update(1)
                 if self.step % config.log_every == 0:
                     progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-                if self.step % config.save_every == 0 or self.step == config.steps_per_stage:
+                if self.step % config.save_every == 0 or self.step == self.steps:
                     self.save_checkpoint()
         finally:
             progress.close()
+        if self.stage == Stage.ALIGNMENT and self.last_row is not None:
+            check_alignment(ctx, self.last_row)
         return True
 
     def _encode_options(self) -> dict:

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from genrecal.stages import Stage
 from student_trainer.config import DEFAULT_DEEPSPEED_CONFIG, TrainConfig, config_from_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +83,40 @@ def test_config_requires_exactly_one_teacher_for_stages_1_and_2(models, vqa_data
         TrainConfig(**base, stages="3", lr=1e-5, lr_end=1e-4)
     with pytest.raises(ValueError, match="increasing"):
         TrainConfig(**base, stages="3,1", teacher_addr="h:1")
+
+
+def test_stage_1_can_have_its_own_steps_and_learning_rate(models, vqa_data, tmp_path):
+    teacher, student = models
+    base = dict(student=str(student), data=str(vqa_data), output=str(tmp_path / "o"), teacher_model=str(teacher),
+                steps_per_stage=40, lr=3e-4, lr_end=3e-5)
+    plain = TrainConfig(**base)
+    assert [plain.steps_for(s) for s in Stage] == [40, 40, 40]
+    assert [plain.lr_for(s) for s in Stage] == [(3e-4, 3e-5)] * 3
+    aligned = TrainConfig(**base, alignment_steps=200, alignment_lr=1e-3)
+    assert [aligned.steps_for(s) for s in Stage] == [200, 40, 40]
+    (peak, end), *others = [aligned.lr_for(s) for s in Stage]
+    assert peak == 1e-3 and end == pytest.approx(1e-4) and others == [(3e-4, 3e-5)] * 2  # same 10x decay
+    assert {"alignment_steps", "alignment_lr"} <= set(aligned.run_differences(plain.to_dict()))  # resume guard
+    with pytest.raises(ValueError, match="alignment_steps must be a positive integer"):
+        TrainConfig(**base, alignment_steps=0)
+    with pytest.raises(ValueError, match="alignment_lr must be > 0"):
+        TrainConfig(**base, alignment_lr=0.0)
+    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, 5\)"):
+        TrainConfig(**base, alignment_steps=5, warmup_steps=5)
+
+
+def test_the_end_of_stage_1_says_whether_the_recalibrator_is_aligned(caplog):
+    from student_trainer.distributed import DistContext
+    from student_trainer.recipe import check_alignment
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with caplog.at_level("INFO"):
+        check_alignment(ctx, {"L1_kl": 5.1, "L2_kl": 3.1, "loss": 1.0})
+    assert "NOT aligned" in caplog.text and "L1 5.10, L2 3.10" in caplog.text and "--alignment-steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        check_alignment(ctx, {"L1_kl": 0.2, "L2_kl": 0.09})
+    assert "NOT aligned" not in caplog.text and "Recalibrator aligned" in caplog.text
 
 
 def test_config_file_then_command_line_overrides(models, vqa_data, tmp_path):
