@@ -18,6 +18,7 @@ type-balanced draw from easy-VQA's whole test split (``--test-per-type`` questio
     sft               stage 3 only, 3N steps (equal optimizer steps)            cross-tokenizer student
     sft_n             stage 3 only, N steps (GenRecal's stage 3 alone)           cross-tokenizer student
     genrecal          stages 1 -> 2 -> 3, N steps each                          cross-tokenizer student
+    genrecal_aligned  stage 1 for 5N steps at 1e-3 (--alignment-steps, --alignment-lr), then stages 2, 3 as above
     genrecal_no_reg   the same without the regularisation path (--no-regularisation)
     genrecal_kl_only  the same without L_ar, KL only (--ce-weight 0)
     uld               stage 3 + ULD (--logit-distillation uld), 3N steps        cross-tokenizer student
@@ -68,12 +69,16 @@ class Row:
     teacher: str | None = None  # "server" (--teacher-addr) or "inprocess" (--teacher-model)
     label: str = ""
     lr: float | None = None  # peak learning rate (decays 10x per stage); None: BenchConfig.lr
+    alignment_factor: int | None = None  # stage 1 gets alignment_factor x N steps (--alignment-steps)
+    alignment_lr: float | None = None  # stage 1's own peak rate (--alignment-lr)
 
 
 ROWS: dict[str, Row] = {
     "sft": Row("cross", "3", steps_factor=3, label="SFT (stage 3 only, 3N steps)"),
     "sft_n": Row("cross", "3", label="SFT (stage 3 only, N steps: GenRecal's stage 3 alone)"),
     "genrecal": Row("cross", "1,2,3", teacher="server", label="GenRecal 1->2->3 (N each)"),
+    "genrecal_aligned": Row("cross", "1,2,3", teacher="server", alignment_factor=5, alignment_lr=1e-3,
+                            label="GenRecal, stage 1 aligned first (5N steps at 1e-3), then N + N"),
     "genrecal_no_reg": Row("cross", "1,2,3", ("--no-regularisation",), teacher="server",
                            label="GenRecal w/o regularisation path (L2)"),
     "genrecal_kl_only": Row("cross", "1,2,3", ("--ce-weight", "0"), teacher="server",
@@ -85,7 +90,8 @@ ROWS: dict[str, Row] = {
                        label="token-level KD, teacher's tokenizer (3N)", lr=1e-3),
 }
 # (a, b): report a - b, paired by seed.
-COMPARISONS = (("same_tok_kd", "same_tok_sft"), ("genrecal", "sft"), ("genrecal", "uld"), ("uld", "sft"),
+COMPARISONS = (("same_tok_kd", "same_tok_sft"), ("genrecal", "sft"), ("genrecal_aligned", "sft"),
+               ("genrecal_aligned", "genrecal"), ("genrecal", "uld"), ("uld", "sft"),
                ("genrecal", "sft_n"),
                ("genrecal", "genrecal_no_reg"), ("genrecal", "genrecal_kl_only"), ("sft", "base_student"))
 
@@ -115,6 +121,10 @@ def trainer_command(row: Row, student: Path, teacher: Path, teacher_addr: str | 
            "--micro-batch-size", str(cfg.micro_batch_size), "--lr", str(lr), "--lr-end", str(lr / 10),
            "--seed", str(seed), "--save-every", "1000000", "--no-tensorboard",
            "--eval-data", str(test), *row.flags]
+    if row.alignment_factor is not None:
+        cmd += ["--alignment-steps", str(cfg.steps_per_stage * row.alignment_factor)]
+    if row.alignment_lr is not None:
+        cmd += ["--alignment-lr", str(row.alignment_lr)]
     if row.teacher == "server":
         cmd += ["--teacher-addr", teacher_addr]
     elif row.teacher == "inprocess":
