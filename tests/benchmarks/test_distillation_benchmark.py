@@ -89,3 +89,16 @@ def test_paired_differences_and_their_interval():
     assert d["mean"] == pytest.approx(25 / 3)
     sem = np.std([10, 5, 10], ddof=1) / math.sqrt(3)
     assert d["ci95"] == pytest.approx([25 / 3 - 4.303 * sem, 25 / 3 + 4.303 * sem])
+
+
+def test_the_aligned_row_gives_stage_1_its_own_steps_and_rate(tmp_path):
+    bench = load_benchmark()
+    cfg = bench.BenchConfig(steps_per_stage=40)
+    paths = [tmp_path / name for name in ("student", "teacher", "data.json", "test.json", "out")]
+    cmd = bench.trainer_command(bench.ROWS["genrecal_aligned"], paths[0], paths[1], "127.0.0.1:1", paths[2],
+                                paths[3], paths[4], 1, cfg)
+    assert cmd[cmd.index("--alignment-steps") + 1] == "200" and cmd[cmd.index("--alignment-lr") + 1] == "0.001"
+    assert cmd[cmd.index("--steps-per-stage") + 1] == "40" and cmd[cmd.index("--stages") + 1] == "1,2,3"
+    plain = bench.trainer_command(bench.ROWS["genrecal"], paths[0], paths[1], "127.0.0.1:1", paths[2], paths[3],
+                                  paths[4], 1, cfg)
+    assert "--alignment-steps" not in plain and "--alignment-lr" not in plain
