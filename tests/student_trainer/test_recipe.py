@@ -524,11 +524,14 @@ def test_data_smaller_than_one_step_trains_all_stages_against_the_server(models,
              "--no-tensorboard", "--data-workers", "0"]
     server = TeacherProcess(teacher_path)
     try:
-        remote = train_cli(subprocess_env, "--teacher-addr", server.address, "--output", tmp_path / "remote", *flags)
+        remote, local = concurrently(  # independent runs
+            lambda: train_cli(subprocess_env, "--teacher-addr", server.address, "--output", tmp_path / "remote",
+                              *flags),
+            lambda: train_cli(subprocess_env, "--teacher-model", teacher_path, "--output", tmp_path / "local", *flags),
+        )
     finally:
         server.terminate()
     assert remote.returncode == 0, remote.stderr[-4000:]
-    local = train_cli(subprocess_env, "--teacher-model", teacher_path, "--output", tmp_path / "local", *flags)
     assert local.returncode == 0, local.stderr[-4000:]
     for stage in (1, 2, 3):
         got, want = metric_rows(tmp_path / "remote", stage), metric_rows(tmp_path / "local", stage)
