@@ -124,27 +124,14 @@ class PendingObjective:
         return StepObjective(loss=total, metrics=metrics)
 
 
-def genrecal_objective(
-    stage: Stage,
-    student: LoadedVLM,
-    batch: EncodedBatch,
-    *,
-    recalibrator: Recalibrator | None = None,
-    teacher=None,
-    features: Sequence[TeacherFeatures] | None = None,
-    teacher_tokens: float | None = None,
-    student_tokens: float | None = None,
-    losses: LossConfig = LossConfig(),
-) -> StepObjective:
-    """The stage's loss for one micro-batch: :func:`start_objective` then :meth:`PendingObjective.finish`.
+def genrecal_objective(stage: Stage, student: LoadedVLM, batch: EncodedBatch, **kwargs) -> StepObjective:
+    """The stage's loss for one micro-batch: :func:`start_objective` (same arguments) then
+    :meth:`PendingObjective.finish`.
 
     ``teacher_tokens`` / ``student_tokens`` normalise L1/L2 and L3: pass the answer-token counts of the whole
     optimizer step (all micro-batches, all ranks) so accumulated gradients equal one large batch's.
     """
-    return start_objective(
-        stage, student, batch, recalibrator=recalibrator, teacher=teacher, features=features,
-        teacher_tokens=teacher_tokens, student_tokens=student_tokens, losses=losses,
-    ).finish()
+    return start_objective(stage, student, batch, **kwargs).finish()
 
 
 def start_objective(
@@ -159,8 +146,9 @@ def start_objective(
     student_tokens: float | None = None,
     losses: LossConfig = LossConfig(),
 ) -> PendingObjective:
-    """The first phase of :func:`genrecal_objective` (same arguments): the forward up to the Recalibrator outputs,
-    L3, and the Score of both paths sent (one call: one round trip to a remote teacher)."""
+    """The first phase of :func:`genrecal_objective`: the forward up to the Recalibrator outputs, L3, and the
+    Score of both paths sent (one call: one round trip to a remote teacher). ``teacher_tokens`` /
+    ``student_tokens``: the normalisers (see :func:`genrecal_objective`)."""
     spec = STAGES[Stage(stage)]
     metrics: dict[str, float] = {}
     partial = None

@@ -166,7 +166,7 @@ class ReplicatedTeacher:
         if len(groups) > 1 and normalizer is None:  # parts must share one normaliser to add up
             normalizer = float(sum(f.num_answer_tokens for f in features))
         grads = {path: [None] * len(features) for path in outputs_by_path}
-        totals = {path: [0.0, 0.0, 0] for path in outputs_by_path}  # ce, kl, tokens
+        totals = dict.fromkeys(outputs_by_path, (0.0, 0.0, 0))  # path -> (ce, kl, tokens), summed over replicas
         for replica, (positions, raw) in groups.items():
             try:
                 parts = replica.client.score_paths(
@@ -177,8 +177,8 @@ class ReplicatedTeacher:
                 raise HandleLost(replica.client.address, "Score", grpc.StatusCode.NOT_FOUND,
                                  f"replica {replica.client.address} is gone with the states of its handles") from exc
             for path, (score, part) in parts.items():
-                total = totals[path]
-                total[0], total[1], total[2] = total[0] + score.ce, total[1] + score.kl, total[2] + score.num_tokens
+                ce, kl, tokens = totals[path]
+                totals[path] = (ce + score.ce, kl + score.kl, tokens + score.num_tokens)
                 for i, grad in zip(positions, part, strict=True):
                     grads[path][i] = grad
         results = {}

@@ -122,9 +122,7 @@ class ResilientTeacher:
             done: Future = Future()
             done.set_result(self._timed(self._recovering, features, call))
             return ScoreInFlight(self, done)
-        if self._score_worker is None:
-            self._score_worker = ThreadPoolExecutor(1, thread_name_prefix="teacher-score")
-        return ScoreInFlight(self, self._score_worker.submit(self._recovering, features, call))
+        return ScoreInFlight(self, self._worker().submit(self._recovering, features, call))
 
     def release(self, features: Sequence[TeacherFeatures]) -> None:
         """Free the teacher's states of ``features``. With ``async_score`` the Release goes through the Score
@@ -139,9 +137,13 @@ class ResilientTeacher:
         if not self.async_score:
             self._timed(self._patient, "release", call)
             return
+        self._worker().submit(self._patient, "release", call).add_done_callback(_log_failed_release)
+
+    def _worker(self) -> ThreadPoolExecutor:
+        """The one thread that sends Scores and Releases, in the order they were submitted (made on first use)."""
         if self._score_worker is None:
             self._score_worker = ThreadPoolExecutor(1, thread_name_prefix="teacher-score")
-        self._score_worker.submit(self._patient, "release", call).add_done_callback(_log_failed_release)
+        return self._score_worker
 
     def close(self) -> None:
         """Close the teacher and drop it (an in-process teacher's memory goes with the last reference)."""

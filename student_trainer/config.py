@@ -31,8 +31,8 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 # Fields that decide the arithmetic or the data order of a run: a resumed run must keep them.
 RUN_DEFINING_FIELDS = (
     "student", "data", "image_folder", "data_limit", "stages", "lr", "lr_end", "warmup_steps", "weight_decay",
-    "grad_accum", "micro_batch_size", "steps_per_stage", "alignment_steps", "alignment_lr", "rec_blocks", "precision", "seed", "max_length", "ce_weight",
-    "kl_weight", "regularisation", "sft_weight", "grad_clip", "logit_distillation", "logit_distillation_weight",
+    "grad_accum", "micro_batch_size", "steps_per_stage", "alignment_steps", "alignment_lr", "rec_blocks",
+    "precision", "seed", "max_length", "ce_weight", "kl_weight", "regularisation", "sft_weight", "grad_clip", "logit_distillation", "logit_distillation_weight",
     "tied_embeddings",
 )
 

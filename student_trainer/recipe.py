@@ -61,15 +61,15 @@ class StopRequested(Exception):
     """``--stop-after-steps`` was reached: the run stops as if killed (no checkpoint, no export)."""
 
 
-def make_optimizer(params, config: TrainConfig, ds_config: dict, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW over ``params``; DeepSpeed's vectorised CPU Adam (in AdamW mode, the same update) when the DeepSpeed
+def make_optimizer(params, config: TrainConfig, ds_config: dict, lr: float) -> torch.optim.Optimizer:
+    """AdamW over ``params`` at peak rate ``lr``; DeepSpeed's vectorised CPU Adam (in AdamW mode, the same update) when the DeepSpeed
     config offloads the optimizer (ZeRO-Offload), where torch's AdamW would step the CPU copy several times slower.
     """
     if offloaded_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-compiles its C++ op on first use (~1 min)
 
-        return DeepSpeedCPUAdam(params, lr=lr or config.lr, weight_decay=config.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=lr or config.lr, weight_decay=config.weight_decay)
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=config.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_end: float, warmup_steps: int = 0):
@@ -89,7 +89,7 @@ def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_
 
 # KL of a Recalibrator path to the teacher (nats per answer token) above which stage 1 has not aligned it: an
 # aligned one sits at ~0.1-0.2 in the distillation benchmark, an unaligned one (predicting the end of turn
-# everywhere) at 3-5 (docs/benchmarks.md, "What the investigation found").
+# everywhere) at 3-5 (docs/benchmarks.md, "The Recalibrator was not aligned").
 ALIGNED_KL = 1.0
 
 
@@ -97,15 +97,16 @@ def check_alignment(ctx: DistContext, row: dict) -> None:
     """At the end of stage 1: warn when a Recalibrator path's KL to the teacher is still above ``ALIGNED_KL``,
     i.e. stage 2 would train the student through a mapping that does not yet carry the teacher's predictions."""
     kls = {path: row[f"{path}_kl"] for path in ("L1", "L2") if f"{path}_kl" in row}
-    if kls and max(kls.values()) > ALIGNED_KL and ctx.is_main:
-        shown = ", ".join(f"{path} {kl:.2f}" for path, kl in kls.items())
+    if not kls or not ctx.is_main:
+        return
+    shown = ", ".join(f"{path} {kl:.2f}" for path, kl in kls.items())
+    if max(kls.values()) > ALIGNED_KL:
         logger.warning(
             "stage 1 ended with the Recalibrator NOT aligned: KL to the teacher %s nats/token (aligned: < %.1f); "
             "stage 2 would train the student through it. Give stage 1 more steps (--alignment-steps) or a higher "
             "learning rate (--alignment-lr)", shown, ALIGNED_KL)
-    elif kls and max(kls.values()) <= ALIGNED_KL:
-        log_rank0(ctx, "stage 1: Recalibrator aligned (KL to the teacher %s nats/token)",
-                  ", ".join(f"{path} {kl:.2f}" for path, kl in kls.items()))
+    else:
+        log_rank0(ctx, "stage 1: Recalibrator aligned (KL to the teacher %s nats/token)", shown)
 
 
 class StepBudget:
@@ -158,7 +159,6 @@ class StageRecipe:
         self.step = 0  # optimizer steps done
         self.steps = config.steps_for(self.stage)  # this stage's optimizer steps
         self.lr, self.lr_end = config.lr_for(self.stage)
-        self.last_row: dict | None = None  # the last step's metrics (the alignment check)
         self.engine = None
         self.metrics: MetricsLogger | None = None
         self.inputs: StepPrefetcher | None = None
@@ -195,8 +195,7 @@ class StageRecipe:
         frozen_modules_to_eval(self.student.model)  # e.g. the vision encoder: no dropout in what never trains
         module = DistillationModule(self.student, recalibrator)
         optimizer = make_optimizer(params, config, self.ds_config, lr=self.lr)
-        scheduler = linear_schedule(optimizer, self.steps, self.lr, self.lr_end,
-                                    config.warmup_steps)
+        scheduler = linear_schedule(optimizer, self.steps, self.lr, self.lr_end, config.warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False,
@@ -264,6 +263,7 @@ class StageRecipe:
             total=self.steps, initial=self.step, disable=not ctx.is_main,
             desc=f"stage {int(self.stage)} ({self.stage.name.lower()})", unit="step", dynamic_ncols=True,
         )
+        row = None  # the last step's metrics (the alignment check)
         try:
             while self.step < self.steps:
                 if self.budget.exhausted:
@@ -279,7 +279,6 @@ class StageRecipe:
                 if self.spec.needs_teacher:
                     row["teacher_wait_share"] = wait  # mean over ranks
                 self.metrics.log(self.step, row)
-                self.last_row = row
                 self.step += 1
                 self.budget.take()
                 progress.update(1)
@@ -289,8 +288,8 @@ class StageRecipe:
                     self.save_checkpoint()
         finally:
             progress.close()
-        if self.stage == Stage.ALIGNMENT and self.last_row is not None:
-            check_alignment(ctx, self.last_row)
+        if self.stage == Stage.ALIGNMENT and row is not None:
+            check_alignment(ctx, row)
         return True
 
     def _encode_options(self) -> dict:

@@ -313,6 +313,10 @@ class TeacherEngine:
     def handle_bytes_by_client(self) -> dict[str, int]:
         return self._handles.bytes_by_client()
 
+    def handle_bytes_held(self) -> int:
+        """Memory the handle store holds (a state shared by several handles counted once)."""
+        return self._handles.nbytes
+
     def evictions_by_client(self) -> dict[str, int]:
         return dict(self._handles.evicted_by_client)
 

@@ -10,9 +10,9 @@ cache hands the same states to every client that sends the same sample, :mod:`te
 counted once in ``nbytes`` and against ``capacity_bytes``, however many handles hold it. Each client is still
 *charged* the full size of every handle it holds (``bytes_by_client``, its share, who is the largest holder), so
 sharing cannot let one client crowd out the others. When the store is full, the entries evicted are the least
-recently used ones *of the client charged the most bytes* (never the entries being stored), preferring those whose
-states no other handle holds (dropping a shared one frees no memory); eviction goes on until the memory fits. So with N clients holding handles, a client
-that holds at most ``capacity / N`` never loses a handle to the others: the largest holder then holds more,
+recently used ones *of the client charged the most bytes* (never the entries being stored), preferring those
+whose states no other handle holds (dropping a shared one frees no memory); eviction goes on until the memory
+fits. So with N clients holding handles, a client that holds at most ``capacity / N`` never loses a handle to the others: the largest holder then holds more,
 and pays. A careless client that never releases evicts only its own handles once it is the largest holder. A
 single request whose samples need more than the store (or more than ``client_share`` of it) is refused with
 RESOURCE_EXHAUSTED, and nothing of it is kept.
@@ -158,11 +158,12 @@ class HandleStore:
     def _evict_oldest(self, client: str, fresh: set[str], *, frees_memory: bool = False) -> str:
         """Drop ``client``'s least recently used handle (with ``frees_memory``: its least recently used one whose
         state no other handle holds, if it has one)."""
-        evictable = [h for h in self._by_client[client] if h not in fresh]
+        entries = self._by_client[client]
+        handle = None
         if frees_memory:
-            freeing = [h for h in evictable if self._refs[id(self._by_client[client][h])] == 1]
-            evictable = freeing or evictable
-        handle = evictable[0]
+            handle = next((h for h, e in entries.items() if h not in fresh and self._refs[id(e)] == 1), None)
+        if handle is None:
+            handle = next(h for h in entries if h not in fresh)
         self._drop(client, handle)
         return client
 

@@ -86,7 +86,7 @@ class _StateCollector:
             yield stored
             yield GaugeMetricFamily("teacher_handle_store_held_bytes", "Memory the handle store holds (a state "
                                     "shared by several handles counted once; bounded by --handle-store-gib)",
-                                    value=engine.stats.handle_bytes)
+                                    value=engine.handle_bytes_held())
             evicted = CounterMetricFamily("teacher_handle_evictions", "Handles evicted because the store was full, "
                                           "by the client that owned them", labels=["client"])
             for client, count in sorted(engine.evictions_by_client().items()):
