@@ -89,7 +89,7 @@ def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_
 
 # KL of a Recalibrator path to the teacher (nats per answer token) above which stage 1 has not aligned it: an
 # aligned one sits at ~0.1-0.2 in the distillation benchmark, an unaligned one (predicting the end of turn
-# everywhere) at 3-5 (docs/benchmarks.md, "The Recalibrator was not aligned").
+# everywhere) at 3-6 (docs/benchmarks.md, "The Recalibrator was not aligned").
 ALIGNED_KL = 1.0
 
 
