@@ -63,6 +63,12 @@ class ModelRecipe:
         fields = asdict(self)
         if not fields["type_limits"]:  # added later: recipes without limits keep their fingerprints
             del fields["type_limits"]
+        for later in ("vision_patch_size", "pixel_shuffle_ratio"):  # likewise the later TinySizes options
+            if fields["sizes"][later] is None:
+                del fields["sizes"][later]
+        if not fields["pretraining"]["vision_steps"]:  # and the vision encoder's own pre-training
+            for later in ("vision_steps", "vision_batch_size"):
+                del fields["pretraining"][later]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
