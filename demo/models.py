@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", default=str(WEIGHTS_DIR), help=f"folder for NAME.safetensors (default {WEIGHTS_DIR})")
     b.add_argument("--work", default="runs/demo_models", help="folder for the data and the checkpoints")
     b.add_argument("--only", default=",".join(SHIPPED), help="comma-separated model names (default: the shipped)")
-    b.add_argument("--steps", type=int, help="override every model's pre-training steps (tests: a short run)")
+    b.add_argument("--steps", type=int,
+                   help="override every model's pre-training steps, vision phase included (tests: a short run)")
     b.add_argument("--evaluate", type=int, default=1000, metavar="N", help="then evaluate on N test questions")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         recipe = RECIPES[name]
         if args.steps is not None:
             pretraining = replace(recipe.pretraining, steps=args.steps,
-                                  warmup_steps=min(recipe.pretraining.warmup_steps, args.steps // 2))
+                                  warmup_steps=min(recipe.pretraining.warmup_steps, args.steps // 2),
+                                  vision_steps=min(recipe.pretraining.vision_steps, args.steps))
             recipe = replace(recipe, pretraining=pretraining)
         checkpoint = build(name, work / "data", work / name, recipe=recipe)
         path = export_weights(checkpoint, name, Path(args.out), recipe=recipe)
