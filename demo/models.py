@@ -80,9 +80,11 @@ RECIPES: dict[str, ModelRecipe] = {
         pretraining=PretrainConfig(steps=800, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
     "student": ModelRecipe(
         "internvl", "llama2", TinySizes(hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1,
-                                        intermediate_size=128, vision_hidden_size=64, vision_layers=2, vision_heads=2),
-        data="warmup", per_type=1300, type_limits=(("colour", 200),),
-        pretraining=PretrainConfig(steps=600, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
+                                        intermediate_size=128, vision_hidden_size=64, vision_layers=2, vision_heads=2,
+                                        vision_patch_size=7, pixel_shuffle_ratio=0.25),
+        data="warmup", per_type=1300, type_limits=(("colour", 50), ("shape", 50)),
+        pretraining=PretrainConfig(steps=600, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50,
+                                   vision_steps=1500, vision_batch_size=64)),
     "student_same_tok": ModelRecipe(
         "qwen2_vl", "gpt2", TinySizes(hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1, intermediate_size=128,
                                       vision_hidden_size=64, vision_layers=2, vision_heads=2),
