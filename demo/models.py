@@ -3,7 +3,7 @@
 | name | family, tokenizer | sizes | image tokens | pre-trained on |
 |---|---|---|---|---|
 | ``teacher`` | Qwen2-VL, GPT-2 (50,257) | hidden 96, 3 layers, ViT 128 x 2 | 16 (112 px) | easy-VQA train, clean, type-balanced |
-| ``student`` | InternVL, Llama-2 (32,000) | hidden 64, 6 layers, InternViT 64 x 2 | 4 (one 56-px tile) | the warm-up pool |
+| ``student`` | InternVL, Llama-2 (32,000) | hidden 64, 6 layers, InternViT 64 x 2, 7-px patches | 4 (one 56-px tile) | drawn pictures (vision), then the warm-up pool with 50 colour and 50 shape questions |
 | ``student_same_tok`` | Qwen2-VL, GPT-2 | hidden 64, 6 layers, ViT 64 x 2 | 4 (56 px) | the warm-up pool |
 
 Each is a real-format tiny checkpoint (:func:`genrecal.tiny.write_tiny_checkpoint`, tied embeddings) pre-trained
@@ -18,8 +18,8 @@ cached. The shipped files are reproduced, from easy-VQA, by::
 
     python -m demo.models build --out demo/weights
 
-(run by the tests at toy size only; the shipped files came from an experiment script with the same recipes, one
-torch thread: about 7 min for the teacher and 2 min for the student on this 2-core VM).
+(run by the tests at toy size only; the shipped teacher came from an experiment script with the same recipe, one
+torch thread, 7 min; the student from :func:`build` with its recipe, 11 min on one core of this 2-core VM).
 """
 
 from __future__ import annotations
