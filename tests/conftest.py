@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,17 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_configure(config):
+    """One folder for DeepSpeed's JIT-compiled ops (the shared-memory comm op, CPU Adam: ~30-120 s each to build on
+    2 cores) for this process and every subprocess the tests start: the trainer runs of the benchmark, the demo,
+    the e2e and the recipe tests all load the ones built first. Kept in the pytest cache, so later sessions reuse
+    them; an outside ``$TORCH_EXTENSIONS_DIR`` wins."""
+    cache = getattr(config, "cache", None)
+    extensions = (cache.mkdir("torch_extensions") if cache is not None
+                  else Path(tempfile.gettempdir()) / "genrecal-torch-extensions")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions))
 
 
 @pytest.fixture(scope="session")

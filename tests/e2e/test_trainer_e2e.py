@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,14 +64,11 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(request) -> dict:
-    """Subprocess environment: offline, one thread per process, DeepSpeed's JIT op cache kept across runs."""
-    cache = getattr(request.config, "cache", None)
-    extensions = (cache.mkdir("torch_extensions") if cache is not None
-                  else Path(tempfile.gettempdir()) / "genrecal-torch-extensions")
+def env() -> dict:
+    """Subprocess environment: offline, one thread per process, the session's DeepSpeed JIT op cache
+    (``TORCH_EXTENSIONS_DIR``, set in tests/conftest.py) inherited."""
     out = dict(os.environ)
     out.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=str(extensions),
                PYTHONPATH=os.pathsep.join([str(REPO), out.get("PYTHONPATH", "")]))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         out.pop(name, None)

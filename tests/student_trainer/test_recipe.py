@@ -4,7 +4,8 @@ resume after a crash, and the teacher-identity guard.
 The slow tests run the real thing: ``python -m student_trainer`` as a subprocess (ZeRO-3, one process, in-process
 teacher: a Qwen2-VL with the GPT-2 tokenizer; student: an InternVL with the Llama-2 tokenizer), and the recipe under
 ``torchrun`` with two gloo ranks. DeepSpeed JIT-compiles a shared-memory comm op on first use (~30-80 s); it is
-cached in the pytest cache (``TORCH_EXTENSIONS_DIR``), so only the first run ever pays for it.
+cached in the pytest cache (``TORCH_EXTENSIONS_DIR``, one folder for the whole session: tests/conftest.py), so only
+the first run ever pays for it.
 """
 
 from __future__ import annotations
