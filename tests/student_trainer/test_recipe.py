@@ -59,6 +59,17 @@ def metric_rows(output: Path, stage: int) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+@pytest.fixture(scope="module")
+def teacher_server(models):
+    """One real teacher_server process (default options) for the tests that train against a server without
+    restarting it: each start costs ~5-10 s on 2 cores."""
+    from teacher_server.launch import TeacherProcess
+
+    server = TeacherProcess(models[0])
+    yield server
+    server.terminate()
+
+
 @pytest.fixture(scope="session")
 def uninterrupted_run(models, vqa_data, subprocess_env, tmp_path_factory) -> Path:
     """Stages 1-3 through the CLI in one single process (ZeRO-3, the shipped default), never interrupted."""
@@ -396,18 +407,12 @@ def test_a_different_teacher_is_refused_naming_both(models, vqa_data, subprocess
 
 @pytest.mark.slow
 def test_remote_teacher_trains_like_the_in_process_one(uninterrupted_run, models, vqa_data, subprocess_env,
-                                                       tmp_path):
+                                                       teacher_server, tmp_path):
     """The CLI against a real teacher_server process: stages 1-2 log the same losses as the in-process teacher."""
-    from teacher_server.launch import TeacherProcess
-
     teacher_path, student_path = models
     output = tmp_path / "out"
-    server = TeacherProcess(teacher_path)
-    try:
-        result = train_cli(subprocess_env, "--teacher-addr", server.address, "--student", student_path,
-                           "--data", vqa_data, "--output", output, "--stages", "1,2", *RUN_FLAGS)
-    finally:
-        server.terminate()
+    result = train_cli(subprocess_env, "--teacher-addr", teacher_server.address, "--student", student_path,
+                       "--data", vqa_data, "--output", output, "--stages", "1,2", *RUN_FLAGS)
     assert result.returncode == 0, result.stderr[-4000:]
     teacher = json.loads((output / "manifest.json").read_text())["teacher"]
     assert teacher["model_name"] == Path(teacher_path).name and teacher["hidden_size"] == 96
@@ -510,12 +515,10 @@ def test_two_different_samples_under_one_id_are_refused():
 
 @pytest.mark.slow
 def test_data_smaller_than_one_step_trains_all_stages_against_the_server(models, vqa_data, subprocess_env,
-                                                                        tmp_path):
+                                                                        teacher_server, tmp_path):
     """3 samples, 4 per step: every step holds a sample twice (an epoch boundary inside the step). Against a
     real teacher_server (one Encode per step, which may not repeat a sample id) stages 1-3 run and log the
     losses of the in-process teacher, which encodes every occurrence on its own."""
-    from teacher_server.launch import TeacherProcess
-
     teacher_path, student_path = models
     small = tmp_path / "small.json"
     small.write_text(json.dumps(json.loads(vqa_data.read_text())[:3]))
@@ -523,15 +526,11 @@ def test_data_smaller_than_one_step_trains_all_stages_against_the_server(models,
     flags = ["--student", student_path, "--data", small, "--steps-per-stage", "2", "--grad-accum", "4",
              "--micro-batch-size", "1", "--save-every", "100", "--lr", "2e-3", "--lr-end", "2e-4", "--seed", "0",
              "--no-tensorboard", "--data-workers", "0"]
-    server = TeacherProcess(teacher_path)
-    try:
-        remote, local = concurrently(  # independent runs
-            lambda: train_cli(subprocess_env, "--teacher-addr", server.address, "--output", tmp_path / "remote",
-                              *flags),
-            lambda: train_cli(subprocess_env, "--teacher-model", teacher_path, "--output", tmp_path / "local", *flags),
-        )
-    finally:
-        server.terminate()
+    remote, local = concurrently(  # independent runs
+        lambda: train_cli(subprocess_env, "--teacher-addr", teacher_server.address, "--output", tmp_path / "remote",
+                          *flags),
+        lambda: train_cli(subprocess_env, "--teacher-model", teacher_path, "--output", tmp_path / "local", *flags),
+    )
     assert remote.returncode == 0, remote.stderr[-4000:]
     assert local.returncode == 0, local.stderr[-4000:]
     for stage in (1, 2, 3):
@@ -569,26 +568,21 @@ def test_zero_offload_steps_with_deepspeed_cpu_adam_like_adamw(models, vqa_data,
 
 
 @pytest.mark.slow
-def test_overlapped_score_trains_exactly_like_the_sequential_loop(models, vqa_data, subprocess_env, tmp_path):
+def test_overlapped_score_trains_exactly_like_the_sequential_loop(models, vqa_data, subprocess_env, teacher_server,
+                                                                  tmp_path):
     """Against a real teacher_server (ZeRO-3, 2 micro-batches per step: the last backward follows another
     backward): with each Score in flight during the next micro-batch's forward, stage 2 logs the same losses and
     ends with the same weights as with --no-score-overlap, bit for bit. (Stage 1 overlapped, against the in-process
     teacher: test_remote_teacher_trains_like_the_in_process_one.)"""
-    from teacher_server.launch import TeacherProcess
-
-    teacher_path, student_path = models
+    _, student_path = models
     flags = ["--student", student_path, "--data", vqa_data, "--stages", "2", "--steps-per-stage", "2",
              "--grad-accum", "2", "--micro-batch-size", "1", "--save-every", "100", "--lr", "2e-3", "--lr-end",
              "2e-4", "--seed", "0", "--no-tensorboard", "--data-workers", "0"]
-    server = TeacherProcess(teacher_path)
-    try:
-        sides = {"overlap": [], "sequential": ["--no-score-overlap"]}
-        results = concurrently(*(lambda name=name, extra=extra: train_cli(
-            subprocess_env, "--teacher-addr", server.address, "--output", tmp_path / name, *flags, *extra)
-            for name, extra in sides.items()))
-        runs = dict(zip(sides, results, strict=True))
-    finally:
-        server.terminate()
+    sides = {"overlap": [], "sequential": ["--no-score-overlap"]}
+    results = concurrently(*(lambda name=name, extra=extra: train_cli(
+        subprocess_env, "--teacher-addr", teacher_server.address, "--output", tmp_path / name, *flags, *extra)
+        for name, extra in sides.items()))
+    runs = dict(zip(sides, results, strict=True))
     for name, result in runs.items():
         assert result.returncode == 0, result.stderr[-4000:]
         assert ("each Score overlaps the next micro-batch's forward" in result.stderr) == (name == "overlap")
