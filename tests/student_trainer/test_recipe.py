@@ -261,16 +261,28 @@ def test_single_process_zero3_three_stages_via_cli(uninterrupted_run, models, vq
     assert 1 <= generated.shape[1] - inputs["input_ids"].shape[1] <= 3
 
 
+@pytest.fixture(scope="module")
+def logit_distillation_runs(models, vqa_data, subprocess_env, tiny_checkpoint, tmp_path_factory) -> dict:
+    """kind -> (result, output) of the KD and the ULD run (stage 3 + the term, in-process teacher), trained at the
+    same time (independent runs; each test below checks its own)."""
+    teacher, cross_student = models
+    students = {"kd": tiny_checkpoint("qwen2_vl", tokenizer="gpt2", seed=5), "uld": cross_student}
+    root = tmp_path_factory.mktemp("logit_distillation")
+
+    def run(kind):
+        output = root / kind
+        return train_cli(subprocess_env, *run_args((teacher, students[kind]), vqa_data, output, "--stages", "3",
+                                                   "--logit-distillation", kind, "--deepspeed",
+                                                   CONFIGS / "zero2.json")), output
+
+    return dict(zip(students, concurrently(*(lambda kind=kind: run(kind) for kind in students)), strict=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["kd", "uld"])
-def test_logit_distillation_baselines_train_through_the_cli(kind, models, vqa_data, subprocess_env, tmp_path,
-                                                            tiny_checkpoint):
+def test_logit_distillation_baselines_train_through_the_cli(kind, logit_distillation_runs):
     """Stage 3 + the KD / ULD term with an in-process teacher: the term is logged every step and training moves."""
-    teacher, cross_student = models
-    student = tiny_checkpoint("qwen2_vl", tokenizer="gpt2", seed=5) if kind == "kd" else cross_student
-    output = tmp_path / kind
-    result = train_cli(subprocess_env, *run_args((teacher, student), vqa_data, output, "--stages", "3",
-                                                 "--logit-distillation", kind, "--deepspeed", CONFIGS / "zero2.json"))
+    result, output = logit_distillation_runs[kind]
     assert result.returncode == 0, result.stderr[-4000:]
     rows = metric_rows(output, 3)
     name = kind.upper()
