@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from teacher_server.launch import TeacherProcess, free_port
+from tests.conftest import start_concurrently
 
 pytestmark = pytest.mark.slow
 
@@ -225,7 +226,8 @@ def test_two_replicas_one_killed_mid_stage_loses_and_repeats_no_step(models, dat
     repeated, and the run goes on through stages 2 and 3 to a loadable student."""
     ports = [free_port(), free_port()]
     output, log = tmp_path / "out", tmp_path / "train.log"
-    replicas = [TeacherProcess(models[0], "--log-level", "DEBUG", port=port) for port in ports]
+    replicas = start_concurrently(*(lambda port=port: TeacherProcess(models[0], "--log-level", "DEBUG", port=port)
+                                    for port in ports))
     try:
         addr = ",".join(f"127.0.0.1:{port}" for port in ports)
         proc = start(env, train_args(models, data, output, 1, addr=addr, stages="1,2,3"), log)

@@ -9,7 +9,6 @@ no smaller (16 is the tiny default).
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from genrecal.client import TeacherClient
 from genrecal.families import supported_model_types
 from genrecal.sample import Sample, Turn
 from teacher_server.launch import TeacherProcess
-from tests.conftest import random_image
+from tests.conftest import random_image, start_concurrently
 
 pytestmark = pytest.mark.slow
 VLLM_FLAGS = ("--backend", "vllm", "--max-model-len", "2048", "--max-images-per-sample", "2")
@@ -45,30 +44,13 @@ def samples(rng) -> list[Sample]:
     ]
 
 
-def start_both(path, vllm_python) -> tuple[TeacherProcess, TeacherProcess]:
-    """The transformers reference server and the vLLM one, started at the same time (independent processes; the
-    reference starts while vLLM imports and profiles). If either fails, the other is stopped."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(TeacherProcess, path),
-                   pool.submit(TeacherProcess, path, *VLLM_FLAGS, python=vllm_python, timeout_s=START_S)]
-    started, errors = [], []
-    for future in futures:
-        try:
-            started.append(future.result())
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, once the other server is stopped
-            errors.append(exc)
-    if errors:
-        for process in started:
-            process.kill()
-        raise errors[0]
-    return started[0], started[1]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vllm_backend_equals_transformers_backend(tiny_checkpoint, vllm_python, family, rng):
     path = tiny_checkpoint(family, num_heads=2)
     batch = samples(rng)
-    reference, server = start_both(path, vllm_python)
+    # the reference starts while vLLM imports and profiles
+    reference, server = start_concurrently(
+        lambda: TeacherProcess(path), lambda: TeacherProcess(path, *VLLM_FLAGS, python=vllm_python, timeout_s=START_S))
     try:
         expected_client = TeacherClient(reference.address, question_features=True)
         client = TeacherClient(server.address, question_features=True)
