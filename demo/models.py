@@ -63,6 +63,12 @@ class ModelRecipe:
         fields = asdict(self)
         if not fields["type_limits"]:  # added later: recipes without limits keep their fingerprints
             del fields["type_limits"]
+        for later in ("vision_patch_size", "pixel_shuffle_ratio"):  # likewise the later TinySizes options
+            if fields["sizes"][later] is None:
+                del fields["sizes"][later]
+        if not fields["pretraining"]["vision_steps"]:  # and the vision encoder's own pre-training
+            for later in ("vision_steps", "vision_batch_size"):
+                del fields["pretraining"][later]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -74,9 +80,11 @@ RECIPES: dict[str, ModelRecipe] = {
         pretraining=PretrainConfig(steps=800, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
     "student": ModelRecipe(
         "internvl", "llama2", TinySizes(hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1,
-                                        intermediate_size=128, vision_hidden_size=64, vision_layers=2, vision_heads=2),
-        data="warmup", per_type=1300, type_limits=(("colour", 200),),
-        pretraining=PretrainConfig(steps=600, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
+                                        intermediate_size=128, vision_hidden_size=64, vision_layers=2, vision_heads=2,
+                                        vision_patch_size=7, pixel_shuffle_ratio=0.25),
+        data="warmup", per_type=1300, type_limits=(("colour", 50), ("shape", 50)),
+        pretraining=PretrainConfig(steps=600, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50,
+                                   vision_steps=1500, vision_batch_size=64)),
     "student_same_tok": ModelRecipe(
         "qwen2_vl", "gpt2", TinySizes(hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1, intermediate_size=128,
                                       vision_hidden_size=64, vision_layers=2, vision_heads=2),
@@ -260,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", default=str(WEIGHTS_DIR), help=f"folder for NAME.safetensors (default {WEIGHTS_DIR})")
     b.add_argument("--work", default="runs/demo_models", help="folder for the data and the checkpoints")
     b.add_argument("--only", default=",".join(SHIPPED), help="comma-separated model names (default: the shipped)")
-    b.add_argument("--steps", type=int, help="override every model's pre-training steps (tests: a short run)")
+    b.add_argument("--steps", type=int,
+                   help="override every model's pre-training steps, vision phase included (tests: a short run)")
     b.add_argument("--evaluate", type=int, default=1000, metavar="N", help="then evaluate on N test questions")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -273,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         recipe = RECIPES[name]
         if args.steps is not None:
             pretraining = replace(recipe.pretraining, steps=args.steps,
-                                  warmup_steps=min(recipe.pretraining.warmup_steps, args.steps // 2))
+                                  warmup_steps=min(recipe.pretraining.warmup_steps, args.steps // 2),
+                                  vision_steps=min(recipe.pretraining.vision_steps, args.steps))
             recipe = replace(recipe, pretraining=pretraining)
         checkpoint = build(name, work / "data", work / name, recipe=recipe)
         path = export_weights(checkpoint, name, Path(args.out), recipe=recipe)

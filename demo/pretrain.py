@@ -11,6 +11,9 @@ models get one here, in one loop:
   shape; its CE trains the vision encoder and projector directly. Without it, the language model and the vision
   tower wait on each other: in runs of 600-1,000 steps the CE plateaued at the answer prior (yes/no 84 % from
   the wording alone, colour and shape at chance). The probe is thrown away; the checkpoint keeps the VLM only.
+- optionally first (``vision_steps``), the vision encoder's own pre-training, as real ones had before their VLM
+  was trained: the probe alone trains the vision encoder and projector on pictures drawn on the fly
+  (:mod:`demo.pictures`, never an easy-VQA picture); the language model is not trained in that phase.
 
 This is model preparation, not a GenRecal stage: the distillation itself always runs in ``student_trainer``.
 """
@@ -46,9 +49,11 @@ class PretrainConfig:
     weight_decay: float = 0.01
     probe_weight: float = 1.0  # weight of the vision probe's CE (0 = no probe)
     seed: int = 0
+    vision_steps: int = 0  # steps of the vision encoder's own pre-training on drawn pictures, before the VLM's
+    vision_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "vision_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.lr_end <= self.lr:
@@ -57,6 +62,11 @@ class PretrainConfig:
             raise ValueError(f"PretrainConfig.warmup_steps must be in [0, steps), got {self.warmup_steps}")
         if self.probe_weight < 0:
             raise ValueError(f"PretrainConfig.probe_weight must be >= 0, got {self.probe_weight}")
+        if self.vision_steps < 0:
+            raise ValueError(f"PretrainConfig.vision_steps must be >= 0, got {self.vision_steps}")
+        if self.vision_steps and not self.probe_weight:
+            raise ValueError("PretrainConfig.vision_steps trains the vision encoder through the vision probe; "
+                             "it needs probe_weight > 0")
 
 
 @dataclass(frozen=True)
@@ -67,15 +77,18 @@ class PictureLabels:
     shape: int = IGNORE_INDEX
 
 
-def _schedule(config: PretrainConfig):
-    """Multiplier of ``lr`` at each step: linear warm-up to 1, then linear decay to ``lr_end / lr``."""
+def _schedule(config: PretrainConfig, steps: int | None = None):
+    """Multiplier of ``lr`` at each of ``steps`` (default ``config.steps``): linear warm-up to 1, then linear decay
+    to ``lr_end / lr``."""
     floor = config.lr_end / config.lr
-    span = max(config.steps - config.warmup_steps - 1, 1)
+    steps = config.steps if steps is None else steps
+    warmup = min(config.warmup_steps, steps - 1)
+    span = max(steps - warmup - 1, 1)
 
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        return 1.0 + (floor - 1.0) * min(step - config.warmup_steps, span) / span
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 1.0 + (floor - 1.0) * min(step - warmup, span) / span
 
     return factor
 
@@ -119,6 +132,54 @@ class ProjectorTap:
         self._hook.remove()
 
 
+def picture_features(vlm, images: Sequence) -> torch.Tensor:
+    """(pictures, D): the mean projector output token of each picture, from the pictures alone (no text, no
+    language model): the family's image processor, then its ``get_image_features``."""
+    import inspect
+
+    inputs = vlm.processor.image_processor(images=list(images), return_tensors="pt")
+    get_features = vlm.model.model.get_image_features
+    accepted = inspect.signature(get_features).parameters
+    output = get_features(**{k: v for k, v in inputs.items() if k in accepted})
+    tokens = getattr(output, "pooler_output", output)
+    if isinstance(tokens, (tuple, list)):  # families that return one tensor per picture
+        tokens = torch.cat(list(tokens))
+    return tokens.reshape(len(images), -1, tokens.shape[-1]).mean(dim=1)
+
+
+def pretrain_vision(vlm, probe: VisionProbe, config: PretrainConfig) -> list[float]:
+    """The vision encoder's own pre-training: ``config.vision_steps`` steps of the probe's CE on drawn pictures,
+    training the vision encoder, the projector and the probe only. Returns the per-step losses."""
+    from tqdm.auto import tqdm
+
+    from demo.pictures import labelled_pictures
+
+    groups = vlm.adapter.parameter_groups(vlm.model)
+    parameters = groups["vision_encoder"] + groups["projector"] + list(probe.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, config.vision_steps))
+    pictures = labelled_pictures(config.seed)
+    losses: list[float] = []
+    bar = tqdm(range(config.vision_steps), desc="pre-training the vision encoder", unit="step", mininterval=5)
+    for _ in bar:
+        drawn = [next(pictures) for _ in range(config.vision_batch_size)]
+        loss = probe.loss(picture_features(vlm, [image for image, _ in drawn]), [labels for _, labels in drawn])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(_finite(float(loss.detach()), "the vision encoder"))
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
+    return losses
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"pre-training {what}: the loss became {value}; lower the learning rate")
+    return value
+
+
 def pretrain(init: str | Path, samples: Sequence[Sample], out: str | Path, config: PretrainConfig, *,
              picture_labels: Sequence[PictureLabels] | None = None, classes: tuple[int, int] = (8, 3)) -> list[float]:
     """Train every parameter of the checkpoint ``init`` on ``samples``; save to ``out``; return per-step losses.
@@ -145,6 +206,10 @@ def pretrain(init: str | Path, samples: Sequence[Sample], out: str | Path, confi
         parameters += list(probe.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    if config.vision_steps:
+        if not use_probe:
+            raise ValueError("PretrainConfig.vision_steps needs picture_labels (the vision probe)")
+        pretrain_vision(vlm, probe, config)
     rng = random.Random(config.seed)
     order: list[int] = []
     losses: list[float] = []
@@ -166,10 +231,7 @@ def pretrain(init: str | Path, samples: Sequence[Sample], out: str | Path, confi
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"pre-training {init}: the loss became {value}; lower the learning rate")
-        losses.append(value)
+        losses.append(_finite(float(loss.detach()), str(init)))
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
     if tap is not None:
         tap.remove()

@@ -35,8 +35,16 @@ class TinySizes:
     vision_layers: int = 1
     vision_heads: int = 2
     image_size: int = 28  # fixed-resolution families resize images to this (a multiple of the patch size)
+    # InternVL only (None = the family's own: 14-px patches, pixel shuffle 0.5): smaller patches let a tiny ViT see
+    # small shapes; a smaller shuffle ratio merges more patches into one image token.
+    vision_patch_size: int | None = None
+    pixel_shuffle_ratio: float | None = None
 
     def __post_init__(self) -> None:
+        if self.vision_patch_size is not None and self.vision_patch_size < 1:
+            raise ValueError(f"vision_patch_size must be a positive number of pixels, got {self.vision_patch_size}")
+        if self.pixel_shuffle_ratio is not None and not 0 < self.pixel_shuffle_ratio <= 1:
+            raise ValueError(f"pixel_shuffle_ratio must be in (0, 1], got {self.pixel_shuffle_ratio}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -90,6 +98,9 @@ def write_tiny_checkpoint(
 
     sizes = sizes or TinySizes()
     adapter = adapter_for_model_type(family)
+    if family != "internvl" and (sizes.vision_patch_size, sizes.pixel_shuffle_ratio) != (None, None):
+        raise ValueError(f"TinySizes.vision_patch_size / pixel_shuffle_ratio are implemented for the internvl tiny "
+                         f"recipe only; leave them None for {family!r}")
     config, processor = adapter.tiny_recipe(sizes, base_tokenizer(tokenizer))
     if tie_word_embeddings is not None:
         config.tie_word_embeddings = tie_word_embeddings

@@ -29,7 +29,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img
 PROCESSOR_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
                     "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
 # A tile is 2 x TinySizes.image_size px: the default 28 -> 56 px, 14-px patches -> 4x4, pixel-shuffled by 0.5 ->
-# 2x2 = 4 <IMG_CONTEXT> tokens per tile; 42 -> 84 px -> 9 tokens. (Real InternVL3 tiles are 448 px.)
+# 2x2 = 4 <IMG_CONTEXT> tokens per tile; 42 -> 84 px -> 9 tokens. (Real InternVL3 tiles are 448 px, 14-px patches,
+# ratio 0.5.) TinySizes.vision_patch_size / pixel_shuffle_ratio override the two: 56 px, 7-px patches -> 8x8,
+# shuffled by 0.25 -> 2x2 = 4 tokens, each merging 16 patches.
 PATCH = 14
 DOWNSAMPLE_RATIO = 0.5
 
@@ -46,15 +48,19 @@ def tiny_recipe(sizes: TinySizes, tokenizer):
     tokenizer = add_family_tokens(tokenizer, SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
     tokenizer._set_model_specific_special_tokens(PROCESSOR_TOKENS)  # no public setter for named extra tokens
     side = 2 * sizes.image_size
-    if side % (2 * PATCH):
-        raise ValueError(f"an InternVL tile (2 x image_size = {side} px) must be a multiple of {2 * PATCH} px: "
-                         f"whole 2x2 pixel-shuffle groups of {PATCH}-px patches; got image_size={sizes.image_size}")
+    patch = sizes.vision_patch_size or PATCH
+    ratio = sizes.pixel_shuffle_ratio or DOWNSAMPLE_RATIO
+    group = round(1 / ratio)
+    if abs(group * ratio - 1) > 1e-9 or side % (group * patch):
+        raise ValueError(f"an InternVL tile (2 x image_size = {side} px) must be a multiple of {group * patch} px "
+                         f"(whole {group}x{group} pixel-shuffle groups of {patch}-px patches, pixel_shuffle_ratio = "
+                         f"1/{group}); got image_size={sizes.image_size}, pixel_shuffle_ratio={ratio}")
     tile = {"height": side, "width": side}
     mean_std = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     # Up to 2 tiles (+ a thumbnail); a square image is a single tile.
     image_processor = GotOcr2ImageProcessor(size=tile, crop_to_patches=True, min_patches=1, max_patches=2, **mean_std)
     video_processor = InternVLVideoProcessor(size=tile, **mean_std)
-    image_seq_length = int((side // PATCH) ** 2 * DOWNSAMPLE_RATIO**2)
+    image_seq_length = (side // patch // group) ** 2
     processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                                   image_seq_length=image_seq_length, chat_template=CHAT_TEMPLATE)
     ids = tokenizer.convert_tokens_to_ids
@@ -63,9 +69,9 @@ def tiny_recipe(sizes: TinySizes, tokenizer):
     )
     vision_config = dict(hidden_size=sizes.vision_hidden_size, num_hidden_layers=sizes.vision_layers,
                          num_attention_heads=sizes.vision_heads, intermediate_size=2 * sizes.vision_hidden_size,
-                         image_size=side, patch_size=PATCH)
+                         image_size=side, patch_size=patch)
     config = InternVLConfig(text_config=text_config, vision_config=vision_config, image_token_id=ids("<IMG_CONTEXT>"),
-                            image_seq_length=image_seq_length, downsample_ratio=DOWNSAMPLE_RATIO,
+                            image_seq_length=image_seq_length, downsample_ratio=ratio,
                             architectures=["InternVLForConditionalGeneration"])
     return config, processor
 

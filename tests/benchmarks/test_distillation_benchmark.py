@@ -53,19 +53,19 @@ def test_rows_train_through_the_trainer_and_pair_by_seed(tiny_checkpoint, tmp_pa
     data = write_data(tmp_path / "data", rng)
     rows = ["sft", "genrecal", "same_tok_kd"]
     cfg = bench.BenchConfig(seeds=[0, 1], steps_per_stage=1, micro_batch_size=2, grad_accum=1, label_noise=0.5,
-                            test_per_type=2, jobs=2)
+                            test_per_type=2, jobs=2, extra_seeds=[])
     results = bench.run_benchmark(cfg, tmp_path / "out", rows, data=data, models=models)
 
     assert set(results["variants"]) == {"teacher", "base_student", "base_student_same_tok", *rows}
     for name in rows:
         per_seed = results["variants"][name]["per_seed"]
         assert set(per_seed) == {"0", "1"} and all(0.0 <= a <= 1.0 for a in per_seed.values())
-    # Every row ran the trainer CLI; equal optimizer steps: 3N for the single-stage rows, N per GenRecal stage.
+    # Every row ran the trainer CLI; the student's steps: 3N for the single-stage rows, N in GenRecal's stages 2, 3.
     runs = tmp_path / "out" / "runs" / "seed0"
     for name in ("sft", "same_tok_kd"):
         assert len((runs / name / "metrics" / "stage3.jsonl").read_text().splitlines()) == 3
-    assert all(len((runs / "genrecal" / "metrics" / f"stage{s}.jsonl").read_text().splitlines()) == 1
-               for s in (1, 2, 3))
+    steps = {s: len((runs / "genrecal" / "metrics" / f"stage{s}.jsonl").read_text().splitlines()) for s in (1, 2, 3)}
+    assert steps == {1: 5, 2: 1, 3: 1}  # stage 1 aligns the Recalibrator for 5N steps
     assert "--teacher-addr" in (runs / "genrecal" / "bench.log").read_text().splitlines()[0]
     assert "KD" in json.loads((runs / "same_tok_kd" / "metrics" / "stage3.jsonl").read_text().splitlines()[0])
     difference = results["paired_differences_points"]["genrecal - sft"]
@@ -80,6 +80,17 @@ def test_rows_train_through_the_trainer_and_pair_by_seed(tiny_checkpoint, tmp_pa
     assert "GenRecal" in bench.markdown(results)
 
 
+def test_the_positive_control_alone_runs_the_extra_seeds():
+    bench = load_benchmark()
+    cfg = bench.BenchConfig(seeds=[1, 2], extra_seeds=[2, 3, 4], extra_rows=["same_tok_sft", "same_tok_kd"])
+    plan = bench.run_plan(cfg, ["sft", "same_tok_sft", "same_tok_kd"])
+    assert plan[:6] == [(1, "sft"), (1, "same_tok_sft"), (1, "same_tok_kd"),
+                        (2, "sft"), (2, "same_tok_sft"), (2, "same_tok_kd")]
+    assert plan[6:] == [(3, "same_tok_sft"), (3, "same_tok_kd"), (4, "same_tok_sft"), (4, "same_tok_kd")]
+    assert bench.run_plan(cfg, ["sft"]) == [(1, "sft"), (2, "sft")]  # extra rows that are not run: nothing more
+    assert len(bench.run_plan(bench.BenchConfig(), list(bench.ROWS))) == 5 * len(bench.ROWS) + 5 * 2
+
+
 def test_paired_differences_and_their_interval():
     bench = load_benchmark()
     a = {"0": 0.50, "1": 0.60, "2": 0.70}
@@ -91,14 +102,14 @@ def test_paired_differences_and_their_interval():
     assert d["ci95"] == pytest.approx([25 / 3 - 4.303 * sem, 25 / 3 + 4.303 * sem])
 
 
-def test_the_aligned_row_gives_stage_1_its_own_steps_and_rate(tmp_path):
+def test_the_genrecal_rows_give_stage_1_its_own_steps_and_rate(tmp_path):
     bench = load_benchmark()
     cfg = bench.BenchConfig(steps_per_stage=40)
     paths = [tmp_path / name for name in ("student", "teacher", "data.json", "test.json", "out")]
-    cmd = bench.trainer_command(bench.ROWS["genrecal_aligned"], paths[0], paths[1], "127.0.0.1:1", paths[2],
+    cmd = bench.trainer_command(bench.ROWS["genrecal"], paths[0], paths[1], "127.0.0.1:1", paths[2],
                                 paths[3], paths[4], 1, cfg)
     assert cmd[cmd.index("--alignment-steps") + 1] == "200" and cmd[cmd.index("--alignment-lr") + 1] == "0.001"
     assert cmd[cmd.index("--steps-per-stage") + 1] == "40" and cmd[cmd.index("--stages") + 1] == "1,2,3"
-    plain = bench.trainer_command(bench.ROWS["genrecal"], paths[0], paths[1], "127.0.0.1:1", paths[2], paths[3],
-                                  paths[4], 1, cfg)
+    assert all(bench.ROWS[name].alignment_factor == 5 for name in bench.ROWS if name.startswith("genrecal"))
+    plain = bench.trainer_command(bench.ROWS["sft"], paths[0], paths[1], None, paths[2], paths[3], paths[4], 1, cfg)
     assert "--alignment-steps" not in plain and "--alignment-lr" not in plain

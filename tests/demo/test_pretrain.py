@@ -8,7 +8,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from demo.pretrain import PictureLabels, PretrainConfig, ProjectorTap, VisionProbe, pretrain
+from demo.pretrain import (
+    PictureLabels,
+    PretrainConfig,
+    ProjectorTap,
+    VisionProbe,
+    picture_features,
+    pretrain,
+    pretrain_vision,
+)
 from genrecal.families import load_vlm
 from genrecal.sample import Sample, Turn
 
@@ -54,3 +62,31 @@ def test_the_tap_pools_one_row_per_picture(tiny_checkpoint, rng):
     assert loss.ndim == 0 and torch.isfinite(loss)
     tap.remove()
     assert probe.loss(pooled, [PictureLabels()] * 4) == 0  # nothing known: no loss, no NaN
+
+
+def test_picture_features_are_the_pooled_projector_output_of_a_full_forward(tiny_checkpoint, rng):
+    vlm = load_vlm(tiny_checkpoint("internvl", tokenizer="llama2", vision_patch_size=7, pixel_shuffle_ratio=0.25))
+    vlm.model.eval()
+    tap = ProjectorTap(vlm)
+    data, _ = samples(rng, 3)
+    with torch.no_grad():
+        vlm.body_hidden_states(vlm.encode(data))
+        alone = picture_features(vlm, [s.images[0] for s in data])
+    torch.testing.assert_close(alone, tap.pooled(3))
+    tap.remove()
+
+
+def test_the_vision_phase_trains_the_vision_encoder_and_projector_only(tiny_checkpoint):
+    vlm = load_vlm(tiny_checkpoint("internvl", tokenizer="llama2", vision_patch_size=7, pixel_shuffle_ratio=0.25))
+    before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
+    probe = VisionProbe(vlm.head.weight.shape[1], 8, 3)
+    config = PretrainConfig(steps=2, warmup_steps=0, vision_steps=3, vision_batch_size=4)
+    losses = pretrain_vision(vlm, probe, config)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    changed = {n for n, p in vlm.model.named_parameters() if not torch.equal(p, before[n])}
+    trained = vlm.adapter.vision_encoder_prefixes + vlm.adapter.projector_prefixes
+    assert any(n.startswith(vlm.adapter.vision_encoder_prefixes) for n in changed)
+    assert any(n.startswith(vlm.adapter.projector_prefixes) for n in changed)
+    assert all(n.startswith(trained) for n in changed)  # the language model waits for the VLM phase
+    with pytest.raises(ValueError, match="needs probe_weight > 0"):
+        PretrainConfig(vision_steps=3, probe_weight=0)

@@ -123,7 +123,9 @@ def test_teacher_server_sees_the_jpeg_pixels_the_student_decoded(tiny_checkpoint
             for a, b in zip(r.answer_segments + r.question_segments, e.answer_segments + e.question_segments,
                             strict=True):
                 assert a.dtype == b.dtype == torch.float32
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
+                # float rounding only: the server batches the step's samples into other shapes than the groups
+                # here, and CPU kernels round differently per shape (bit-equal on one VM, 3e-7 apart on another)
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
     # Not vacuous: other pixels (the same picture at JPEG quality 50) give other features.
     first = decoded["rgb"]
@@ -131,4 +133,4 @@ def test_teacher_server_sees_the_jpeg_pixels_the_student_decoded(tiny_checkpoint
     first.images[0].save(buffer, format="JPEG", quality=50)
     other = local.encode([Sample("rgb", first.turns, [Image.open(buffer).convert("RGB")])])[0]
     jpeg90 = next(f for group in remote for f in group if f.sample_id == "rgb")
-    assert not torch.equal(other.question_segments[0], jpeg90.question_segments[0])
+    assert (other.question_segments[0] - jpeg90.question_segments[0]).abs().max() > 1e-3  # >> the rounding above

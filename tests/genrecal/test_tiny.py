@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
 from genrecal.families import load_vlm
@@ -79,3 +81,27 @@ def test_internvl_tile_follows_image_size(tmp_path):
     assert config.image_seq_length == 9 and config.vision_config.image_size == [84, 84]
     with pytest.raises(ValueError, match="multiple of 28 px"):
         write_tiny_checkpoint("internvl", tmp_path / "bad", sizes=TinySizes(image_size=35), tokenizer="llama2")
+
+
+def test_internvl_patch_size_and_pixel_shuffle_ratio_set_the_image_tokens(tmp_path):
+    """56 px in 7-px patches = 8x8 patches; shuffled by 0.25, 2x2 = 4 image tokens of 16 patches each; it runs."""
+    from genrecal.sample import Sample, Turn
+    from genrecal.tiny import write_tiny_checkpoint
+
+    sizes = TinySizes(vision_patch_size=7, pixel_shuffle_ratio=0.25)
+    path = write_tiny_checkpoint("internvl", tmp_path / "m", sizes=sizes, tokenizer="llama2")
+    config = AutoConfig.from_pretrained(path)
+    assert config.image_seq_length == 4 and config.downsample_ratio == 0.25
+    assert config.vision_config.patch_size == [7, 7]
+    vlm = load_vlm(path)
+    batch = vlm.encode([Sample("s", [Turn("user", "<image>\nwhat?"), Turn("assistant", "red")],
+                               [Image.new("RGB", (64, 64), "red")])])
+    assert int((batch.input_ids == config.image_token_id).sum()) == 4
+    assert torch.isfinite(vlm.body_hidden_states(batch)).all()
+    with pytest.raises(ValueError, match="multiple of 28 px"):  # 56 px is no whole number of 4x4 groups of 7 px
+        write_tiny_checkpoint("internvl", tmp_path / "bad", sizes=TinySizes(image_size=21, vision_patch_size=7,
+                                                                            pixel_shuffle_ratio=0.25))
+    with pytest.raises(ValueError, match="internvl tiny recipe only"):
+        write_tiny_checkpoint("qwen2_vl", tmp_path / "q", sizes=TinySizes(vision_patch_size=7))
+    with pytest.raises(ValueError, match="pixel_shuffle_ratio must be in"):
+        TinySizes(pixel_shuffle_ratio=2.0)
