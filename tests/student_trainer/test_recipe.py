@@ -71,10 +71,22 @@ def teacher_server(models):
 
 
 @pytest.fixture(scope="session")
-def uninterrupted_run(models, vqa_data, subprocess_env, tmp_path_factory) -> Path:
+def first_runs(models, vqa_data, subprocess_env, tmp_path_factory) -> dict:
+    """Two independent runs trained at the same time, each checked by its own test: ``"uninterrupted"``, stages
+    1-3 through the CLI in one single process (ZeRO-3, the shipped default), never interrupted; ``"interrupted"``,
+    the same run stopped after 7 steps (the first half of the resume test). name -> (result, output)."""
+    root = tmp_path_factory.mktemp("run")
+    outputs = {"uninterrupted": root / "out", "interrupted": root / "interrupted"}
+    extra = {"uninterrupted": [], "interrupted": ["--stop-after-steps", "7"]}
+    results = concurrently(*(lambda name=name: train_cli(subprocess_env, *run_args(models, vqa_data, outputs[name]),
+                                                          *extra[name]) for name in outputs))
+    return {name: (result, outputs[name]) for name, result in zip(outputs, results, strict=True)}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(first_runs) -> Path:
     """Stages 1-3 through the CLI in one single process (ZeRO-3, the shipped default), never interrupted."""
-    output = tmp_path_factory.mktemp("run") / "out"
-    result = train_cli(subprocess_env, *run_args(models, vqa_data, output))
+    result, output = first_runs["uninterrupted"]
     assert result.returncode == 0, result.stderr[-4000:]
     return output
 
@@ -373,12 +385,11 @@ def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_repeats_and_skips_no_step(uninterrupted_run, models, vqa_data, subprocess_env,
-                                                       tmp_path):
-    output = tmp_path / "out"
+def test_resume_after_a_crash_repeats_and_skips_no_step(uninterrupted_run, first_runs, models, vqa_data,
+                                                       subprocess_env):
+    first, output = first_runs["interrupted"]
     args = run_args(models, vqa_data, output)
     # Stage 1 (4 steps) and 3 steps of stage 2: its checkpoint at step 2, step 3 logged but never checkpointed.
-    first = train_cli(subprocess_env, *args, "--stop-after-steps", "7")
     assert first.returncode == 0, first.stderr[-4000:]
     assert (output / "stage1" / "DONE").is_file() and not (output / "stage2" / "DONE").exists()
     assert [r["step"] for r in metric_rows(output, 2)] == [0, 1, 2]
