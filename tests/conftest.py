@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,17 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_configure(config):
+    """One folder for DeepSpeed's JIT-compiled ops (the shared-memory comm op, CPU Adam: ~30-120 s each to build on
+    2 cores) for this process and every subprocess the tests start: the trainer runs of the benchmark, the demo,
+    the e2e and the recipe tests all load the ones built first. Kept in the pytest cache, so later sessions reuse
+    them; an outside ``$TORCH_EXTENSIONS_DIR`` wins."""
+    cache = getattr(config, "cache", None)
+    extensions = (cache.mkdir("torch_extensions") if cache is not None
+                  else Path(tempfile.gettempdir()) / "genrecal-torch-extensions")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions))
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +82,25 @@ def tiny_qwen2_config(hidden_size: int, vocab_size: int, **overrides):
     kwargs = dict(hidden_size=hidden_size, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return Qwen2Config(**(kwargs | overrides))
+
+
+def start_concurrently(*starts):
+    """Start servers at the same time: each of ``starts`` (no arguments) returns a started process with ``kill()``
+    (e.g. a ``TeacherProcess``). Returns them in order; if any start fails, the others are killed and its error is
+    raised. A server start is mostly imports and model loading (~5-10 s on 2 cores; vLLM ~25-40 s)."""
+    with ThreadPoolExecutor(max_workers=len(starts)) as pool:
+        futures = [pool.submit(start) for start in starts]
+    started, errors = [], []
+    for future in futures:
+        try:
+            started.append(future.result())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, once the others are stopped
+            errors.append(exc)
+    if errors:
+        for process in started:
+            process.kill()
+        raise errors[0]
+    return started
 
 
 def random_image(rng: np.random.Generator, size: int = 64) -> Image.Image:

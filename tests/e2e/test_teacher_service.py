@@ -62,7 +62,10 @@ def launch(request, teacher_path, backend: str, *extra: str) -> TeacherProcess:
 
 @pytest.fixture(scope="module")
 def server(request, teacher_path, backend):
-    process = launch(request, teacher_path, backend, "--max-request-mib", "1", "--batch-wait-ms", "20")
+    """One server per backend for the module; its last test stops it with SIGTERM (a vLLM start costs ~25-40 s on
+    2 cores, so the shutdown test takes the server the others used rather than starting its own)."""
+    process = launch(request, teacher_path, backend, "--max-request-mib", "1", "--batch-wait-ms", "20",
+                     "--grace-s", "5")
     yield process
     process.kill()
 
@@ -226,8 +229,11 @@ def test_two_clients_concurrently_get_their_own_results(server, backend, local, 
             torch.testing.assert_close(g, e, **GRAD_TOLERANCE[backend])
 
 
-def test_health_serving_then_not_serving_on_sigterm(request, teacher_path, backend):
-    process = launch(request, teacher_path, backend, "--grace-s", "5")
+def test_health_serving_then_not_serving_on_sigterm(server, backend):
+    """Last in the module (it stops the shared server): after the other tests' traffic, SIGTERM turns health to
+    NOT_SERVING and the server exits cleanly."""
+    process = server
+    assert process.proc.poll() is None, "the shared server died before its SIGTERM"
     channel = grpc.insecure_channel(process.address)
     health = health_pb2_grpc.HealthStub(channel)
     serving = health_pb2.HealthCheckResponse.SERVING

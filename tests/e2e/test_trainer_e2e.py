@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from PIL import Image
 
 from teacher_server.launch import TeacherProcess, free_port
+from tests.conftest import start_concurrently
 
 pytestmark = pytest.mark.slow
 
@@ -65,14 +65,11 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(request) -> dict:
-    """Subprocess environment: offline, one thread per process, DeepSpeed's JIT op cache kept across runs."""
-    cache = getattr(request.config, "cache", None)
-    extensions = (cache.mkdir("torch_extensions") if cache is not None
-                  else Path(tempfile.gettempdir()) / "genrecal-torch-extensions")
+def env() -> dict:
+    """Subprocess environment: offline, one thread per process, the session's DeepSpeed JIT op cache
+    (``TORCH_EXTENSIONS_DIR``, set in tests/conftest.py) inherited."""
     out = dict(os.environ)
     out.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=str(extensions),
                PYTHONPATH=os.pathsep.join([str(REPO), out.get("PYTHONPATH", "")]))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         out.pop(name, None)
@@ -229,7 +226,8 @@ def test_two_replicas_one_killed_mid_stage_loses_and_repeats_no_step(models, dat
     repeated, and the run goes on through stages 2 and 3 to a loadable student."""
     ports = [free_port(), free_port()]
     output, log = tmp_path / "out", tmp_path / "train.log"
-    replicas = [TeacherProcess(models[0], "--log-level", "DEBUG", port=port) for port in ports]
+    replicas = start_concurrently(*(lambda port=port: TeacherProcess(models[0], "--log-level", "DEBUG", port=port)
+                                    for port in ports))
     try:
         addr = ",".join(f"127.0.0.1:{port}" for port in ports)
         proc = start(env, train_args(models, data, output, 1, addr=addr, stages="1,2,3"), log)

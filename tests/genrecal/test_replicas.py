@@ -18,7 +18,7 @@ from genrecal.resilient_teacher import ResilientTeacher
 from genrecal.sample import Sample, Turn
 from genrecal.teacher import InProcessTeacher
 from teacher_server.launch import TeacherProcess, free_port
-from tests.conftest import random_image
+from tests.conftest import random_image, start_concurrently
 
 ANSWERS = ("red", "a small blue square", "green circle", "no")
 
@@ -53,7 +53,7 @@ def outputs_for(features, hidden: int) -> list[torch.Tensor]:
 @pytest.mark.slow
 def test_replicas_share_encode_score_their_own_handles_and_survive_a_dead_one(teacher_path, local, rng):
     ports = [free_port(), free_port()]
-    servers = [TeacherProcess(teacher_path, port=port) for port in ports]
+    servers = start_concurrently(*(lambda port=port: TeacherProcess(teacher_path, port=port) for port in ports))
     client = ReplicatedTeacher([f"127.0.0.1:{port}" for port in ports], retries=1, backoff_s=0.2,
                                probe_interval_s=0.5)
     teacher = ResilientTeacher(client, restart_wait_s=60.0)

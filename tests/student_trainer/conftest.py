@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +43,11 @@ def vqa_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def subprocess_env(request) -> dict:
-    cache = getattr(request.config, "cache", None)
-    extensions = (cache.mkdir("torch_extensions") if cache is not None
-                  else Path(tempfile.gettempdir()) / "genrecal-torch-extensions")
+def subprocess_env() -> dict:
+    """The trainer subprocesses' environment: offline, one thread each, the session's TORCH_EXTENSIONS_DIR
+    (tests/conftest.py) inherited."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=str(extensions), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env

@@ -4,7 +4,8 @@ resume after a crash, and the teacher-identity guard.
 The slow tests run the real thing: ``python -m student_trainer`` as a subprocess (ZeRO-3, one process, in-process
 teacher: a Qwen2-VL with the GPT-2 tokenizer; student: an InternVL with the Llama-2 tokenizer), and the recipe under
 ``torchrun`` with two gloo ranks. DeepSpeed JIT-compiles a shared-memory comm op on first use (~30-80 s); it is
-cached in the pytest cache (``TORCH_EXTENSIONS_DIR``), so only the first run ever pays for it.
+cached in the pytest cache (``TORCH_EXTENSIONS_DIR``, one folder for the whole session: tests/conftest.py), so only
+the first run ever pays for it.
 """
 
 from __future__ import annotations
@@ -58,11 +59,34 @@ def metric_rows(output: Path, stage: int) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+@pytest.fixture(scope="module")
+def teacher_server(models):
+    """One real teacher_server process (default options) for the tests that train against a server without
+    restarting it: each start costs ~5-10 s on 2 cores."""
+    from teacher_server.launch import TeacherProcess
+
+    server = TeacherProcess(models[0])
+    yield server
+    server.terminate()
+
+
 @pytest.fixture(scope="session")
-def uninterrupted_run(models, vqa_data, subprocess_env, tmp_path_factory) -> Path:
+def first_runs(models, vqa_data, subprocess_env, tmp_path_factory) -> dict:
+    """Two independent runs trained at the same time, each checked by its own test: ``"uninterrupted"``, stages
+    1-3 through the CLI in one single process (ZeRO-3, the shipped default), never interrupted; ``"interrupted"``,
+    the same run stopped after 7 steps (the first half of the resume test). name -> (result, output)."""
+    root = tmp_path_factory.mktemp("run")
+    outputs = {"uninterrupted": root / "out", "interrupted": root / "interrupted"}
+    extra = {"uninterrupted": [], "interrupted": ["--stop-after-steps", "7"]}
+    results = concurrently(*(lambda name=name: train_cli(subprocess_env, *run_args(models, vqa_data, outputs[name]),
+                                                          *extra[name]) for name in outputs))
+    return {name: (result, outputs[name]) for name, result in zip(outputs, results, strict=True)}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(first_runs) -> Path:
     """Stages 1-3 through the CLI in one single process (ZeRO-3, the shipped default), never interrupted."""
-    output = tmp_path_factory.mktemp("run") / "out"
-    result = train_cli(subprocess_env, *run_args(models, vqa_data, output))
+    result, output = first_runs["uninterrupted"]
     assert result.returncode == 0, result.stderr[-4000:]
     return output
 
@@ -249,16 +273,28 @@ def test_single_process_zero3_three_stages_via_cli(uninterrupted_run, models, vq
     assert 1 <= generated.shape[1] - inputs["input_ids"].shape[1] <= 3
 
 
+@pytest.fixture(scope="module")
+def logit_distillation_runs(models, vqa_data, subprocess_env, tiny_checkpoint, tmp_path_factory) -> dict:
+    """kind -> (result, output) of the KD and the ULD run (stage 3 + the term, in-process teacher), trained at the
+    same time (independent runs; each test below checks its own)."""
+    teacher, cross_student = models
+    students = {"kd": tiny_checkpoint("qwen2_vl", tokenizer="gpt2", seed=5), "uld": cross_student}
+    root = tmp_path_factory.mktemp("logit_distillation")
+
+    def run(kind):
+        output = root / kind
+        return train_cli(subprocess_env, *run_args((teacher, students[kind]), vqa_data, output, "--stages", "3",
+                                                   "--logit-distillation", kind, "--deepspeed",
+                                                   CONFIGS / "zero2.json")), output
+
+    return dict(zip(students, concurrently(*(lambda kind=kind: run(kind) for kind in students)), strict=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["kd", "uld"])
-def test_logit_distillation_baselines_train_through_the_cli(kind, models, vqa_data, subprocess_env, tmp_path,
-                                                            tiny_checkpoint):
+def test_logit_distillation_baselines_train_through_the_cli(kind, logit_distillation_runs):
     """Stage 3 + the KD / ULD term with an in-process teacher: the term is logged every step and training moves."""
-    teacher, cross_student = models
-    student = tiny_checkpoint("qwen2_vl", tokenizer="gpt2", seed=5) if kind == "kd" else cross_student
-    output = tmp_path / kind
-    result = train_cli(subprocess_env, *run_args((teacher, student), vqa_data, output, "--stages", "3",
-                                                 "--logit-distillation", kind, "--deepspeed", CONFIGS / "zero2.json"))
+    result, output = logit_distillation_runs[kind]
     assert result.returncode == 0, result.stderr[-4000:]
     rows = metric_rows(output, 3)
     name = kind.upper()
@@ -349,12 +385,11 @@ def test_two_rank_gradients_equal_one_big_batch(models, vqa_data, subprocess_env
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_repeats_and_skips_no_step(uninterrupted_run, models, vqa_data, subprocess_env,
-                                                       tmp_path):
-    output = tmp_path / "out"
+def test_resume_after_a_crash_repeats_and_skips_no_step(uninterrupted_run, first_runs, models, vqa_data,
+                                                       subprocess_env):
+    first, output = first_runs["interrupted"]
     args = run_args(models, vqa_data, output)
     # Stage 1 (4 steps) and 3 steps of stage 2: its checkpoint at step 2, step 3 logged but never checkpointed.
-    first = train_cli(subprocess_env, *args, "--stop-after-steps", "7")
     assert first.returncode == 0, first.stderr[-4000:]
     assert (output / "stage1" / "DONE").is_file() and not (output / "stage2" / "DONE").exists()
     assert [r["step"] for r in metric_rows(output, 2)] == [0, 1, 2]
@@ -395,18 +430,12 @@ def test_a_different_teacher_is_refused_naming_both(models, vqa_data, subprocess
 
 @pytest.mark.slow
 def test_remote_teacher_trains_like_the_in_process_one(uninterrupted_run, models, vqa_data, subprocess_env,
-                                                       tmp_path):
+                                                       teacher_server, tmp_path):
     """The CLI against a real teacher_server process: stages 1-2 log the same losses as the in-process teacher."""
-    from teacher_server.launch import TeacherProcess
-
     teacher_path, student_path = models
     output = tmp_path / "out"
-    server = TeacherProcess(teacher_path)
-    try:
-        result = train_cli(subprocess_env, "--teacher-addr", server.address, "--student", student_path,
-                           "--data", vqa_data, "--output", output, "--stages", "1,2", *RUN_FLAGS)
-    finally:
-        server.terminate()
+    result = train_cli(subprocess_env, "--teacher-addr", teacher_server.address, "--student", student_path,
+                       "--data", vqa_data, "--output", output, "--stages", "1,2", *RUN_FLAGS)
     assert result.returncode == 0, result.stderr[-4000:]
     teacher = json.loads((output / "manifest.json").read_text())["teacher"]
     assert teacher["model_name"] == Path(teacher_path).name and teacher["hidden_size"] == 96
@@ -509,12 +538,10 @@ def test_two_different_samples_under_one_id_are_refused():
 
 @pytest.mark.slow
 def test_data_smaller_than_one_step_trains_all_stages_against_the_server(models, vqa_data, subprocess_env,
-                                                                        tmp_path):
+                                                                        teacher_server, tmp_path):
     """3 samples, 4 per step: every step holds a sample twice (an epoch boundary inside the step). Against a
     real teacher_server (one Encode per step, which may not repeat a sample id) stages 1-3 run and log the
     losses of the in-process teacher, which encodes every occurrence on its own."""
-    from teacher_server.launch import TeacherProcess
-
     teacher_path, student_path = models
     small = tmp_path / "small.json"
     small.write_text(json.dumps(json.loads(vqa_data.read_text())[:3]))
@@ -522,15 +549,11 @@ def test_data_smaller_than_one_step_trains_all_stages_against_the_server(models,
     flags = ["--student", student_path, "--data", small, "--steps-per-stage", "2", "--grad-accum", "4",
              "--micro-batch-size", "1", "--save-every", "100", "--lr", "2e-3", "--lr-end", "2e-4", "--seed", "0",
              "--no-tensorboard", "--data-workers", "0"]
-    server = TeacherProcess(teacher_path)
-    try:
-        remote, local = concurrently(  # independent runs
-            lambda: train_cli(subprocess_env, "--teacher-addr", server.address, "--output", tmp_path / "remote",
-                              *flags),
-            lambda: train_cli(subprocess_env, "--teacher-model", teacher_path, "--output", tmp_path / "local", *flags),
-        )
-    finally:
-        server.terminate()
+    remote, local = concurrently(  # independent runs
+        lambda: train_cli(subprocess_env, "--teacher-addr", teacher_server.address, "--output", tmp_path / "remote",
+                          *flags),
+        lambda: train_cli(subprocess_env, "--teacher-model", teacher_path, "--output", tmp_path / "local", *flags),
+    )
     assert remote.returncode == 0, remote.stderr[-4000:]
     assert local.returncode == 0, local.stderr[-4000:]
     for stage in (1, 2, 3):
@@ -552,10 +575,12 @@ def test_zero_offload_steps_with_deepspeed_cpu_adam_like_adamw(models, vqa_data,
     flags = ["--stages", "3", "--student", student, "--data", vqa_data, "--steps-per-stage", "2", "--grad-accum", "2",
              "--micro-batch-size", "1", "--save-every", "100", "--lr", "2e-3", "--lr-end", "2e-4", "--seed", "0",
              "--weight-decay", "0.1", "--no-tensorboard", "--precision", "fp32", "--data-workers", "0"]
-    offload = train_cli(subprocess_env, *flags, "--deepspeed", CONFIGS / "zero2_offload.json",
-                        "--output", tmp_path / "offload", timeout=900)
+    offload, plain = concurrently(  # independent runs (the plain one while CPU Adam's op builds on first use)
+        lambda: train_cli(subprocess_env, *flags, "--deepspeed", CONFIGS / "zero2_offload.json",
+                          "--output", tmp_path / "offload", timeout=900),
+        lambda: train_cli(subprocess_env, *flags, "--deepspeed", CONFIGS / "zero2.json", "--output", tmp_path / "plain"),
+    )
     assert offload.returncode == 0, offload.stderr[-4000:]
-    plain = train_cli(subprocess_env, *flags, "--deepspeed", CONFIGS / "zero2.json", "--output", tmp_path / "plain")
     assert plain.returncode == 0, plain.stderr[-4000:]
     assert "ZeRO-2, DeepSpeedCPUAdam, float32" in offload.stderr and "ZeRO-2, AdamW, float32" in plain.stderr
     original = load_file(Path(student) / "model.safetensors")
@@ -566,26 +591,21 @@ def test_zero_offload_steps_with_deepspeed_cpu_adam_like_adamw(models, vqa_data,
 
 
 @pytest.mark.slow
-def test_overlapped_score_trains_exactly_like_the_sequential_loop(models, vqa_data, subprocess_env, tmp_path):
+def test_overlapped_score_trains_exactly_like_the_sequential_loop(models, vqa_data, subprocess_env, teacher_server,
+                                                                  tmp_path):
     """Against a real teacher_server (ZeRO-3, 2 micro-batches per step: the last backward follows another
     backward): with each Score in flight during the next micro-batch's forward, stage 2 logs the same losses and
     ends with the same weights as with --no-score-overlap, bit for bit. (Stage 1 overlapped, against the in-process
     teacher: test_remote_teacher_trains_like_the_in_process_one.)"""
-    from teacher_server.launch import TeacherProcess
-
-    teacher_path, student_path = models
+    _, student_path = models
     flags = ["--student", student_path, "--data", vqa_data, "--stages", "2", "--steps-per-stage", "2",
              "--grad-accum", "2", "--micro-batch-size", "1", "--save-every", "100", "--lr", "2e-3", "--lr-end",
              "2e-4", "--seed", "0", "--no-tensorboard", "--data-workers", "0"]
-    server = TeacherProcess(teacher_path)
-    try:
-        sides = {"overlap": [], "sequential": ["--no-score-overlap"]}
-        results = concurrently(*(lambda name=name, extra=extra: train_cli(
-            subprocess_env, "--teacher-addr", server.address, "--output", tmp_path / name, *flags, *extra)
-            for name, extra in sides.items()))
-        runs = dict(zip(sides, results, strict=True))
-    finally:
-        server.terminate()
+    sides = {"overlap": [], "sequential": ["--no-score-overlap"]}
+    results = concurrently(*(lambda name=name, extra=extra: train_cli(
+        subprocess_env, "--teacher-addr", teacher_server.address, "--output", tmp_path / name, *flags, *extra)
+        for name, extra in sides.items()))
+    runs = dict(zip(sides, results, strict=True))
     for name, result in runs.items():
         assert result.returncode == 0, result.stderr[-4000:]
         assert ("each Score overlaps the next micro-batch's forward" in result.stderr) == (name == "overlap")

@@ -321,7 +321,9 @@ def test_a_bad_sample_fails_only_its_own_request(make_engine, reference, rng):
     unsplittable = [random_sample(rng, "fine"), Sample("unsplittable", [Turn("user", "q?"), Turn("assistant", "\n\nred")])]
     too_long = [random_sample(rng, "too-long")]
     corrupt = [Sample("corrupt", [Turn("user", "<image>\nq?"), Turn("assistant", "a")], [b"\x89PNG not really"])]
-    engine = make_engine(max_batch_samples=len(good) + len(unsplittable) + len(too_long), batch_wait_ms=10_000)
+    # A window that would put every request the callers' threads queue (they start together) into one forward;
+    # the good request, alone in it, waits it out.
+    engine = make_engine(max_batch_samples=len(good) + len(unsplittable) + len(too_long), batch_wait_ms=2_000)
 
     results = run_concurrently([
         lambda: engine.encode(good),
@@ -363,7 +365,7 @@ def test_token_budget_splits_forwards_and_refuses_an_oversized_sample(make_engin
         assert_same_features(g, want, PADDED)
 
     long_sample = Sample("long", [Turn("user", words(rng, budget)), Turn("assistant", "yes")])
-    small = make_engine(max_batch_tokens=budget, max_batch_samples=2, batch_wait_ms=10_000)
+    small = make_engine(max_batch_tokens=budget, max_batch_samples=2, batch_wait_ms=2_000)  # both in one window
     fine, refused = run_concurrently([lambda: small.encode(samples[:1]), lambda: small.encode([long_sample])])
     assert not isinstance(fine, Exception), fine
     assert isinstance(refused, ResourceExhausted)

@@ -17,7 +17,7 @@ from genrecal.client import TeacherClient
 from genrecal.families import supported_model_types
 from genrecal.sample import Sample, Turn
 from teacher_server.launch import TeacherProcess
-from tests.conftest import random_image
+from tests.conftest import random_image, start_concurrently
 
 pytestmark = pytest.mark.slow
 VLLM_FLAGS = ("--backend", "vllm", "--max-model-len", "2048", "--max-images-per-sample", "2")
@@ -48,12 +48,9 @@ def samples(rng) -> list[Sample]:
 def test_vllm_backend_equals_transformers_backend(tiny_checkpoint, vllm_python, family, rng):
     path = tiny_checkpoint(family, num_heads=2)
     batch = samples(rng)
-    reference = TeacherProcess(path)
-    try:
-        server = TeacherProcess(path, *VLLM_FLAGS, python=vllm_python, timeout_s=START_S)
-    except BaseException:
-        reference.kill()
-        raise
+    # the reference starts while vLLM imports and profiles
+    reference, server = start_concurrently(
+        lambda: TeacherProcess(path), lambda: TeacherProcess(path, *VLLM_FLAGS, python=vllm_python, timeout_s=START_S))
     try:
         expected_client = TeacherClient(reference.address, question_features=True)
         client = TeacherClient(server.address, question_features=True)
