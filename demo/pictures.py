@@ -5,8 +5,8 @@ VLM was. The demo's stands-in for that: an endless, seeded stream of 64x64 pictu
 light background, drawn as easy-VQA draws its own (one of its 8 colours and 3 shapes, size 8-36 px, anywhere in
 the picture, anti-aliased), labelled with what they show. None of them is an easy-VQA picture, so the distillation
 data never meets them. On easy-VQA's 1,000 test pictures a tiny InternViT trained on them with the vision probe
-(7-px patches) names the shape of 75-85 % after 1,000-1,250 steps of 64; trained on the 1,000 warm-up pictures
-with 14-px patches it stayed at 41-43 % (``docs/demo.md``).
+(7-px patches) tells the shape of 75-85 % after 1,000-1,250 steps of 64; with 14-px patches it stayed at 42-46 %
+(``docs/demo.md``).
 """
 
 from __future__ import annotations

@@ -84,23 +84,35 @@ def tiny_qwen2_config(hidden_size: int, vocab_size: int, **overrides):
     return Qwen2Config(**(kwargs | overrides))
 
 
+def _outcomes(calls) -> list[tuple[object, BaseException | None]]:
+    """(result, error) of each call, all run at the same time (one thread each) and all finished."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [(None, f.exception()) if f.exception() is not None else (f.result(), None) for f in futures]
+
+
+def concurrently(*calls):
+    """Run independent calls (e.g. trainer invocations, one torch thread each: the CI machine has 2 cores) at the
+    same time; return their results in order, or raise the first error once all have finished."""
+    outcomes = _outcomes(calls)
+    for _, error in outcomes:
+        if error is not None:
+            raise error
+    return [result for result, _ in outcomes]
+
+
 def start_concurrently(*starts):
     """Start servers at the same time: each of ``starts`` (no arguments) returns a started process with ``kill()``
     (e.g. a ``TeacherProcess``). Returns them in order; if any start fails, the others are killed and its error is
     raised. A server start is mostly imports and model loading (~5-10 s on 2 cores; vLLM ~25-40 s)."""
-    with ThreadPoolExecutor(max_workers=len(starts)) as pool:
-        futures = [pool.submit(start) for start in starts]
-    started, errors = [], []
-    for future in futures:
-        try:
-            started.append(future.result())
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, once the others are stopped
-            errors.append(exc)
+    outcomes = _outcomes(starts)
+    errors = [error for _, error in outcomes if error is not None]
     if errors:
-        for process in started:
-            process.kill()
+        for process, error in outcomes:
+            if error is None:
+                process.kill()
         raise errors[0]
-    return started
+    return [process for process, _ in outcomes]
 
 
 def random_image(rng: np.random.Generator, size: int = 64) -> Image.Image:

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from tests.student_trainer.test_recipe import concurrently, metric_rows, train_cli
+from tests.conftest import concurrently
+from tests.student_trainer.test_recipe import metric_rows, train_cli
 
 pytestmark = pytest.mark.slow
 STAGE3 = ["--stages", "3", "--grad-accum", "2", "--micro-batch-size", "1", "--seed", "0", "--no-tensorboard",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from safetensors.torch import load_file
 
 from genrecal.stages import Stage
 from student_trainer.config import DEFAULT_DEEPSPEED_CONFIG, TrainConfig, config_from_args
+from tests.conftest import concurrently
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "student_trainer" / "configs"
@@ -40,13 +40,6 @@ RUN_FLAGS = ["--steps-per-stage", "4", "--grad-accum", "2", "--micro-batch-size"
 def train_cli(env, *args, timeout=420) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "student_trainer", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def concurrently(*calls):
-    """Run independent trainer invocations at the same time (one torch thread each; the CI machine has 2 cores);
-    return their results in order."""
-    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-        return [f.result() for f in [pool.submit(call) for call in calls]]
 
 
 def run_args(models, data, output, *extra):
