@@ -4,7 +4,7 @@
 |---|---|---|---|---|
 | ``teacher`` | Qwen2-VL, GPT-2 (50,257) | hidden 96, 3 layers, ViT 128 x 2 | 16 (112 px) | easy-VQA train, clean, type-balanced |
 | ``student`` | InternVL, Llama-2 (32,000) | hidden 64, 6 layers, InternViT 64 x 2, 7-px patches | 4 (one 56-px tile) | drawn pictures (vision), then the warm-up pool with 50 colour and 50 shape questions |
-| ``student_same_tok`` | Qwen2-VL, GPT-2 | hidden 64, 6 layers, ViT 64 x 2 | 4 (56 px) | the warm-up pool |
+| ``student_same_tok`` | Qwen2-VL, GPT-2 | hidden 64, 6 layers, ViT 64 x 2 | 4 (56 px) | the warm-up pool with 50 colour and 50 shape questions |
 
 Each is a real-format tiny checkpoint (:func:`genrecal.tiny.write_tiny_checkpoint`, tied embeddings) pre-trained
 with every part trainable, the vision tower included (:mod:`demo.pretrain`). The base students' warm-up pool is
@@ -12,14 +12,18 @@ the questions about every 4th training picture (:mod:`demo.splits`), which the d
 Rec-body (2 blocks of the student's own decoder layer) is 1/3 of the student's decoder.
 
 ``teacher`` and ``student`` ship as trained weights (``demo/weights/NAME.safetensors``, bf16, the parameters
-only; tokenizer, processor and config come from the tiny recipe). :func:`prepare_models` rebuilds the checkpoint
+only; tokenizer, processor and config come from the tiny recipe), and so does ``student_same_tok``, the
+distillation benchmark's positive-control student (``BENCHMARK_ONLY``: the demo never loads it; shipped because
+pre-training from scratch does not reproduce across CPUs, and the control must measure one fixed model). :func:`prepare_models` rebuilds the checkpoint
 folders from them in seconds; a model without shipped weights (or whose recipe changed) is pre-trained and
 cached. The shipped files are reproduced, from easy-VQA, by::
 
     python -m demo.models build --out demo/weights
+    python -m demo.models build --out demo/weights --only student_same_tok
 
 (run by the tests at toy size only; the shipped teacher came from an experiment script with the same recipe, one
-torch thread, 7 min; the student from :func:`build` with its recipe, 11 min on one core of this 2-core VM).
+torch thread, 7 min; the student from :func:`build` with its recipe, 11 min on one core of this 2-core VM; ``student_same_tok``
+likewise, 3 min).
 """
 
 from __future__ import annotations
@@ -88,10 +92,11 @@ RECIPES: dict[str, ModelRecipe] = {
     "student_same_tok": ModelRecipe(
         "qwen2_vl", "gpt2", TinySizes(hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1, intermediate_size=128,
                                       vision_hidden_size=64, vision_layers=2, vision_heads=2),
-        data="warmup", per_type=1300, image_side=56, type_limits=(("colour", 200),),
+        data="warmup", per_type=1300, image_side=56, type_limits=(("colour", 50), ("shape", 50)),
         pretraining=PretrainConfig(steps=600, batch_size=32, lr=3e-3, lr_end=1e-4, warmup_steps=50)),
 }
-SHIPPED = ("teacher", "student")
+SHIPPED = ("teacher", "student")  # the demo's models
+BENCHMARK_ONLY = ("student_same_tok",)  # shipped too, for benchmarks/distillation.py
 
 
 def set_min_image_side(checkpoint: Path, side: int) -> None:

@@ -22,7 +22,8 @@ def pytest_configure(config):
     """One folder for DeepSpeed's JIT-compiled ops (the shared-memory comm op, CPU Adam: ~30-120 s each to build on
     2 cores) for this process and every subprocess the tests start: the trainer runs of the benchmark, the demo,
     the e2e and the recipe tests all load the ones built first. Kept in the pytest cache, so later sessions reuse
-    them; an outside ``$TORCH_EXTENSIONS_DIR`` wins."""
+    them; an outside ``$TORCH_EXTENSIONS_DIR`` wins: ``.ci/run`` builds both ops at install time
+    (``.ci/deepspeed-ops``) into ``.venv/torch_extensions`` and exports it, so CI's tests build nothing."""
     cache = getattr(config, "cache", None)
     extensions = (cache.mkdir("torch_extensions") if cache is not None
                   else Path(tempfile.gettempdir()) / "genrecal-torch-extensions")
