@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student", type=Path, required=True, help="base student checkpoint folder")
     parser.add_argument("--recalibrator", type=Path, required=True, help="stage 1's recalibrator.safetensors")
     parser.add_argument("--data", type=Path, required=True, help="the benchmark's train_distill.json")
-    parser.add_argument("--questions", type=int, default=128, help="colour/shape questions used (default 128)")
+    parser.add_argument("--questions", type=int, default=128, help="colour/shape questions used, in micro-batches of 8 (a remainder is left out; default 128)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     grads = stage2_gradients(args.teacher, args.student, args.recalibrator, args.data, args.questions)

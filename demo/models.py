@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("build", help="pre-train the shipped models from easy-VQA and write their weights")
     b.add_argument("--out", default=str(WEIGHTS_DIR), help=f"folder for NAME.safetensors (default {WEIGHTS_DIR})")
     b.add_argument("--work", default="runs/demo_models", help="folder for the data and the checkpoints")
-    b.add_argument("--only", default=",".join(SHIPPED), help="comma-separated model names (default: the shipped)")
+    b.add_argument("--only", default=",".join(SHIPPED), help="comma-separated model names (default: the demo's, " + ",".join(SHIPPED) + ")")
     b.add_argument("--steps", type=int,
                    help="override every model's pre-training steps, vision phase included (tests: a short run)")
     b.add_argument("--evaluate", type=int, default=1000, metavar="N", help="then evaluate on N test questions")

@@ -59,6 +59,15 @@ def test_shipped_weights_fit_the_budget_and_match_their_recipes():
     assert sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors")) == sorted(SHIPPED + BENCHMARK_ONLY)
 
 
+def test_the_benchmarks_student_loads_from_its_shipped_weights(tmp_path):
+    path = from_shipped("student_same_tok", tmp_path / "model")
+    assert path is not None
+    vlm = load_vlm(path)
+    assert vlm.adapter.model_type == RECIPES["student_same_tok"].family
+    logits = answer_logits(vlm, "what color is the shape?", [picture(c) for c in ("red", "blue", "green", "yellow")])
+    assert (logits - logits[0]).abs().max() > 1.0  # its answer moves with the picture (measured 2.7)
+
+
 def test_teacher_and_student_differ_in_everything_genrecal_bridges(shipped):
     teacher, student = (load_vlm(shipped[n]) for n in ("teacher", "student"))
     assert teacher.adapter.model_type != student.adapter.model_type
