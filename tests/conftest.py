@@ -15,6 +15,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -83,6 +84,19 @@ def tiny_qwen2_config(hidden_size: int, vocab_size: int, **overrides):
     kwargs = dict(hidden_size=hidden_size, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return Qwen2Config(**(kwargs | overrides))
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict:
+    """The environment of the trainers and servers the tests start: offline, one thread each, unbuffered, this
+    checkout importable, no leftover rank variables; ``TORCH_EXTENSIONS_DIR`` (see :func:`pytest_configure`)
+    inherited."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
 
 
 def _outcomes(calls) -> list[tuple[object, BaseException | None]]:

@@ -14,7 +14,6 @@ in-process teacher (``--teacher-model``), which computes the same features as th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -65,15 +64,8 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env() -> dict:
-    """Subprocess environment: offline, one thread per process, the session's DeepSpeed JIT op cache
-    (``TORCH_EXTENSIONS_DIR``, set in tests/conftest.py) inherited."""
-    out = dict(os.environ)
-    out.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), out.get("PYTHONPATH", "")]))
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        out.pop(name, None)
-    return out
+def env(subprocess_env) -> dict:
+    return subprocess_env
 
 
 def forwards(server: TeacherProcess) -> list[str]:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 # Answers of different lengths, so per-micro-batch means differ from the big batch's token mean.
 ANSWERS = ("{c}", "it is {c}", "the whole picture is plain {c}", "{c} again")
@@ -41,15 +39,5 @@ def vqa_data(tmp_path_factory) -> Path:
     path.write_text(json.dumps(records))
     return path
 
-
-@pytest.fixture(scope="session")
-def subprocess_env() -> dict:
-    """The trainer subprocesses' environment: offline, one thread each, the session's TORCH_EXTENSIONS_DIR
-    (tests/conftest.py) inherited."""
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
 
 
