@@ -51,26 +51,24 @@ def test_rows_train_through_the_trainer_and_pair_by_seed(tiny_checkpoint, tmp_pa
               "student": Path(tiny_checkpoint("internvl", tokenizer="llama2", hidden_size=64)),
               "student_same_tok": Path(tiny_checkpoint("qwen2_vl", tokenizer="gpt2", seed=7))}
     data = write_data(tmp_path / "data", rng)
-    # One seed for every row, a second (the extra-seeds path) for the pair the test checks: five trainer runs.
-    rows = ["sft", "genrecal", "same_tok_kd"]
+    # The pair the test checks on seed 0 and, through the extra-seeds path, seed 1: four trainer runs, two at a time
+    # (the KD rows' trainer CLI path: test_the_kd_and_uld_rows_give_the_trainer_an_in_process_teacher below).
+    rows = ["sft", "genrecal"]
     cfg = bench.BenchConfig(seeds=[0], steps_per_stage=1, micro_batch_size=2, grad_accum=1, label_noise=0.5,
-                            test_per_type=2, jobs=2, extra_seeds=[1], extra_rows=["sft", "genrecal"])
+                            test_per_type=2, jobs=2, extra_seeds=[1], extra_rows=rows)
     results = bench.run_benchmark(cfg, tmp_path / "out", rows, data=data, models=models)
 
     assert set(results["variants"]) == {"teacher", "base_student", "base_student_same_tok", *rows}
     for name in rows:
         per_seed = results["variants"][name]["per_seed"]
-        assert set(per_seed) == ({"0"} if name == "same_tok_kd" else {"0", "1"})
+        assert set(per_seed) == {"0", "1"}
         assert all(0.0 <= a <= 1.0 for a in per_seed.values())
-    # Every row ran the trainer CLI; the student's steps: 3N for the single-stage rows, N in GenRecal's stages 2, 3.
+    # Every row ran the trainer CLI; the student's steps: 3N for SFT, N in GenRecal's stages 2 and 3.
     runs = tmp_path / "out" / "runs" / "seed0"
-    for name in ("sft", "same_tok_kd"):
-        assert len((runs / name / "metrics" / "stage3.jsonl").read_text().splitlines()) == 3
+    assert len((runs / "sft" / "metrics" / "stage3.jsonl").read_text().splitlines()) == 3
     steps = {s: len((runs / "genrecal" / "metrics" / f"stage{s}.jsonl").read_text().splitlines()) for s in (1, 2, 3)}
     assert steps == {1: 5, 2: 1, 3: 1}  # stage 1 aligns the Recalibrator for 5N steps
     assert "--teacher-addr" in (runs / "genrecal" / "bench.log").read_text().splitlines()[0]
-    assert "KD" in json.loads((runs / "same_tok_kd" / "metrics" / "stage3.jsonl").read_text().splitlines()[0])
-    assert not (tmp_path / "out" / "runs" / "seed1" / "same_tok_kd").exists()
     difference = results["paired_differences_points"]["genrecal - sft"]
     per_seed = {name: results["variants"][name]["per_seed"] for name in ("genrecal", "sft")}
     expected = [100 * (per_seed["genrecal"][s] - per_seed["sft"][s]) for s in ("0", "1")]
@@ -81,6 +79,19 @@ def test_rows_train_through_the_trainer_and_pair_by_seed(tiny_checkpoint, tmp_pa
     changed = [r for r in distill if "clean_answer" in r]
     assert changed and all(r["conversations"][-1]["value"] != r["clean_answer"] for r in changed)
     assert "GenRecal" in bench.markdown(results)
+
+
+def test_the_kd_and_uld_rows_give_the_trainer_an_in_process_teacher(tmp_path):
+    """The logit-distillation rows run the trainer with --teacher-model and their loss option (the trainer's KD /
+    ULD through its CLI: tests/student_trainer/test_recipe.py::test_logit_distillation_baselines_train_through_the_cli)."""
+    bench = load_benchmark()
+    cfg = bench.BenchConfig(steps_per_stage=40)
+    student, teacher, data, test, out = (tmp_path / name for name in ("student", "teacher", "d.json", "t.json", "o"))
+    for name, loss in (("same_tok_kd", "kd"), ("uld", "uld")):
+        cmd = bench.trainer_command(bench.ROWS[name], student, teacher, None, data, test, out, 1, cfg)
+        assert cmd[cmd.index("--logit-distillation") + 1] == loss and cmd[cmd.index("--teacher-model") + 1] == str(teacher)
+        assert "--teacher-addr" not in cmd and cmd[cmd.index("--stages") + 1] == "3"
+        assert cmd[cmd.index("--steps-per-stage") + 1] == "120" and cmd[cmd.index("--lr") + 1] == "0.001"
 
 
 def test_the_positive_control_alone_runs_the_extra_seeds():

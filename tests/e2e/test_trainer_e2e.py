@@ -1,7 +1,7 @@
 """The student trainer end to end against real teacher_server processes.
 
-- Two ranks under ``torchrun`` (ZeRO-3) train stages 1-3 against a teacher service; the final student loads,
-  generates and is evaluated by the ``eval`` command.
+- Two ranks under ``torchrun`` (ZeRO-3) train stages 1-3 against a teacher service; the final student loads and
+  generates.
 - The teacher is killed and restarted on the same port in the middle of stage 1; the run waits, re-encodes and
   finishes with every step logged once and the losses of a run that was never interrupted.
 - Two runs share one teacher at the same time; each logs the losses it logs when it runs alone.
@@ -173,15 +173,8 @@ def test_two_ranks_zero3_against_a_teacher_server(models, data, env, server, tmp
     assert l1_ce == sorted(l1_ce, reverse=True) and l1_ce[-1] < 0.97 * l1_ce[0], f"L1_ce did not fall: {l1_ce}"
     assert rows(output, 3)[-1]["L3"] < rows(output, 3)[0]["L3"]
 
-    loads_and_generates(output / "final", data.parent / "images" / "0.png")
-    result = subprocess.run(
-        [sys.executable, "-m", "student_trainer", "eval", "--model", str(output / "final"), "--data", str(data),
-         "--limit", "4", "--max-new-tokens", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    table = result.stdout.splitlines()
-    assert table[0].split() == ["type", "accuracy", "count"]
-    assert table[-1].split()[0] == "overall" and table[-1].split()[-1] == "4"
+    loads_and_generates(output / "final", data.parent / "images" / "0.png")  # (the eval command on a final
+    # student: tests/student_trainer/test_recipe.py::test_eval_and_align_commands)
 
 
 def test_a_teacher_restart_mid_stage_loses_and_repeats_no_step(models, data, env, alone, tmp_path):

@@ -452,7 +452,9 @@ def test_eval_and_align_commands(uninterrupted_run, models, vqa_data, tmp_path, 
     stage1 = uninterrupted_run / "stage1"
     assert main(["eval", "--model", str(uninterrupted_run / "final"), "--data", str(vqa_data), "--limit", "3",
                  "--max-new-tokens", "3", "--out", str(tmp_path / "eval.json")]) == 0
-    assert "overall" in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["type", "accuracy", "count"]
+    assert [line.split()[-1] for line in table if line.startswith("overall")] == ["3"]
     assert json.loads((tmp_path / "eval.json").read_text())["count"] == 3
 
     png = tmp_path / "fig7.png"
