@@ -9,11 +9,14 @@ the body's features and the deficit is the head's read-out, which GenRecal's sta
 
     # OUT/ is benchmarks/distillation.py's --out; any number of student checkpoints (base, after stage 2, ...)
     python benchmarks/answer_probe.py --data OUT/data --models OUT/models/student/model runs/genrecal/final
+    # the reference: the same vision encoder and projector under a freshly initialised language model and head
+    python benchmarks/answer_probe.py --data OUT/data --models OUT/models/student/model --random-language-model
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -72,9 +75,28 @@ def linear_probe(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor
         return float((probe(test_x).argmax(1) == b).float().mean())
 
 
-def probe_model(model: Path, data: Path, kinds: list[str], train_per_type: int) -> dict[str, dict[str, float]]:
+def with_random_language_model(vlm, seed: int = 0):
+    """The same VLM with its body and head re-initialised (the family's own init), its trained vision encoder and
+    projector kept: what a language model that learnt nothing makes of what the vision tower sees."""
+    torch.manual_seed(seed)
+    fresh = type(vlm.model)._from_config(vlm.model.config)
+    groups = vlm.adapter.parameter_groups(vlm.model)
+    kept = {id(p) for group in ("vision_encoder", "projector") for p in groups[group]}
+    trained = vlm.model.state_dict()
+    state = fresh.state_dict()
+    for name, param in vlm.model.named_parameters():
+        if id(param) in kept:
+            state[name] = trained[name]
+    fresh.load_state_dict(state)
+    return dataclasses.replace(vlm, model=fresh)
+
+
+def probe_model(model: Path, data: Path, kinds: list[str], train_per_type: int,
+                random_language_model: bool = False) -> dict[str, dict[str, float]]:
     """kind -> {"head": the head's first-token accuracy on the test questions, "probe": the probe's}."""
     vlm = load_vlm(model)
+    if random_language_model:
+        vlm = with_random_language_model(vlm)
     vlm.model.eval()
     out = {}
     for kind in kinds:
@@ -92,12 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=Path, nargs="+", required=True, help="student checkpoint folders")
     parser.add_argument("--types", default="colour,shape", help="question types, comma-separated (default colour,shape)")
     parser.add_argument("--train-per-type", type=int, default=600, help="distillation questions the probe is fitted on")
+    parser.add_argument("--random-language-model", action="store_true",
+                        help="re-initialise each model's body and head first (vision encoder and projector kept)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     kinds = args.types.split(",")
     print(f"{'model':<48} {'type':<7} {'head':>6} {'probe':>6} {'n':>5}")
     for model in args.models:
-        for kind, row in probe_model(model, args.data, kinds, args.train_per_type).items():
+        rows = probe_model(model, args.data, kinds, args.train_per_type, args.random_language_model)
+        for kind, row in rows.items():
             print(f"{str(model)[-48:]:<48} {kind:<7} {row['head']:6.1%} {row['probe']:6.1%} {row['test_questions']:5d}",
                   flush=True)
 

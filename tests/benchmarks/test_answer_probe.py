@@ -83,6 +83,22 @@ def test_the_probe_separates_what_is_separable_and_not_random_labels():
     assert probe.linear_probe(x[:300], noise[:300], x[300:], noise[300:]) < 0.7
 
 
+def test_a_random_language_model_keeps_only_the_vision_encoder_and_projector(tiny_checkpoint):
+    probe = load_probe()
+    vlm = load_vlm(tiny_checkpoint("internvl", tokenizer="llama2", hidden_size=64))
+    fresh = probe.with_random_language_model(vlm, seed=1)  # (the tiny checkpoint is itself HF's init with seed 0)
+    groups = vlm.adapter.parameter_groups(vlm.model)
+    kept = {id(p) for group in ("vision_encoder", "projector") for p in groups[group]}
+    new = dict(fresh.model.named_parameters())
+    assert kept and len(new) == len(dict(vlm.model.named_parameters()))
+    for name, param in vlm.model.named_parameters():
+        if id(param) in kept:
+            assert torch.equal(new[name], param), name
+        elif param.dim() >= 2:  # re-drawn (biases and norms start at 0 / 1 in both)
+            assert not torch.equal(new[name], param), name
+    assert fresh.processor is vlm.processor and fresh.head is not vlm.head
+
+
 @pytest.mark.slow
 def test_the_command_prints_head_and_probe_per_type(tiny_checkpoint, tmp_path, rng, capsys):
     probe = load_probe()
