@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +44,9 @@ def pytest_configure(config):
     the e2e and the recipe tests all load the ones built first. Kept in the pytest cache, so later sessions reuse
     them; an outside ``$TORCH_EXTENSIONS_DIR`` wins: ``.ci/run`` builds both ops at install time
     (``.ci/deepspeed-ops``) into ``.venv/torch_extensions`` and exports it, so CI's tests build nothing."""
+    # pytest-xdist sorts test files by their number of tests unless told not to: keep LONGEST_FIRST's order.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     cache = getattr(config, "cache", None)
     extensions = (cache.mkdir("torch_extensions") if cache is not None
                   else Path(tempfile.gettempdir()) / "genrecal-torch-extensions")
@@ -157,3 +162,12 @@ def rng(request) -> np.random.Generator:
     process (``hash()`` of a string is salted per interpreter)."""
     digest = hashlib.sha256(request.node.nodeid.encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def load_benchmark_script(name: str, module_name: str | None = None):
+    """``benchmarks/NAME.py`` (a script, not a package module) imported as ``module_name`` (default: ``NAME``)."""
+    spec = importlib.util.spec_from_file_location(module_name or name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

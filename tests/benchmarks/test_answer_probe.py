@@ -3,9 +3,7 @@ the probe separates what is linearly separable and not what is not, and the comm
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +12,14 @@ import torch
 from PIL import Image
 
 from genrecal.families import load_vlm
+from tests.conftest import load_benchmark_script
 
 REPO = Path(__file__).resolve().parents[2]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 
 def load_probe():
-    spec = importlib.util.spec_from_file_location("answer_probe", REPO / "benchmarks" / "answer_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("answer_probe")
 
 
 def write_data(root: Path, rng: np.random.Generator) -> Path:

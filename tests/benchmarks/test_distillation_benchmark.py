@@ -3,26 +3,22 @@ teacher server, KD with an in-process teacher), evaluated, paired by seed, and w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import load_benchmark_script
+
 REPO = Path(__file__).resolve().parents[2]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_distillation", REPO / "benchmarks" / "distillation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("distillation", "bench_distillation")
 
 
 def write_data(root: Path, rng: np.random.Generator) -> Path:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +12,14 @@ from safetensors.torch import save_file
 
 from genrecal.families import load_vlm
 from genrecal.recalibrator import Recalibrator
+from tests.conftest import load_benchmark_script
 
 REPO = Path(__file__).resolve().parents[2]
 COLOURS = ("red", "green", "blue", "yellow")
 
 
 def load_diagnostic():
-    spec = importlib.util.spec_from_file_location("stage2_gradients", REPO / "benchmarks" / "stage2_gradients.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("stage2_gradients")
 
 
 def write_distill(root: Path, rng: np.random.Generator, *, wrong: bool) -> Path:
