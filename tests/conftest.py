@@ -34,8 +34,11 @@ def pytest_collection_modifyitems(config, items):
 
     With ``-n 2 --dist loadfile`` (README's command) each file runs whole on one worker, handed out in this order:
     starting the long multi-process files first keeps one of them from running alone at the end."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.relative_to(REPO / "tests").as_posix(), len(rank)))
+    def rank(item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(f"/tests/{name}")), len(LONGEST_FIRST))
+
+    items.sort(key=rank)
 
 
 def pytest_configure(config):
