@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from demo.splits import without_label_noise
 from genrecal.families import load_vlm
 from student_trainer.data import record_to_sample
 
@@ -30,11 +31,7 @@ MICRO_BATCH = 16
 
 def clean_records(path: Path, kind: str, limit: int | None) -> list[dict]:
     """The ``kind`` records of a benchmark JSON file with their clean answers restored, at most ``limit``."""
-    records = [r for r in json.loads(path.read_text()) if r.get("type") == kind][:limit]
-    for record in records:
-        if "clean_answer" in record:
-            record["conversations"][-1]["value"] = record["clean_answer"]
-    return records
+    return without_label_noise([r for r in json.loads(path.read_text()) if r.get("type") == kind][:limit])
 
 
 @torch.no_grad()

@@ -23,13 +23,13 @@ projections on it. Same objective code as the trainer (:func:`genrecal.distill.g
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from demo.splits import without_label_noise
 from genrecal.distill import LossConfig, genrecal_objective
 from genrecal.families import load_vlm
 from genrecal.losses import student_sft_loss
@@ -44,10 +44,7 @@ MICRO_BATCH = 8
 def naming_records(path: Path, limit: int) -> tuple[list[dict], list[dict]]:
     """The first ``limit`` colour / shape records as trained on (noisy) and with their clean answers restored."""
     noisy = [r for r in json.loads(path.read_text()) if r.get("type") in ("colour", "shape")][:limit]
-    clean = copy.deepcopy(noisy)
-    for record in clean:
-        if "clean_answer" in record:
-            record["conversations"][-1]["value"] = record["clean_answer"]
+    clean = without_label_noise(noisy)
     return noisy, clean
 
 

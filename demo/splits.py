@@ -66,6 +66,17 @@ def with_label_noise(records: list[dict], rate: float, seed: int) -> list[dict]:
     return out
 
 
+def without_label_noise(records: list[dict]) -> list[dict]:
+    """Copies of ``records`` with the clean answer of every record :func:`with_label_noise` changed put back."""
+    out = []
+    for record in records:
+        record = copy.deepcopy(record)
+        if "clean_answer" in record:
+            record["conversations"][-1]["value"] = record.pop("clean_answer")
+        out.append(record)
+    return out
+
+
 def write_splits(data_dir: str | Path, *, noise: float, noise_seed: int = 0,
                  distill_limit: int | None = None) -> tuple[Path, Path]:
     """Write ``train_warmup.json`` and ``train_distill.json`` (noisy labels; the first ``distill_limit``

@@ -47,7 +47,8 @@ def pytest_configure(config):
     the e2e and the recipe tests all load the ones built first. Kept in the pytest cache, so later sessions reuse
     them; an outside ``$TORCH_EXTENSIONS_DIR`` wins: ``.ci/run`` builds both ops at install time
     (``.ci/deepspeed-ops``) into ``.venv/torch_extensions`` and exports it, so CI's tests build nothing."""
-    # pytest-xdist sorts test files by their number of tests unless told not to: keep LONGEST_FIRST's order.
+    # And pytest-xdist, which sorts test files by their number of tests unless told not to, keeps LONGEST_FIRST's
+    # order (see pytest_collection_modifyitems).
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
     cache = getattr(config, "cache", None)

@@ -14,7 +14,6 @@ from PIL import Image
 from genrecal.families import load_vlm
 from tests.conftest import load_benchmark_script
 
-REPO = Path(__file__).resolve().parents[2]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 

@@ -14,7 +14,6 @@ from genrecal.families import load_vlm
 from genrecal.recalibrator import Recalibrator
 from tests.conftest import load_benchmark_script
 
-REPO = Path(__file__).resolve().parents[2]
 COLOURS = ("red", "green", "blue", "yellow")
 
 

@@ -13,6 +13,7 @@ from demo.splits import (
     picture_labels,
     warmup_and_distillation,
     with_label_noise,
+    without_label_noise,
     write_balanced_test,
     write_splits,
 )
@@ -46,6 +47,8 @@ def test_label_noise_is_seeded_of_the_right_rate_and_type():
     assert clean[0]["conversations"][-1]["value"] == ANSWERS["colour"][0]  # the input is not modified
     assert Counter(n["conversations"][-1]["value"] for c, n in changed if c["type"] == "yes_no").keys() <= {"yes", "no"}
     assert with_label_noise(clean, 0.0, seed=0) == clean
+    restored = without_label_noise(noisy)
+    assert restored == clean and any("clean_answer" in n for n in noisy)  # the input keeps its noise
     with pytest.raises(ValueError, match="rate must be in"):
         with_label_noise(clean, 1.0, seed=0)
 

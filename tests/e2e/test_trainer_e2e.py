@@ -63,11 +63,6 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def env(subprocess_env) -> dict:
-    return subprocess_env
-
-
 def forwards(server: TeacherProcess) -> list[str]:
     """The server's teacher forwards so far (its DEBUG log has one line per batched Encode forward)."""
     return [line for line in list(server.lines) if "batcher: forward of" in line]
@@ -146,10 +141,10 @@ def loads_and_generates(final: Path, image: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def alone(models, data, env, tmp_path_factory) -> dict[int, Path]:
+def alone(models, data, subprocess_env, tmp_path_factory) -> dict[int, Path]:
     """References: seeds 1 and 2, stages 1-2, each with its own in-process teacher (never shared, never restarted)."""
     root = tmp_path_factory.mktemp("alone")
-    procs = {seed: start(env, train_args(models, data, root / f"seed{seed}", seed), root / f"seed{seed}.log")
+    procs = {seed: start(subprocess_env, train_args(models, data, root / f"seed{seed}", seed), root / f"seed{seed}.log")
              for seed in (1, 2)}
     for seed, proc in procs.items():
         finish(proc, root / f"seed{seed}.log")
@@ -157,12 +152,12 @@ def alone(models, data, env, tmp_path_factory) -> dict[int, Path]:
 
 
 # ---- the tests ----------------------------------------------------------------------------------------------------
-def test_two_ranks_zero3_against_a_teacher_server(models, data, env, server, tmp_path):
+def test_two_ranks_zero3_against_a_teacher_server(models, data, subprocess_env, server, tmp_path):
     """torchrun, 2 ranks, ZeRO-3, stages 1-3 against the service: losses fall, the final student works."""
     output, log = tmp_path / "out", tmp_path / "train.log"
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     args = train_args(models, data, output, 0, addr=server.address, stages="1,2,3")[2:]  # no "-m student_trainer"
-    finish(start(env, ["-m", "student_trainer", *args, "--deepspeed", ZERO3], log, launcher=launcher), log)
+    finish(start(subprocess_env, ["-m", "student_trainer", *args, "--deepspeed", ZERO3], log, launcher=launcher), log)
 
     assert_every_step_once(output, (1, 2, 3))
     manifest = json.loads((output / "manifest.json").read_text())
@@ -177,14 +172,14 @@ def test_two_ranks_zero3_against_a_teacher_server(models, data, env, server, tmp
     # student: tests/student_trainer/test_recipe.py::test_eval_and_align_commands)
 
 
-def test_a_teacher_restart_mid_stage_loses_and_repeats_no_step(models, data, env, alone, tmp_path):
+def test_a_teacher_restart_mid_stage_loses_and_repeats_no_step(models, data, subprocess_env, alone, tmp_path):
     """The teacher dies mid-step and a new one starts on the same port: the run waits, re-encodes, goes on."""
     port = free_port()
     output, log = tmp_path / "out", tmp_path / "train.log"
     first = TeacherProcess(models[0], "--log-level", "DEBUG", port=port)
     servers = [first]
     try:
-        proc = start(env, train_args(models, data, output, 1, addr=f"127.0.0.1:{port}"), log)
+        proc = start(subprocess_env, train_args(models, data, output, 1, addr=f"127.0.0.1:{port}"), log)
         # Step 0 logged (2 scores: one per micro-batch, both the L1 and L2 paths in it) and step 1's first score
         # answered: the trainer holds this server's handles for step 1's micro-batches (and, prefetched, step 2's)
         # and has not scored micro-batch 1 yet.
@@ -206,7 +201,7 @@ def test_a_teacher_restart_mid_stage_loses_and_repeats_no_step(models, data, env
     loads_and_generates(output / "final", data.parent / "images" / "1.png")
 
 
-def test_two_replicas_one_killed_mid_stage_loses_and_repeats_no_step(models, data, env, alone, tmp_path):
+def test_two_replicas_one_killed_mid_stage_loses_and_repeats_no_step(models, data, subprocess_env, alone, tmp_path):
     """--teacher-addr names two replicas; one dies mid-stage 1: its work moves to the other, no step lost or
     repeated, and the run goes on through stages 2 and 3 to a loadable student."""
     ports = [free_port(), free_port()]
@@ -215,7 +210,7 @@ def test_two_replicas_one_killed_mid_stage_loses_and_repeats_no_step(models, dat
                                     for port in ports))
     try:
         addr = ",".join(f"127.0.0.1:{port}" for port in ports)
-        proc = start(env, train_args(models, data, output, 1, addr=addr, stages="1,2,3"), log)
+        proc = start(subprocess_env, train_args(models, data, output, 1, addr=addr, stages="1,2,3"), log)
         deadline = time.monotonic() + 300
         while (not rows(output, 1) or sum(len(scores(r)) for r in replicas) < 5) and proc.poll() is None:
             assert time.monotonic() < deadline, log.read_text()[-4000:]
@@ -233,10 +228,10 @@ def test_two_replicas_one_killed_mid_stage_loses_and_repeats_no_step(models, dat
     loads_and_generates(output / "final", data.parent / "images" / "1.png")
 
 
-def test_two_runs_share_one_teacher_without_mixing_results(models, data, env, server, alone, tmp_path):
+def test_two_runs_share_one_teacher_without_mixing_results(models, data, subprocess_env, server, alone, tmp_path):
     """Two runs (other seeds, other outputs) against ONE service at once: each logs exactly its solo losses."""
     before = len(forwards(server))
-    procs = {seed: start(env, train_args(models, data, tmp_path / f"seed{seed}", seed, addr=server.address),
+    procs = {seed: start(subprocess_env, train_args(models, data, tmp_path / f"seed{seed}", seed, addr=server.address),
                          tmp_path / f"seed{seed}.log") for seed in (1, 2)}
     for seed, proc in procs.items():
         finish(proc, tmp_path / f"seed{seed}.log")
