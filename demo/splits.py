@@ -6,6 +6,9 @@
   SFT steps did not teach them to name a colour either — docs/benchmarks.md.)
 - **Distillation data**: every question about the other three quarters of the pictures (28,819); the
   distillation never sees a warm-up picture.
+- **Binding curriculum** (:func:`binding_records`): the teacher's continued pre-training on yes/no questions
+  re-balanced so that their wording predicts nothing, which is how it learns to check the question against the
+  picture.
 - **Noisy labels** (:func:`with_label_noise`): the distillation data as a weak annotator would label it — a seeded
   fraction of the answers replaced by another answer of the same type. The teacher learnt from the clean
   training split, so its distributions correct what the labels get wrong; SFT can only follow the labels. This is
@@ -17,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +38,44 @@ def picture_index(record: dict) -> int:
 
 def answer(record: dict) -> str:
     return record["conversations"][-1]["value"]
+
+
+def is_negated(record: dict) -> bool:
+    """Whether a yes/no question is negated ("is there not a red shape?", "is no circle present?", "does the image
+    not contain ...?"): its answer is then "yes" when the picture lacks what the question names."""
+    words = re.findall(r"[a-z]+", record["conversations"][0]["value"].lower())
+    return "not" in words or "no" in words
+
+
+def binding_records(records: list[dict], *, with_negated: bool, yes_no_share: float,
+                    rng: random.Random) -> list[dict]:
+    """Yes/no questions re-balanced so that their wording predicts nothing, mixed with the colour and shape ones.
+
+    easy-VQA's wording gives its yes/no answers away: 82 % of the plain questions ("is there a red shape?") answer
+    "no", 82 % of the negated ones "yes", so a model that never compares the question with the picture scores 84 %
+    and has little reason to look. Balancing both kinds at once does not help by itself: the answer is then the
+    XOR of "the picture matches" and "the question is negated", neither of which predicts it alone, and teachers
+    trained so stayed at chance (docs/benchmarks.md). Hence two kinds of phase: ``with_negated=False``, the plain
+    questions only, as many "yes" as "no" (the answer IS the match: learnt first); then ``with_negated=True``, both
+    kinds, balanced per (negation, answer). Every group gives as many records (seeded draw) as the smallest one;
+    the balanced set is repeated so that it makes up about ``yes_no_share`` of the result, and every colour and
+    shape question of ``records`` makes up the rest (keeping what the model already knows).
+    """
+    if not 0 < yes_no_share < 1:
+        raise ValueError(f"yes_no_share must be in (0, 1), got {yes_no_share}")
+    groups: dict[tuple[bool, str], list[dict]] = {}
+    for record in records:
+        if record.get("type") == "yes_no" and (with_negated or not is_negated(record)):
+            groups.setdefault((is_negated(record), answer(record)), []).append(record)
+    expected = {(negated, a) for negated in ((False, True) if with_negated else (False,)) for a in YES_NO}
+    if set(groups) != expected:
+        raise ValueError(f"binding_records needs yes/no questions in every group {sorted(expected)}; "
+                         f"found {sorted(groups)}")
+    per_group = min(len(group) for group in groups.values())
+    yes_no = [r for key in sorted(groups) for r in rng.sample(groups[key], per_group)]
+    others = [r for r in records if r.get("type") in ("colour", "shape")]
+    copies = max(1, round(yes_no_share / (1 - yes_no_share) * len(others) / len(yes_no)))
+    return yes_no * copies + others
 
 
 def warmup_and_distillation(records: list[dict]) -> tuple[list[dict], list[dict]]:

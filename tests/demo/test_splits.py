@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 
 import pytest
 
 from demo.splits import (
     ANSWERS,
+    binding_records,
+    is_negated,
     picture_index,
     picture_labels,
     warmup_and_distillation,
@@ -79,3 +82,45 @@ def test_balanced_test_has_equal_seeded_shares_of_each_type(tmp_path):
     assert len({r["id"] for r in chosen}) == 120 and chosen == json.loads(write_balanced_test(tmp_path, 40).read_text())
     with pytest.raises(ValueError, match="fewer than per_type=101"):
         write_balanced_test(tmp_path, 101)
+
+
+def yes_no_record(i: int, question: str, value: str) -> dict:
+    return {"id": f"train-yn{i}", "image": f"images/train/{i}.png", "type": "yes_no",
+            "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": value}]}
+
+
+def test_negated_questions_are_recognised_in_easy_vqa_wordings():
+    negated = ["is there not a red shape?", "is no circle present?", "does the image not contain a teal shape?",
+               "is there not a triangle in the image?"]
+    plain = ["is there a red shape?", "is a circle present?", "does the image contain a teal shape?",
+             "is there a triangle in the image?"]
+    assert [is_negated(yes_no_record(0, q, "yes")) for q in negated + plain] == [True] * 4 + [False] * 4
+
+
+def test_binding_records_balance_away_what_the_wording_predicts():
+    # easy-VQA-like skew: plain questions mostly "no", negated ones mostly "yes"
+    skewed = ([yes_no_record(i, "is there a red shape?", "no" if i % 5 else "yes") for i in range(100)]
+              + [yes_no_record(100 + i, "is there not a red shape?", "yes" if i % 5 else "no") for i in range(100)])
+    others = [r for r in records(90) if r["type"] != "yes_no"]  # 30 colour and 30 shape questions
+    pool = skewed + others
+
+    plain = binding_records(pool, with_negated=False, yes_no_share=0.6, rng=random.Random(0))
+    yes_no = [r for r in plain if r["type"] == "yes_no"]
+    assert not any(is_negated(r) for r in yes_no)
+    distinct = {r["id"]: r for r in yes_no}.values()
+    assert Counter(r["conversations"][-1]["value"] for r in distinct) == {"yes": 20, "no": 20}  # all 20 plain "yes"
+    assert len(yes_no) == 80 and plain[80:] == others  # repeated to 80 / 140 (share 0.6 asked): every other question
+
+    both = binding_records(pool, with_negated=True, yes_no_share=0.75, rng=random.Random(0))
+    groups = Counter((is_negated(r), r["conversations"][-1]["value"]) for r in both if r["type"] == "yes_no")
+    assert groups == {(False, "yes"): 40, (False, "no"): 40, (True, "yes"): 40, (True, "no"): 40}  # 80 x 2 copies
+    assert both[160:] == others
+    assert binding_records(pool, with_negated=True, yes_no_share=0.75, rng=random.Random(0)) == both  # seeded
+
+
+def test_binding_records_name_a_missing_group():
+    only_no = [yes_no_record(i, "is there a red shape?", "no") for i in range(10)]
+    with pytest.raises(ValueError, match=r"every group .*found \[\(False, 'no'\)\]"):
+        binding_records(only_no, with_negated=False, yes_no_share=0.5, rng=random.Random(0))
+    with pytest.raises(ValueError, match="yes_no_share"):
+        binding_records(only_no, with_negated=False, yes_no_share=1.0, rng=random.Random(0))
