@@ -59,14 +59,17 @@ def group_name(group: tuple[bool, str]) -> str:
     return f"{'negated' if group[0] else 'plain'} {group[1]}"
 
 
+def record_group(record: dict) -> str:
+    """A yes/no record's (negation, answer) group name; other records: their type."""
+    return group_name((is_negated(record), answer(record))) if record.get("type") == "yes_no" else record.get("type")
+
+
 def held_out(test: list[dict], per_group: int, rng: random.Random) -> dict[str, list[dict]]:
     """Seeded draws of ``per_group`` test questions per (negation, answer) group, and of colour and shape ones."""
     pools: dict[str, list[dict]] = {group_name(g): [] for g in GROUPS} | {"colour": [], "shape": []}
     for record in test:
-        kind = record.get("type")
-        key = group_name((is_negated(record), answer(record))) if kind == "yes_no" else kind
-        if key in pools:
-            pools[key].append(record)
+        if record_group(record) in pools:
+            pools[record_group(record)].append(record)
     for key, pool in pools.items():
         if len(pool) < per_group:
             raise ValueError(f"the test split has {len(pool)} '{key}' questions, fewer than --held-out {per_group}; "
@@ -76,20 +79,17 @@ def held_out(test: list[dict], per_group: int, rng: random.Random) -> dict[str, 
 
 def natural_shares(records: list[dict]) -> dict[str, float]:
     """Each (negation, answer) group's share of the yes/no questions in ``records``."""
-    counts = Counter(group_name((is_negated(r), answer(r))) for r in records if r.get("type") == "yes_no")
+    counts = Counter(record_group(r) for r in records if r.get("type") == "yes_no")
     total = sum(counts.values())
     return {group_name(g): counts[group_name(g)] / total for g in GROUPS}
 
 
 def measure(checkpoint: Path, held: dict[str, list[dict]], data: Path, shares: dict[str, float]) -> dict[str, float]:
-    import torch
-
     from genrecal.families import load_vlm
 
     vlm = load_vlm(checkpoint)
-    vlm.model.eval()
-    with torch.no_grad():
-        row = {key: float(first_answer_states(vlm, records, data)[2].float().mean()) for key, records in held.items()}
+    vlm.model.eval()  # first_answer_states runs without gradients
+    row = {key: float(first_answer_states(vlm, records, data)[2].float().mean()) for key, records in held.items()}
     groups = [group_name(g) for g in GROUPS]
     row["balanced"] = sum(row[g] for g in groups) / len(groups)
     row["natural"] = sum(row[g] * shares[g] for g in groups)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated plain|both:STEPS[:YES_NO_SHARE] (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every phase (default 1e-3)")
     parser.add_argument("--held-out", type=int, default=150, help="test questions per group (default 150)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the held-out draw and the data order (default 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/binding"))
     args = parser.parse_args(argv)
     try:

@@ -64,9 +64,10 @@ def binding_records(records: list[dict], *, with_negated: bool, yes_no_share: fl
     if not 0 < yes_no_share < 1:
         raise ValueError(f"yes_no_share must be in (0, 1), got {yes_no_share}")
     groups: dict[tuple[bool, str], list[dict]] = {}
-    for record in records:
-        if record.get("type") == "yes_no" and (with_negated or not is_negated(record)):
-            groups.setdefault((is_negated(record), answer(record)), []).append(record)
+    for record in (r for r in records if r.get("type") == "yes_no"):
+        negated = is_negated(record)
+        if with_negated or not negated:
+            groups.setdefault((negated, answer(record)), []).append(record)
     expected = {(negated, a) for negated in ((False, True) if with_negated else (False,)) for a in YES_NO}
     if set(groups) != expected:
         raise ValueError(f"binding_records needs yes/no questions in every group {sorted(expected)}; "
