@@ -85,12 +85,14 @@ def padded_vocab_size(tokenizer, multiple: int = 64) -> int:
 
 def write_tiny_checkpoint(
     family: str, out: str | Path, *, sizes: TinySizes | None = None, tokenizer: str = "gpt2", seed: int = 0,
-    tie_word_embeddings: bool | None = None,
+    tie_word_embeddings: bool | None = None, vocab_size: int | None = None,
 ) -> Path:
     """Build a random-weight checkpoint of ``family`` (an HF model_type) and save it to ``out``.
 
     ``tie_word_embeddings`` overrides the family recipe's choice (the LM head shares the token embeddings, as in
-    Qwen2-VL-2B or InternVL3-1B); None keeps the recipe's.
+    Qwen2-VL-2B or InternVL3-1B); None keeps the recipe's. ``vocab_size``: embedding / LM-head rows (at least the
+    tokenizer's size; e.g. 151,936 as Qwen2-VL's), as real checkpoints carry rows no token uses; None: the
+    tokenizer's size rounded up to a multiple of 64.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -102,6 +104,13 @@ def write_tiny_checkpoint(
         raise ValueError(f"TinySizes.vision_patch_size / pixel_shuffle_ratio are implemented for the internvl tiny "
                          f"recipe only; leave them None for {family!r}")
     config, processor = adapter.tiny_recipe(sizes, base_tokenizer(tokenizer))
+    if vocab_size is not None:
+        if vocab_size < len(processor.tokenizer):
+            raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(processor.tokenizer)} "
+                             "tokens with the family's special tokens); pass at least that many rows")
+        config.get_text_config().vocab_size = vocab_size
+        if hasattr(config, "vocab_size"):
+            config.vocab_size = vocab_size
     if tie_word_embeddings is not None:
         config.tie_word_embeddings = tie_word_embeddings
         config.get_text_config().tie_word_embeddings = tie_word_embeddings
@@ -117,7 +126,9 @@ def write_tiny_checkpoint(
         _rename_weights(out, adapter.tiny_weight_renames)
     processor.save_pretrained(out)
     (out / "genrecal_tiny.json").write_text(
-        json.dumps({"family": family, "tokenizer": tokenizer, "seed": seed, "sizes": asdict(sizes)}, indent=2) + "\n"
+        json.dumps({"family": family, "tokenizer": tokenizer, "seed": seed, "sizes": asdict(sizes),
+                    "vocab_size": config.get_text_config().vocab_size,
+                    "tie_word_embeddings": bool(model.config.tie_word_embeddings)}, indent=2) + "\n"
     )
     return out
 
@@ -148,13 +159,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--tokenizer", default="gpt2", choices=sorted(TOKENIZERS), help="offline real tokenizer to use")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="embedding / LM-head rows, e.g. 151936 for Qwen2-VL's width (default: the tokenizer's "
+                             "size rounded up to a multiple of 64)")
+    parser.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="share the token embeddings with the LM head (as Qwen2-VL-2B, SmolVLM, InternVL3-1B "
+                             "do) or not (default: the family recipe's choice)")
     defaults = TinySizes()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, help=f"default {value}")
     args = parser.parse_args(argv)
     sizes = TinySizes(**{name: getattr(args, name) for name in asdict(defaults)})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = write_tiny_checkpoint(args.family, args.out, sizes=sizes, tokenizer=args.tokenizer, seed=args.seed)
+    out = write_tiny_checkpoint(args.family, args.out, sizes=sizes, tokenizer=args.tokenizer, seed=args.seed,
+                                tie_word_embeddings=args.tie_word_embeddings, vocab_size=args.vocab_size)
     print(f"wrote tiny {args.family} checkpoint ({args.tokenizer} tokenizer) to {out}")
 
 

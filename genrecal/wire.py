@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -50,6 +51,35 @@ _READONLY_WARNING = "The given buffer is not writable"
 
 class PayloadTooLarge(ValueError):
     """A header announces more payload bytes than the receiver accepts (the server answers RESOURCE_EXHAUSTED)."""
+
+
+class WireTraffic:
+    """Bytes a client sent and received, per teacher method: ``{"Encode": (sent, received), "Score": ...}``.
+
+    Counted as serialized protobuf frames (headers, tensor payload, images), i.e. what gRPC carries before its own
+    framing (9 bytes per HTTP/2 frame, a few per message). Thread-safe: the trainer encodes in its prefetch thread
+    while Score calls run in another. Several clients may share one counter (teacher replicas).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._bytes: dict[tuple[str, str], int] = {}
+
+    def add(self, method: str, direction: str, nbytes: int) -> None:
+        with self._lock:
+            key = (method, direction)
+            self._bytes[key] = self._bytes.get(key, 0) + nbytes
+
+    def counted(self, frames: Iterable[Any], method: str, direction: str) -> Iterator[Any]:
+        """Yield ``frames`` unchanged, counting each one's serialized size."""
+        for frame in frames:
+            self.add(method, direction, frame.ByteSize())
+            yield frame
+
+    def snapshot(self) -> dict[str, int]:
+        """``{"Encode_sent": bytes, "Encode_received": ..., "Score_sent": ..., "Score_received": ...}`` so far."""
+        with self._lock:
+            return {f"{method}_{direction}": n for (method, direction), n in sorted(self._bytes.items())}
 
 
 def _require_little_endian() -> None:

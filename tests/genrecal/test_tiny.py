@@ -34,6 +34,29 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path):
     assert load_vlm(out).head.weight.shape[1] == 48
 
 
+def test_cli_sets_a_real_vocabulary_and_tied_embeddings(tmp_path):
+    """One command gives a real-width test model: Qwen2-VL's 151,936 rows, the head tied to the embeddings."""
+    out = tmp_path / "qwen2_vl"
+    result = subprocess.run(
+        [sys.executable, "-m", "genrecal.tiny", "--family", "qwen2_vl", "--out", str(out), "--vocab-size", "151936",
+         "--tie-word-embeddings"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    vlm = load_vlm(out)
+    assert vlm.model.config.get_text_config().vocab_size == 151936
+    assert vlm.head.weight.shape[0] == 151936
+    assert vlm.head.weight.data_ptr() == vlm.model.get_input_embeddings().weight.data_ptr()  # tied, after loading
+    recorded = json.loads((out / "genrecal_tiny.json").read_text())
+    assert (recorded["vocab_size"], recorded["tie_word_embeddings"]) == (151936, True)
+
+
+def test_cli_refuses_a_vocabulary_smaller_than_the_tokenizer(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "genrecal.tiny", "--family", "qwen2_vl", "--out", str(tmp_path),
+                             "--vocab-size", "1000"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "smaller than the tokenizer" in result.stderr
+
+
 def test_cli_rejects_unknown_family(tmp_path):
     result = subprocess.run([sys.executable, "-m", "genrecal.tiny", "--family", "bert", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
