@@ -24,7 +24,7 @@ import torch
 
 from demo.splits import without_label_noise
 from genrecal.families import load_vlm
-from student_trainer.data import record_to_sample
+from student_trainer.records import record_to_sample
 
 MICRO_BATCH = 16
 

@@ -7,6 +7,13 @@
 Reports tokens/s and extra peak memory over the inputs for ``reference_head_loss`` (full logits, autograd),
 ``score_with_head`` and, for context, three bare GEMMs (student logits, teacher logits, gradient) — the floor
 any implementation pays. Ends with a table and one JSON line.
+
+Then the bf16 / fp32 ratio line: ``score_with_head`` (CE + KL + gradient) in bf16 against fp32 at Qwen2-VL-2B's
+head (V=151,936, D=1,536) for 16, 128 and 512 rows (``--ratio-rows``; "" skips it), timed alternately in one
+process (the minimum of ``--repeats``). On a CPU it is printed twice: with the GEMMs this CPU runs for bf16
+(oneDNN, where the CPU has AVX-512) and with oneDNN switched off, which is what a CPU without AVX-512 runs
+(PyTorch's reference kernel for bf16 GEMMs; scoring then upcasts blocks of the head, see
+``genrecal/head_scoring.py``). Both ratios also go into the JSON line.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from genrecal.head_scoring import reference_head_loss, score_with_head
+from genrecal.head_scoring import native_head_gemm, reference_head_loss, score_with_head
 
 # Qwen2.5-72B's LM head and a typical answer-token batch.
 FULL_SIZE = {"vocab": 152064, "hidden": 8192, "tokens": 2048, "chunk_size": 1024}
 # CPU default: vocab and hidden / 8, tokens / 4, chunk / 8 (4 chunks).
 CPU_SIZE = {"vocab": 152064 // 8, "hidden": 8192 // 8, "tokens": 512, "chunk_size": 128}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The bf16 / fp32 ratio line: Qwen2-VL-2B's head (the issue's real-width teacher).
+RATIO_SIZE = {"vocab": 151936, "hidden": 1536}
 GIB = 1024**3
 
 
@@ -59,6 +68,11 @@ def parse_args() -> argparse.Namespace:
         "--compile", action="store_true", help="torch.compile score_with_head's per-chunk kernel"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random head and inputs")
+    parser.add_argument(
+        "--ratio-rows",
+        default="16,128,512",
+        help="comma-separated row counts for the bf16 / fp32 ratio line at V=151936, D=1536 ('' skips it)",
+    )
     return parser.parse_args()
 
 
@@ -85,6 +99,36 @@ def three_matmuls(head_weight, inputs, labels, teacher_states, chunk_size):
         teacher_logits = teacher_states[start : start + chunk_size] @ head_weight.T  # (C, V)
         logits @ head_weight  # (C, D); the student logits stand in for dlogits
         del logits, teacher_logits
+
+
+def dtype_ratios(device: str, rows_list: list[int], repeats: int, seed: int) -> dict[int, float]:
+    """``{rows: bf16 seconds / fp32 seconds}`` of ``score_with_head`` at :data:`RATIO_SIZE`, chunk 512.
+
+    The two dtypes are timed alternately (each the minimum over ``repeats`` calls), so load from other processes
+    hits both alike.
+    """
+    vocab, hidden = RATIO_SIZE["vocab"], RATIO_SIZE["hidden"]
+    ratios = {}
+    for rows in rows_list:
+        cases = {name: make_inputs(vocab, hidden, rows, dtype, device, seed) for name, dtype in DTYPES.items()}
+        best = {name: float("inf") for name in cases}
+        for case in cases.values():  # warm-up
+            score_with_head(**case, chunk_size=512)
+        for _ in range(repeats):
+            for name, case in cases.items():
+                sync(device)
+                start = time.perf_counter()
+                score_with_head(**case, chunk_size=512)
+                sync(device)
+                best[name] = min(best[name], time.perf_counter() - start)
+        ratios[rows] = best["bf16"] / best["fp32"]
+        del cases
+    return ratios
+
+
+def ratio_line(label: str, ratios: dict[int, float]) -> str:
+    cells = ", ".join(f"{rows} rows {ratio:.2f}x" for rows, ratio in ratios.items())
+    return f"bf16 / fp32 seconds, V={RATIO_SIZE['vocab']} D={RATIO_SIZE['hidden']}, {label}: {cells}"
 
 
 def sync(device: str) -> None:
@@ -200,6 +244,17 @@ def main() -> None:
         f"agreement: ce {want.ce.item():.4f} (|diff| {ce_diff:.2e}), kl {want.kl.item():.4f} (|diff| {kl_diff:.2e}), "
         f"max |grad diff| {grad_diff:.2e} (max |grad| {grad_scale:.2e})"
     )
+    ratio_rows = [int(r) for r in args.ratio_rows.split(",") if r.strip()]
+    ratios = {}
+    if ratio_rows:
+        probe = torch.empty(0, dtype=torch.bfloat16, device=args.device)
+        routes = {"native": f"the GEMMs this {args.device} runs (bf16 GEMMs native: {native_head_gemm(probe)})"}
+        if args.device == "cpu":
+            routes["no_onednn"] = "oneDNN off, as on a CPU without AVX-512 (bf16 scored on upcast blocks)"
+        for route, label in routes.items():
+            with torch.backends.mkldnn.flags(enabled=route != "no_onednn"):
+                ratios[route] = dtype_ratios(args.device, ratio_rows, args.repeats, args.seed)
+            print(ratio_line(label, ratios[route]))
     print(
         json.dumps(
             {
@@ -225,6 +280,10 @@ def main() -> None:
                 "max_abs_grad": grad_scale,
                 "ce_abs_diff": ce_diff,
                 "kl_abs_diff": kl_diff,
+                "bf16_over_fp32_seconds": {
+                    route: {str(rows): round(ratio, 3) for rows, ratio in by_rows.items()}
+                    for route, by_rows in ratios.items()
+                },
             }
         )
     )

@@ -36,7 +36,7 @@ from genrecal.losses import student_sft_loss
 from genrecal.recalibrator import Recalibrator
 from genrecal.stages import Stage, frozen_modules_to_eval, set_trainable
 from genrecal.teacher import InProcessTeacher
-from student_trainer.data import record_to_sample
+from student_trainer.records import record_to_sample
 
 MICRO_BATCH = 8
 

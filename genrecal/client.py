@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import random
 import time
@@ -24,6 +25,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from genrecal.errors import SampleError
 from genrecal.head_scoring import HeadScore
 from genrecal.identity import teacher_identity
 from genrecal.rpc import pb2, pb2_grpc
@@ -34,20 +36,20 @@ from genrecal.rpc.convert import (
     score_request_frames,
     score_result_from_frames,
 )
+from genrecal.rpc.metadata import EXPECT_REVISION_METADATA, REFUSED_SAMPLE_METADATA, SERVICE_NAME
 from genrecal.sample import Sample, source_bytes
 from genrecal.teacher import TeacherFeatures
 from genrecal.wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     PayloadTooLarge,
+    WireTraffic,
     channel_options,
     proto_dtype,
 )
 
 logger = logging.getLogger(__name__)
 
-EXPECT_REVISION_METADATA = "x-genrecal-expect-revision"  # must match teacher_server.servicer
-SERVICE_NAME = "genrecal.teacher.v1.TeacherService"
 TOKEN_ENV = "GENRECAL_TEACHER_TOKEN"  # the client's bearer token when no token file is given
 DEFAULT_MAX_RESPONSE_BYTES = 8 << 30  # largest response payload the client accepts (a fake size is refused)
 
@@ -66,6 +68,35 @@ class HandleLost(TeacherError):
 
 class TeacherUnavailable(TeacherError):
     """UNAVAILABLE after every retry: the teacher is down, loading, or unreachable."""
+
+
+class SampleRefused(TeacherError, SampleError):
+    """INVALID_ARGUMENT for one sample of an Encode (too long for the teacher, forbidden text, a bad image): the
+    server names it, so a trainer can skip that record as it skips the records it cannot read itself."""
+
+    def __init__(self, address: str, method: str, code: grpc.StatusCode, details: str, sample_id: str):
+        TeacherError.__init__(self, address, method, code, details)
+        self.sample_id = sample_id
+        self.reason = "the teacher refused it: " + details.removeprefix(f"sample {sample_id!r}: ")
+
+
+class NonFiniteResult(TeacherError):
+    """The teacher answered with a NaN or Inf loss or gradient (whatever its status said): refused, so that it never
+    reaches the student's weights. ``code`` is DATA_LOSS."""
+
+
+def refuse_non_finite(address: str, scores: Sequence, grads: Sequence[torch.Tensor]) -> None:
+    """NonFiniteResult if a path's loss or any gradient the teacher sent is not finite."""
+    for s in scores:
+        if not (math.isfinite(s.ce) and math.isfinite(s.kl)):
+            raise NonFiniteResult(address, "Score", grpc.StatusCode.DATA_LOSS,
+                                  f"path {s.path!r}: the teacher sent a non-finite loss (CE={s.ce}, KL={s.kl})")
+    for n, grad in enumerate(grads):
+        if not bool(torch.isfinite(grad).all()):
+            raise NonFiniteResult(
+                address, "Score", grpc.StatusCode.DATA_LOSS,
+                f"gradient {n} ({str(grad.dtype).removeprefix('torch.')}) holds NaN or Inf; the step is refused "
+                "(with a float16 wire_dtype, a large gradient overflows: use bfloat16 or float32)")
 
 
 def image_bytes(image) -> bytes:
@@ -101,10 +132,16 @@ class TeacherClient:
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        traffic: WireTraffic | None = None,
     ):
         """``token`` / ``token_file`` (a file holding the token) / $GENRECAL_TEACHER_TOKEN, in that order of
         preference, is sent as ``authorization: Bearer TOKEN``. ``tls_ca`` (PEM) turns on TLS and verifies the
-        server against it; ``tls_cert`` + ``tls_key`` present a client certificate (mTLS)."""
+        server against it; ``tls_cert`` + ``tls_key`` present a client certificate (mTLS).
+
+        ``question_features``: ask Encode for the teacher's question features ``z_ql`` too (only the regularisation
+        path, L2, and the alignment check use them; they are most of an image sample's bytes). ``feature_dtype`` /
+        ``wire_dtype``: the dtype features / Recalibrator outputs and their gradients travel in (None: the
+        teacher's, resp. the outputs' own). ``traffic`` counts the bytes of every call (shared by replicas)."""
         if ":" not in address:
             raise ValueError(f"teacher address must be HOST:PORT, got {address!r}")
         self.address = address
@@ -116,6 +153,7 @@ class TeacherClient:
         self.chunk_bytes = chunk_bytes
         self.path = path
         self.max_response_bytes = max_response_bytes
+        self.traffic = traffic if traffic is not None else WireTraffic()
         self._token = resolve_token(token, token_file)
         credentials = tls_credentials(tls_ca, tls_cert, tls_key)
         options = channel_options(max_message_bytes)
@@ -148,6 +186,9 @@ class TeacherClient:
                     time.sleep(delay * (0.75 + 0.5 * random.random()))
                     delay = min(delay * 2, self.max_backoff_s)
                     continue
+                refused = _refused_sample(err) if code == grpc.StatusCode.INVALID_ARGUMENT else None
+                if refused is not None:
+                    raise SampleRefused(self.address, method, code, details, refused) from None
                 cls = {grpc.StatusCode.NOT_FOUND: HandleLost, grpc.StatusCode.UNAVAILABLE: TeacherUnavailable}.get(
                     code, TeacherError)
                 raise cls(self.address, method, code, details) from None
@@ -211,9 +252,13 @@ class TeacherClient:
             feature_dtype=proto_dtype(self.feature_dtype) if self.feature_dtype else pb2.DTYPE_UNSPECIFIED,
             max_length=max_length or 0,
         )
-        return self._call("Encode", lambda: features_from_frames(
-            self._stub.Encode(request, timeout=self.timeout_s, metadata=self._metadata()),
-            max_bytes=self.max_response_bytes))
+        def call():
+            self.traffic.add("Encode", "sent", request.ByteSize())
+            frames = self._stub.Encode(request, timeout=self.timeout_s, metadata=self._metadata())
+            return features_from_frames(self.traffic.counted(frames, "Encode", "received"),
+                                        max_bytes=self.max_response_bytes)
+
+        return self._call("Encode", call)
 
     def score(
         self,
@@ -253,9 +298,14 @@ class TeacherClient:
                     r = r.to(self.wire_dtype)
                 items.append((f.handle, path, r.cpu().contiguous()))
         call = ScoreCall(items, ce_weight, kl_weight, normalizer, self.wire_dtype, release)
-        scores, grads = self._call("Score", lambda: score_result_from_frames(self._stub.Score(
-            score_request_frames(call, chunk_bytes=self.chunk_bytes), timeout=self.timeout_s,
-            metadata=self._metadata()), max_bytes=self.max_response_bytes))
+        def send():
+            frames = self.traffic.counted(score_request_frames(call, chunk_bytes=self.chunk_bytes), "Score", "sent")
+            answer = self._stub.Score(frames, timeout=self.timeout_s, metadata=self._metadata())
+            return score_result_from_frames(self.traffic.counted(answer, "Score", "received"),
+                                            max_bytes=self.max_response_bytes)
+
+        scores, grads = self._call("Score", send)
+        refuse_non_finite(self.address, scores, grads)
         by_name = {s.path: s for s in scores}
         results, start = {}, 0
         for path, answer_outputs in outputs_by_path.items():
@@ -283,6 +333,15 @@ class TeacherClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _refused_sample(err: grpc.RpcError) -> str | None:
+    """The sample id an INVALID_ARGUMENT names in its trailer (:data:`REFUSED_SAMPLE_METADATA`), if any."""
+    trailer = getattr(err, "trailing_metadata", None)
+    for key, value in (trailer() if callable(trailer) else None) or ():
+        if key == REFUSED_SAMPLE_METADATA:
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return None
 
 
 def resolve_token(token: str | None = None, token_file: str | Path | None = None) -> str | None:

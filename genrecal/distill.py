@@ -145,10 +145,12 @@ def start_objective(
     teacher_tokens: float | None = None,
     student_tokens: float | None = None,
     losses: LossConfig = LossConfig(),
+    sft_head_calls: int | None = None,
 ) -> PendingObjective:
     """The first phase of :func:`genrecal_objective`: the forward up to the Recalibrator outputs, L3, and the
     Score of both paths sent (one call: one round trip to a remote teacher). ``teacher_tokens`` /
-    ``student_tokens``: the normalisers (see :func:`genrecal_objective`)."""
+    ``student_tokens``: the normalisers (see :func:`genrecal_objective`). ``sft_head_calls``: how many chunks L3
+    calls the student's head in (:func:`genrecal.losses.student_sft_loss`; the same on every rank under ZeRO-3)."""
     spec = STAGES[Stage(stage)]
     metrics: dict[str, float] = {}
     partial = None
@@ -157,7 +159,8 @@ def start_objective(
         hidden = student.body_hidden_states(batch)  # (B, L_s, D_s)
 
     if "L3" in spec.losses:
-        l3, n = student_sft_loss(hidden, student.head, batch.labels(), normalizer=student_tokens)
+        l3, n = student_sft_loss(hidden, student.head, batch.labels(), normalizer=student_tokens,
+                                 head_calls=sft_head_calls)
         partial = losses.sft_weight * l3
         metrics.update(L3=float(l3.detach()), student_tokens=float(n))
         if losses.logit_distillation is not None:

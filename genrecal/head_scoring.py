@@ -10,6 +10,20 @@ at peak, eager) instead of the full logits.
 
 Plain tensors in and out (no ``nn.Module``), so the gRPC engine and the tests call the same function.
 ``reference_head_loss`` is the unchunked autograd version: ground truth for tests, baseline for the benchmark.
+
+**bf16 / fp16 heads on a CPU.** Each chunk needs three products with the head ``W`` (V, D): the logits of the
+inputs and of the teacher states (``rows @ W.T``) and the gradient ``dlogits @ W``. On a GPU, and on a CPU where
+oneDNN runs bf16 GEMMs (AVX-512: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), they run in the head's own
+dtype, as autograd would (bf16 there is as fast as fp32 or faster: ``benchmarks/head_scoring.py``). Elsewhere — a
+CPU without AVX-512 (e.g. AVX2-only EPYC / Xeon VMs), fp16 on most CPUs, or oneDNN switched off — PyTorch falls
+back to a reference kernel for reduced-precision GEMMs: ``dlogits @ W`` took 69 s for 16 rows at V=151,936,
+D=1,536 where fp32 took 0.32 s, and even the dot-product layout (``F.linear``) is 4-8x slower than fp32 at 512
+rows. There every product runs in fp32 instead, on the head upcast one block of rows at a time
+(:data:`UPCAST_BLOCK_BYTES`, 16 MiB of fp32: 2,730 rows at D=1,536), so bf16 costs about what fp32 costs and
+no copy of the head is kept: a cached fp32 head would cost 4 x V x D bytes (0.93 GB at V=151,936, D=1,536; 5 GB
+for a 72B model's head) beside the bf16 one, and a cached transposed bf16 head (2 x V x D bytes) helps only the
+gradient and only at a few rows. Products there are exact fp32 sums of the bf16 values (the logits and
+``dlogits`` are not rounded to bf16 first), so CPU results differ from a GPU's by bf16 rounding, no more.
 """
 
 from __future__ import annotations
@@ -20,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# fp32 bytes of the head block upcast at a time where reduced-precision GEMMs are slow (see the module docstring).
+UPCAST_BLOCK_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -74,6 +90,7 @@ def score_with_head(
         num_tokens = rows.numel()
         norm = _resolve_normalizer(normalizer, num_tokens)
         kernel = _compiled_score_chunk() if compile else _score_chunk
+        native = native_head_gemm(head_weight)
 
         ce_sum = torch.zeros((), dtype=_upcast(inputs).dtype, device=inputs.device)
         kl_sum = torch.zeros_like(ce_sum)
@@ -92,6 +109,7 @@ def score_with_head(
                 kl_weight,
                 inv_norm,
                 compute_grad,
+                native,
             )
             ce_sum += ce_chunk
             kl_sum += kl_chunk
@@ -110,20 +128,25 @@ def _score_chunk(
     kl_weight: float,
     inv_norm: torch.Tensor,
     compute_grad: bool,
+    native: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Summed (not normalised) CE and KL of one chunk, and the chunk's normalised gradient (C, D).
 
     Buffers are reused in place and dropped early: the peak is three fp32 (C, V) tensors (log q, the teacher's
-    fp32 logits and log p; later log q, log p and p), i.e. about 12 bytes x C x V.
+    fp32 logits and log p; later log q, log p and p), i.e. about 12 bytes x C x V. ``native``: the head's products
+    run in its own dtype (else in fp32 on upcast blocks of it: :func:`native_head_gemm`).
     """
-    # Upcasting before the call (not via `dtype=`) frees the bf16 logits before log_softmax allocates its output.
-    log_q = F.log_softmax(_upcast(F.linear(inputs, head_weight, head_bias)), dim=-1)  # (C, V)
+    # Both fp32 logits first (one pass over the head), then each log_softmax frees its logits: still three
+    # (C, V) buffers at most. Upcasting before log_softmax (not via `dtype=`) frees the bf16 logits early.
+    rows = (inputs,) if teacher_states is None else (inputs, teacher_states)
+    logits = head_logits(head_weight, head_bias, *rows, native=native)  # each (C, V) fp32
+    log_q = F.log_softmax(logits.pop(0), dim=-1)  # (C, V)
     ce_sum = -log_q.gather(1, labels[:, None]).sum()
     if teacher_states is None:
         kl_sum = log_q.new_zeros(())
         p = None
     else:
-        log_p = F.log_softmax(_upcast(F.linear(teacher_states, head_weight, head_bias)), dim=-1)  # (C, V)
+        log_p = F.log_softmax(logits.pop(0), dim=-1)  # (C, V)
         p = log_p.exp()  # (C, V)
         kl_sum = torch.dot(p.flatten(), log_p.sub_(log_q).flatten())  # sum p (log p - log q); no (C, V) temp
         del log_p
@@ -139,9 +162,77 @@ def _score_chunk(
         del p
     dlogits.scatter_add_(1, labels[:, None], dlogits.new_full((labels.numel(), 1), -ce_weight))
     dlogits.mul_(inv_norm)
-    # Cast to the head's dtype for the matmul, as autograd does under bf16.
-    grad_inputs = dlogits.to(head_weight.dtype) @ head_weight  # (C, D)
+    grad_inputs = grad_through_head(dlogits, head_weight, native=native)  # (C, D)
     return ce_sum, kl_sum, grad_inputs
+
+
+def native_head_gemm(head_weight: torch.Tensor) -> bool:
+    """Whether products with ``head_weight`` run fast in its own dtype on its device, in every layout scoring uses.
+
+    True for fp32 / fp64 (MKL, cuBLAS), for any non-CPU device, and for a bf16 (fp16) head on a CPU where oneDNN
+    runs bf16 (fp16) GEMMs. False where PyTorch would use its reference kernel for a reduced-precision GEMM (no
+    AVX-512, fp16 without AVX512-FP16 / AMX, or ``torch.backends.mkldnn`` disabled): scoring then computes in fp32
+    on upcast blocks of the head (see the module docstring).
+    """
+    dtype = head_weight.dtype
+    if head_weight.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return True
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a build without these private ops: the fp32 route is always right
+        return False
+
+
+def head_logits(
+    head_weight: torch.Tensor, head_bias: torch.Tensor | None, *row_sets: torch.Tensor, native: bool
+) -> list[torch.Tensor]:
+    """``rows @ W.T + b`` as fp32 (fp64 for fp64) ``(C, V)`` for each ``rows`` (C, D) in the head's dtype.
+
+    ``native``: one GEMM in the head's dtype per row set, then upcast (autograd's numerics). Otherwise fp32
+    products of the same bf16 values (not rounded to bf16 in between), the head upcast
+    :data:`UPCAST_BLOCK_BYTES` at a time and each block used for every row set before the next is made.
+    """
+    if native:
+        return [_upcast(F.linear(rows, head_weight, head_bias)) for rows in row_sets]
+    vocab = head_weight.shape[0]
+    rows32 = [rows.float() for rows in row_sets]  # each (C, D)
+    logits = [rows.new_empty((rows.shape[0], vocab)) for rows in rows32]  # each (C, V)
+    for start, block in _upcast_blocks(head_weight):  # block: (Vb, D) fp32
+        for rows, out in zip(rows32, logits, strict=True):
+            torch.mm(rows, block.T, out=out[:, start : start + block.shape[0]])
+    if head_bias is not None:
+        bias32 = head_bias.float()
+        for out in logits:
+            out.add_(bias32)
+    return logits
+
+
+def grad_through_head(dlogits: torch.Tensor, head_weight: torch.Tensor, *, native: bool) -> torch.Tensor:
+    """``dlogits @ W`` -> ``(C, D)`` in the head's dtype, for ``dlogits`` (C, V) fp32 (fp64 for an fp64 head).
+
+    ``native``: ``dlogits`` is cast to the head's dtype first, as autograd does under bf16. Otherwise fp32
+    products of the fp32 ``dlogits`` with upcast blocks of the head, summed in fp32 and rounded once.
+    """
+    if native:
+        return dlogits.to(head_weight.dtype) @ head_weight
+    grad = dlogits.new_zeros((dlogits.shape[0], head_weight.shape[1]))  # (C, D) fp32
+    for start, block in _upcast_blocks(head_weight):  # block: (Vb, D) fp32
+        grad.addmm_(dlogits[:, start : start + block.shape[0]], block)
+    return grad.to(head_weight.dtype)
+
+
+def _upcast_blocks(head_weight: torch.Tensor):
+    """Yield ``(first row, fp32 copy of the next block of rows)`` of ``head_weight``, one reused buffer."""
+    vocab, hidden = head_weight.shape
+    rows = max(1, min(vocab, UPCAST_BLOCK_BYTES // (4 * hidden)))
+    buffer = torch.empty((rows, hidden), dtype=torch.float32, device=head_weight.device)  # reused: no page faults
+    for start in range(0, vocab, rows):
+        block = head_weight[start : start + rows]
+        yield start, buffer[: block.shape[0]].copy_(block)
 
 
 @torch.no_grad()
@@ -164,8 +255,9 @@ def token_ce_with_head(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     pieces = []
+    native = native_head_gemm(head_weight)
     for chunk, chunk_labels in zip(states.split(chunk_size), labels.split(chunk_size), strict=True):
-        log_p = F.log_softmax(_upcast(F.linear(chunk, head_weight, head_bias)), dim=-1)  # (C, V)
+        log_p = F.log_softmax(head_logits(head_weight, head_bias, chunk, native=native).pop(), dim=-1)  # (C, V)
         pieces.append(-log_p.gather(1, chunk_labels.long()[:, None]).squeeze(1))  # (C,)
         del log_p
     if not pieces:

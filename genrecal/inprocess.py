@@ -166,16 +166,20 @@ def _stage_needs_teacher(stage: Stage, config: StageRunConfig) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m genrecal.inprocess``: the three stages in one process on a LLaVA-style JSON data set."""
+    """``python -m genrecal.inprocess``: the three stages in one process, on data in any format the trainer reads."""
     import argparse
 
-    from genrecal.sample import sample_from_llava
+    # The trainer's loader (every record format and source, bad records skipped): this entry point only, so the
+    # library itself keeps not depending on the trainer.
+    from student_trainer.data import load_dataset_samples
 
     parser = argparse.ArgumentParser(prog="python -m genrecal.inprocess", description=main.__doc__)
     parser.add_argument("--teacher", help="teacher checkpoint folder (needed for stages 1 and 2)")
     parser.add_argument("--student", required=True, help="student checkpoint folder")
-    parser.add_argument("--data", required=True, help="LLaVA-style JSON list of {id, image, conversations}")
-    parser.add_argument("--image-folder", help="folder the records' image paths are relative to (default: the JSON's)")
+    parser.add_argument("--data", required=True, help="training data, any format of student_trainer/records.py: "
+                        "LLaVA / ShareGPT or OpenAI-messages JSON/JSONL, parquet/arrow, a dataset folder or a Hub id")
+    parser.add_argument("--image-folder", help="folder the records' image paths are relative to (default: the data "
+                        "file's)")
     parser.add_argument("--output", required=True, help="run folder: stage{n}/student, recalibrator, metrics")
     parser.add_argument("--stages", default="1,2,3", help="comma-separated stages to run (default 1,2,3)")
     defaults = StageRunConfig()
@@ -189,9 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from genrecal.stages import parse_stages
 
-    records = json.loads(Path(args.data).read_text())
-    image_folder = args.image_folder or Path(args.data).parent
-    samples = [sample_from_llava(record, image_folder) for record in records]
+    samples, _ = load_dataset_samples(args.data, image_folder=args.image_folder)
     config = StageRunConfig(
         stages=[int(s) for s in parse_stages(args.stages)], steps_per_stage=args.steps_per_stage,
         batch_size=args.batch_size, grad_accum=args.grad_accum, rec_blocks=args.rec_blocks, seed=args.seed,

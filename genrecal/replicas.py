@@ -34,6 +34,7 @@ from genrecal.client import HandleLost, TeacherClient, TeacherError, TeacherUnav
 from genrecal.head_scoring import HeadScore
 from genrecal.sample import Sample
 from genrecal.teacher import TeacherFeatures
+from genrecal.wire import WireTraffic
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,9 @@ class ReplicatedTeacher:
     def __init__(self, addresses: Sequence[str], *, probe_interval_s: float = 5.0, **client_kwargs):
         if not addresses:
             raise ValueError("ReplicatedTeacher needs at least one address")
-        self._client_kwargs = client_kwargs
-        self.replicas = [_Replica(i, TeacherClient(a, **client_kwargs)) for i, a in enumerate(addresses)]
+        self.traffic = client_kwargs.pop("traffic", None) or WireTraffic()  # every replica's calls, together
+        self._client_kwargs = {**client_kwargs, "traffic": self.traffic}
+        self.replicas = [_Replica(i, TeacherClient(a, **self._client_kwargs)) for i, a in enumerate(addresses)]
         self.probe_interval_s = probe_interval_s
         self._lock = threading.Lock()
         self._turn = itertools.count()

@@ -33,6 +33,7 @@ from genrecal.head_scoring import HeadScore
 from genrecal.replicas import ReplicatedTeacher, resolve_addresses
 from genrecal.sample import Sample
 from genrecal.teacher import InProcessTeacher, ScoredPaths, Teacher, TeacherFeatures
+from genrecal.wire import WireTraffic
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,11 @@ class ResilientTeacher:
         self._lock = threading.Lock()  # guards _samples: the trainer encodes ahead in a prefetch thread
 
     # ---- the Teacher protocol -----------------------------------------------------------------------------
+    @property
+    def traffic(self) -> WireTraffic | None:
+        """Bytes a remote teacher's calls sent and received so far; None for an in-process teacher."""
+        return self.teacher.traffic if isinstance(self.teacher, TeacherClient | ReplicatedTeacher) else None
+
     @property
     def hidden_size(self) -> int:
         return self.teacher.hidden_size
@@ -329,19 +335,30 @@ def open_teacher(
     retries: int = 5,
     token_file: str | None = None,
     tls_ca: str | None = None,
+    wire_dtype: torch.dtype | None = None,
+    question_features: bool = True,
+    image_options: dict | str | None = None,
 ) -> ResilientTeacher:
     """A teacher: a connection to the service at ``addr``, or the checkpoint ``model`` loaded in this process.
 
     Remote: ``addr`` is HOST:PORT, or several comma-separated (or a name resolving to several) for teacher
     replicas (:class:`genrecal.replicas.ReplicatedTeacher`). Every call has the deadline ``timeout_s``; UNAVAILABLE is retried ``retries`` times with backoff
     (0.5 s doubling, capped at 15 s), and after that the wrapper waits up to ``timeout_s`` more for the teacher to
-    serve again (a restart) before it gives up (:class:`ResilientTeacher`).
+    serve again (a restart) before it gives up (:class:`ResilientTeacher`). ``wire_dtype``: the dtype features,
+    Recalibrator outputs and gradients travel in (None: the teacher's / the outputs' own); ``question_features``:
+    ask for the teacher's question features (the regularisation path L2 and the alignment check need them).
+    ``image_options``: an in-process teacher's resolution knobs (:mod:`genrecal.families.resolution`); a teacher
+    service sets its own (``--image-options``), so they are refused with an address.
     """
     if (addr is None) == (model is None):
         raise ValueError("pass exactly one of a teacher address (--teacher-addr) and a teacher model (--teacher-model)")
+    if addr is not None and image_options:
+        raise ValueError("image options apply to an in-process teacher; a teacher service sets its own resolution "
+                         "(start it with --image-options; its Info reports them)")
     if addr is not None:
         addresses = resolve_addresses(addr)
-        kwargs = dict(timeout_s=timeout_s, backoff_s=0.5, max_backoff_s=15.0, token_file=token_file, tls_ca=tls_ca)
+        kwargs = dict(timeout_s=timeout_s, backoff_s=0.5, max_backoff_s=15.0, token_file=token_file, tls_ca=tls_ca,
+                      feature_dtype=wire_dtype, wire_dtype=wire_dtype, question_features=question_features)
         if len(addresses) > 1:  # replicas: a dead one is dropped after one retry, its work moves to the others
             client = ReplicatedTeacher(addresses, retries=1, **kwargs)
         else:
@@ -349,6 +366,6 @@ def open_teacher(
         client.wait_until_serving(timeout_s)
         return ResilientTeacher(client, restart_wait_s=timeout_s, one_request_per_step=True, async_score=True,
                                 max_length=max_length)
-    vlm = load_vlm(model, dtype=dtype)
+    vlm = load_vlm(model, dtype=dtype, image_options=image_options)
     vlm.model.to(device)
     return ResilientTeacher(InProcessTeacher(vlm, max_length=max_length, chunk_size=chunk_size))

@@ -1,9 +1,14 @@
 """One training sample: images plus a conversation, independent of any model's chat format.
 
-A conversation alternates ``user`` and ``assistant`` turns. Every assistant turn is an answer span
-(GENRECAL.md: ``a`` = the answer tokens including the end-of-turn token); everything else is question.
+A conversation is an optional leading ``system`` turn, then ``user`` and ``assistant`` turns alternating, ending
+with an assistant turn. Every assistant turn is an answer span (GENRECAL.md: ``a`` = the answer tokens including
+the end-of-turn token); everything else, the system turn included, is question. The system turn reaches the chat
+template as a system message (``{"role": "system", "content": [{"type": "text", ...}]}``).
 Images are placed where ``<image>`` appears in a user turn (LLaVA convention); when no turn carries the
 placeholder, all images go before the text of the first user turn.
+
+Records on disk (LLaVA, ShareGPT, OpenAI-style messages, Hugging Face datasets) become samples in
+:mod:`student_trainer.records`; this module only holds the type and the image decoding.
 """
 
 from __future__ import annotations
@@ -18,14 +23,13 @@ from genrecal.errors import SampleError
 
 IMAGE_PLACEHOLDER = "<image>"
 SOURCE_BYTES = "genrecal.source_bytes"  # Image.info key: (size, the encoded bytes the image was decoded from)
-ROLES = ("user", "assistant")
-# LLaVA-style JSON speaker names -> roles.
-LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant")
+DIALOGUE_ROLES = ("user", "assistant")  # after the optional system turn, in this order, alternating
 
 
 @dataclass(frozen=True)
 class Turn:
-    role: str  # "user" or "assistant"
+    role: str  # "system" (only as the first turn), "user" or "assistant"
     text: str
 
 
@@ -34,19 +38,29 @@ class Sample:
     sample_id: str
     turns: list[Turn]
     images: list[Image.Image] = field(default_factory=list)
+    # The record's row in the trainer's data source (set by its loader, so a sample the student cannot format is
+    # skipped like a bad record); never sent to the teacher.
+    source_index: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.turns:
             raise SampleError(self.sample_id, "the conversation has no turns")
-        for i, turn in enumerate(self.turns):
+        first = 1 if self.turns[0].role == "system" else 0  # the dialogue starts after the system turn
+        if first and IMAGE_PLACEHOLDER in self.turns[0].text:
+            raise SampleError(self.sample_id,
+                              f"the system turn contains {IMAGE_PLACEHOLDER!r}; images go in user turns")
+        if first == len(self.turns):
+            raise SampleError(self.sample_id, "the conversation has a system turn but no user and assistant turns")
+        for i, turn in enumerate(self.turns[first:], start=first):
             if turn.role not in ROLES:
                 raise SampleError(self.sample_id, f"turn {i} has role {turn.role!r}; expected one of {ROLES}")
-            expected = ROLES[i % 2]
+            expected = DIALOGUE_ROLES[(i - first) % 2]
             if turn.role != expected:
+                where = " (a system turn may only come first)" if turn.role == "system" else ""
                 raise SampleError(
                     self.sample_id,
-                    f"turn {i} is {turn.role!r} but turns must alternate user, assistant, user, ... "
-                    f"(expected {expected!r})",
+                    f"turn {i} is {turn.role!r} but turns must alternate user, assistant, user, ... after an "
+                    f"optional leading system turn (expected {expected!r}){where}",
                 )
         if self.turns[-1].role != "assistant":
             raise SampleError(self.sample_id, "the conversation must end with an assistant turn (the answer)")
@@ -70,11 +84,12 @@ class Sample:
     def messages(self) -> list[dict]:
         """HF chat messages (content lists with ``{"type": "image"}`` entries) for ``apply_chat_template``."""
         has_placeholders = any(IMAGE_PLACEHOLDER in t.text for t in self.turns)
+        first_user = next(i for i, t in enumerate(self.turns) if t.role == "user")
         messages = []
         for i, turn in enumerate(self.turns):
             content: list[dict] = []
             if turn.role == "user":
-                if not has_placeholders and i == 0:
+                if not has_placeholders and i == first_user:
                     content += [{"type": "image"} for _ in self.images]
                 pieces = turn.text.split(IMAGE_PLACEHOLDER)
                 for j, piece in enumerate(pieces):
@@ -83,7 +98,7 @@ class Sample:
                     piece = piece.strip("\n") if has_placeholders else piece
                     if piece:
                         content.append({"type": "text", "text": piece})
-            else:
+            else:  # a system turn or an answer: text only
                 content.append({"type": "text", "text": turn.text})
             messages.append({"role": turn.role, "content": content})
         return messages
@@ -127,21 +142,3 @@ def source_bytes(image: Image.Image) -> bytes | None:
         return source[1]
     return None
 
-
-def sample_from_llava(record: dict, image_root: str | Path | None = None) -> Sample:
-    """Build a sample from a LLaVA-style record ``{"id", "image", "conversations": [{"from", "value"}]}``."""
-    sample_id = str(record.get("id", "<no id>"))
-    conversations = record.get("conversations")
-    if not isinstance(conversations, list) or not conversations:
-        raise SampleError(sample_id, "record has no 'conversations' list")
-    turns = []
-    for i, message in enumerate(conversations):
-        speaker = message.get("from")
-        if speaker not in LLAVA_ROLES:
-            raise SampleError(sample_id, f"conversation turn {i} has 'from'={speaker!r}; expected one of {sorted(LLAVA_ROLES)}")
-        turns.append(Turn(LLAVA_ROLES[speaker], str(message.get("value", ""))))
-    names = record.get("image") or []
-    names = [names] if isinstance(names, str) else list(names)
-    root = Path(image_root) if image_root is not None else Path(".")
-    images = [load_image(root / name, sample_id=sample_id) for name in names]
-    return Sample(sample_id=sample_id, turns=turns, images=images)

@@ -51,14 +51,18 @@ def build_eval_parser() -> argparse.ArgumentParser:
         prog="python -m student_trainer eval", description="Exact-match VQA evaluation of a checkpoint."
     )
     parser.add_argument("--model", required=True, help="checkpoint folder to evaluate, e.g. OUTPUT/final")
-    parser.add_argument("--data", required=True, help="evaluation data: LLaVA .json/.jsonl, .parquet/.arrow or a "
-                                                      "datasets save_to_disk folder")
+    parser.add_argument("--data", required=True, help="evaluation data in any format of student_trainer/records.py "
+                        "(.json/.jsonl, .parquet/.arrow, a datasets save_to_disk folder or a Hub dataset id)")
     parser.add_argument("--image-folder", help="folder image names are relative to (default: the data's folder)")
     parser.add_argument("--split", default="train", help="split of a saved DatasetDict (default: %(default)s)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N usable samples")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per generate call (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=16,
                         help="generation budget per answer (default: %(default)s)")
+    parser.add_argument("--image-options",
+                        help="the model's image resolution in its family's processor knobs, 'KNOB=VALUE,...' or "
+                             "JSON, e.g. 'max_pixels=802816' (docs/student_trainer.md, 'Image resolution'; default: "
+                             "the checkpoint's own settings, which a training run's exports already hold)")
     parser.add_argument("--out", help="also write the JSON report (with every prediction) to this file")
     return parser
 
@@ -88,6 +92,12 @@ def build_align_parser() -> argparse.ArgumentParser:
                         help="auto = bf16 on GPUs that support it, else fp32 (default: %(default)s)")
     parser.add_argument("--teacher-timeout-s", type=float, default=300.0,
                         help="seconds one teacher call may take (default: %(default)s)")
+    parser.add_argument("--image-options",
+                        help="the student's image resolution in its family's processor knobs, 'KNOB=VALUE,...' or "
+                             "JSON (docs/student_trainer.md, 'Image resolution'; default: the checkpoint's own)")
+    parser.add_argument("--teacher-image-options",
+                        help="the same for an in-process teacher (--teacher-model); a teacher service uses its own "
+                             "--image-options")
     parser.add_argument("--out", required=True, help="PNG file for the similarity matrix")
     return parser
 
@@ -117,10 +127,12 @@ def train(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from genrecal.resilient_teacher import TeacherMismatchError
+    from student_trainer.deepspeed_ops import build_ops_for
     from student_trainer.distributed import init_distributed
     from student_trainer.driver import run_training
     from student_trainer.layout import RunRefusedError
 
+    build_ops_for(config.deepspeed, show_progress=int(os.environ.get("LOCAL_RANK", 0)) == 0)  # before they are used
     ctx = init_distributed()
     try:
         run_training(config, ctx)
@@ -141,7 +153,7 @@ def evaluate_command(argv: list[str]) -> int:
 
     report = evaluate(
         args.model, args.data, image_folder=args.image_folder, limit=args.limit, split=args.split,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, image_options=args.image_options,
     )
     print(report.table())
     if args.out:
@@ -166,8 +178,8 @@ def align_command(argv: list[str]) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     samples, _ = load_dataset_samples(args.data, image_folder=args.image_folder, limit=args.limit)
     teacher = open_teacher(addr=args.teacher_addr, model=args.teacher_model, device=device, dtype=dtype,
-                           timeout_s=args.teacher_timeout_s)
-    student = load_vlm(args.student, dtype=dtype)
+                           timeout_s=args.teacher_timeout_s, image_options=args.teacher_image_options)
+    student = load_vlm(args.student, dtype=dtype, image_options=args.image_options)
     student.model.to(device)
     state = load_file(args.recalibrator)
     blocks = len({key.split(".")[1] for key in state if key.startswith("rec_body.")})

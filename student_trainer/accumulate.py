@@ -32,6 +32,10 @@ ones add to it; ZeRO-1/2 clear accumulated gradients). In the overlapped loop th
 forward before it, so the loop makes that same reset call itself first (``clear_backward_seen_flag``, what
 ``engine.forward`` calls). ZeRO 0-3 are tested; under ZeRO-3 the parameter-prefetch trace, which follows module
 order, sees one longer forward/backward window per step and re-records it (a prefetch cost on GPUs; unmeasured).
+L3 runs the student's head in chunks of answer positions (:func:`genrecal.losses.student_sft_loss`); under ZeRO-3
+each head call all-gathers its weight, so every rank must make as many calls as the others: micro-batch ``k`` uses
+the largest chunk count any rank needs for its ``k``-th micro-batch, found in the same ``all_reduce`` as the
+token counts (each rank writes its counts into its own slots of the summed vector).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from collections.abc import Iterator, Sequence
 
 from genrecal.distill import PendingObjective
 from genrecal.families import EncodedBatch
+from genrecal.losses import sft_head_calls
 from genrecal.resilient_teacher import ResilientTeacher
 from genrecal.stages import STAGES, Stage
 from genrecal.teacher import TeacherFeatures
@@ -85,21 +90,25 @@ class GradientAccumulator:
         # Global answer-token counts of the whole step (all micro-batches, all ranks): the normalisers. Also the
         # teacher's own CE on its answers, summed over tokens (and the samples whose teacher did not report it).
         teacher_feats = [f for fs in features if fs for f in fs]
+        scored = [int((b.labels()[:, 1:] != -100).sum()) for b in student_batches]  # L3 tokens per micro-batch
         local = [
-            sum(int((b.labels()[:, 1:] != -100).sum()) for b in student_batches),
+            sum(scored),
             sum(f.num_answer_tokens for f in teacher_feats),
             sum(int(b.inputs["attention_mask"].sum()) for b in student_batches),
             sum(f.teacher_ce * f.num_answer_tokens for f in teacher_feats if f.teacher_ce is not None),
             sum(f.teacher_ce is None for f in teacher_feats),
         ]
-        student_tokens, teacher_tokens, sequence_tokens, teacher_ce_sum, unreported = (
-            ctx.all_reduce_sum(local)  # sync point
+        calls = [0] * (ctx.world_size * len(scored))  # (rank, micro-batch) slots: L3's head calls, this rank's own
+        calls[ctx.rank * len(scored):(ctx.rank + 1) * len(scored)] = [sft_head_calls(n) for n in scored]
+        student_tokens, teacher_tokens, sequence_tokens, teacher_ce_sum, unreported, *calls = (
+            ctx.all_reduce_sum(local + calls)  # sync point
         )
+        head_calls = [int(max(calls[m::len(scored)])) for m in range(len(scored))]  # per micro-batch, max over ranks
         totals = dict.fromkeys((*LOSS_PARTS, "loss"), 0.0)
         kwargs = dict(teacher=self.teacher, teacher_tokens=teacher_tokens if self.teacher else None,
                       student_tokens=student_tokens, losses=config.losses)
         loop = self._overlapped if self.overlap else self._sequential
-        for loss, metrics in loop(student_batches, features, kwargs):  # in micro-batch order
+        for loss, metrics in loop(student_batches, features, kwargs, head_calls):  # in micro-batch order
             for key in LOSS_PARTS:
                 totals[key] += metrics.get(key, 0.0)
             totals["loss"] += loss
@@ -123,19 +132,21 @@ class GradientAccumulator:
 
     # ---- the two loops: each yields (loss value, metrics) per micro-batch, after its backward ------------------
     def _sequential(self, batches: Sequence[EncodedBatch], features: Sequence[Sequence[TeacherFeatures] | None],
-                    kwargs: dict) -> Iterator[tuple[float, dict]]:
+                    kwargs: dict, head_calls: Sequence[int]) -> Iterator[tuple[float, dict]]:
         last = len(batches) - 1
         for m, (batch, feats) in enumerate(zip(batches, features, strict=True)):
-            loss, metrics = self.engine(self.stage, self._on_device(batch), features=feats, **kwargs)
+            loss, metrics = self.engine(self.stage, self._on_device(batch), features=feats,
+                                        sft_head_calls=head_calls[m], **kwargs)
             self._backward(loss, boundary=m == last)
             yield float(loss.detach()), metrics
 
     def _overlapped(self, batches: Sequence[EncodedBatch], features: Sequence[Sequence[TeacherFeatures] | None],
-                    kwargs: dict) -> Iterator[tuple[float, dict]]:
+                    kwargs: dict, head_calls: Sequence[int]) -> Iterator[tuple[float, dict]]:
         in_flight: deque[PendingObjective] = deque()
         last, done = len(batches) - 1, 0
-        for batch, feats in zip(batches, features, strict=True):
-            _, pending = self.engine(self.stage, self._on_device(batch), features=feats, pending=True, **kwargs)
+        for batch, feats, calls in zip(batches, features, head_calls, strict=True):
+            _, pending = self.engine(self.stage, self._on_device(batch), features=feats, pending=True,
+                                     sft_head_calls=calls, **kwargs)
             self._backward_since_forward = False
             in_flight.append(pending)  # its Score is on its way
             if len(in_flight) > AHEAD:

@@ -21,11 +21,14 @@ from pathlib import Path
 import torch
 
 from genrecal.distill import LossConfig
+from genrecal.families.resolution import check_image_options, parse_image_options
 from genrecal.stages import STAGES, TIED_POLICIES, Stage, parse_stages
+from student_trainer.records import is_hub_id
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 DEFAULT_DEEPSPEED_CONFIG = CONFIGS_DIR / "zero3.json"
 PRECISIONS = ("auto", "bf16", "fp32")
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # teacher_wire_dtype -> torch dtype
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 # Fields that decide the arithmetic or the data order of a run: a resumed run must keep them.
@@ -33,7 +36,7 @@ RUN_DEFINING_FIELDS = (
     "student", "data", "image_folder", "data_limit", "stages", "lr", "lr_end", "warmup_steps", "weight_decay",
     "grad_accum", "micro_batch_size", "steps_per_stage", "alignment_steps", "alignment_lr", "rec_blocks",
     "precision", "seed", "max_length", "ce_weight", "kl_weight", "regularisation", "sft_weight", "grad_clip", "logit_distillation", "logit_distillation_weight",
-    "tied_embeddings",
+    "tied_embeddings", "teacher_wire_dtype", "image_options", "teacher_image_options",
 )
 
 
@@ -43,7 +46,7 @@ class TrainConfig:
 
     # ---- what to train, on what -------------------------------------------------------------------------
     student: str  # student checkpoint folder (HF format, a supported family); stage 1's starting point
-    data: str  # training data: LLaVA JSON/JSONL, a parquet/arrow file or a datasets save_to_disk folder
+    data: str  # training records (records.py): JSON/JSONL/parquet/arrow file, dataset folder or Hub id
     output: str  # run folder: checkpoints, stage exports, metrics, final student
     teacher_addr: str | None = None  # HOST:PORT of the teacher service (stages 1 and 2); comma-separated: replicas
     teacher_model: str | None = None  # or: a teacher checkpoint folder run in this process (single machine)
@@ -70,7 +73,11 @@ class TrainConfig:
     rec_blocks: int = 2  # Rec-body decoder blocks
     precision: str = "auto"  # "auto" (bf16 on GPUs that support it, else fp32), "bf16" or "fp32"
     seed: int = 0
-    max_length: int | None = None  # refuse samples longer than this (student or in-process teacher tokens)
+    max_length: int | None = 8192  # skip samples longer than this many tokens (student's, or the teacher's)
+    # The student's image-resolution knobs, e.g. {"max_pixels": 802816} (genrecal.families.resolution); None =
+    # the checkpoint's own. Flag / config text: "k=v,k=v" or a JSON object.
+    image_options: dict | None = None
+    teacher_image_options: dict | None = None  # the same for an in-process teacher (--teacher-model)
 
     # ---- losses (genrecal.distill.LossConfig) ------------------------------------------------------------
     ce_weight: float = 1.0  # CE part of L1/L2 (L_ar)
@@ -85,6 +92,7 @@ class TrainConfig:
 
     # ---- teacher connection --------------------------------------------------------------------------------
     teacher_timeout_s: float = 300.0  # per teacher call
+    teacher_wire_dtype: str = "bf16"  # dtype of features, Recalibrator outputs and gradients on the wire (remote)
     teacher_retries: int = 5  # connection attempts before giving up
     chunk_size: int = 512  # head-scoring chunk of an in-process teacher
     prefetch_steps: int = 1  # steps whose inputs (data, student batches, teacher Encode) are built ahead; 0 = off
@@ -110,11 +118,12 @@ class TrainConfig:
                 f"student {self.student!r} is not a checkpoint folder (no config.json); pass the folder that holds "
                 "the student's config.json and *.safetensors"
             )
-        if not Path(self.data).exists():
-            raise ValueError(f"data {self.data!r} does not exist; pass a LLaVA .json/.jsonl file or a dataset folder")
+        if not Path(self.data).exists() and not is_hub_id(self.data):
+            raise ValueError(f"data {self.data!r} does not exist; pass a .json/.jsonl file, a .parquet/.arrow file, a "
+                             "datasets save_to_disk folder or a Hugging Face Hub dataset id (owner/name[:split])")
         if self.image_folder is not None and not Path(self.image_folder).is_dir():
             raise ValueError(f"image_folder {self.image_folder!r} is not a folder")
-        if self.eval_data is not None and not Path(self.eval_data).exists():
+        if self.eval_data is not None and not Path(self.eval_data).exists() and not is_hub_id(self.eval_data):
             raise ValueError(f"eval_data {self.eval_data!r} does not exist; pass an evaluation data file or drop it")
 
         if isinstance(self.stages, list | tuple):
@@ -148,6 +157,16 @@ class TrainConfig:
                 f"teacher_model {self.teacher_model!r} is not a checkpoint folder (no config.json); pass the "
                 "teacher's folder or use --teacher-addr for a teacher service"
             )
+        # Knob names and types are checked for each side's family now; values against its processor at load.
+        self.image_options = check_image_options(self.student, self.image_options)
+        self.teacher_image_options = parse_image_options(self.teacher_image_options)
+        if self.teacher_image_options is not None:
+            if self.teacher_model is None:
+                raise ValueError(
+                    "teacher_image_options apply to an in-process teacher (--teacher-model); a teacher service "
+                    "sets its own resolution: start it with --image-options"
+                )
+            self.teacher_image_options = check_image_options(self.teacher_model, self.teacher_image_options)
 
         if not Path(self.deepspeed).is_file():
             raise ValueError(
@@ -184,6 +203,10 @@ class TrainConfig:
             raise ValueError(
                 f"weight_decay and grad_clip must be >= 0 (grad_clip 0 = off), got {self.weight_decay}, "
                 f"{self.grad_clip}"
+            )
+        if self.teacher_wire_dtype not in WIRE_DTYPES:
+            raise ValueError(
+                f"teacher_wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.teacher_wire_dtype!r}"
             )
         if not self.teacher_timeout_s > 0:
             raise ValueError(f"teacher_timeout_s must be > 0 seconds, got {self.teacher_timeout_s}")
@@ -230,6 +253,11 @@ class TrainConfig:
         )
 
     @property
+    def wire_dtype(self) -> torch.dtype:
+        """The dtype teacher features, Recalibrator outputs and their gradients travel in (a remote teacher)."""
+        return WIRE_DTYPES[self.teacher_wire_dtype]
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         """The training dtype: ``auto`` is bf16 on a GPU that supports it and fp32 otherwise (CPU)."""
         if self.precision == "auto":
@@ -260,8 +288,10 @@ _HELP = {
     "config": "YAML or JSON file with any of the options below (keys: option names, '_' or '-'); flags given on "
               "the command line override it",
     "student": "student checkpoint folder (HF format, a supported family): the model stage 1 starts from",
-    "data": "training data: a LLaVA-style .json/.jsonl file, a .parquet/.arrow file or a datasets save_to_disk "
-            "folder",
+    "data": "training data: a .json/.jsonl file (LLaVA / ShareGPT or OpenAI-style messages records, mixed as you "
+            "like), a .parquet/.arrow file, a datasets save_to_disk folder, or a Hugging Face Hub dataset id "
+            "(owner/name or owner/name:split, read from the datasets cache offline); docs/student_trainer.md, "
+            "'Data formats'",
     "output": "run folder for checkpoints, stage exports, metrics and the final student; rerunning the same "
               "command resumes from it",
     "teacher_addr": "HOST:PORT of the teacher service (teacher_server), needed by stages 1 and 2",
@@ -296,7 +326,17 @@ _HELP = {
     "rec_blocks": "decoder blocks in the Recalibrator's body (default %(default)s)",
     "precision": "training precision: auto = bf16 on GPUs that support it, else fp32 (default %(default)s)",
     "seed": "seed for the data order and the Recalibrator's initialisation (default %(default)s)",
-    "max_length": "refuse samples longer than this many tokens instead of truncating their answers",
+    "max_length": "skip (and count, as bad records) samples longer than this many tokens as the student formats "
+                  "them, instead of truncating their answers or running out of memory; the teacher refuses samples "
+                  "longer than this many of its own tokens. Image tokens count: lower the resolution "
+                  "(--image-options) rather than raising it blindly (default %(default)s)",
+    "image_options": "the student's image resolution, in its family's own processor knobs: 'KNOB=VALUE,...' or a "
+                     "JSON object, e.g. 'max_pixels=802816,min_pixels=3136' (Qwen2-VL), 'max_patches=6' "
+                     "(InternVL), 'do_image_splitting=false' (Idefics3/SmolVLM); an unknown knob is refused with "
+                     "the family's list (docs/student_trainer.md, 'Image resolution') (default: the checkpoint's "
+                     "own settings)",
+    "teacher_image_options": "the same for an in-process teacher (--teacher-model); a teacher service takes "
+                             "its own --image-options (default: the checkpoint's own settings)",
     "ce_weight": "weight of the CE part of L1/L2 (0 = KL-only ablation) (default %(default)s)",
     "kl_weight": "weight of the KL part of L1/L2 (0 = CE-only ablation) (default %(default)s)",
     "regularisation": "use L2, the regularisation path (--no-regularisation for its ablation) (default on)",
@@ -311,6 +351,9 @@ _HELP = {
                        "lets L1 update it through the input side, which changes the head too (default %(default)s)",
     "teacher_timeout_s": "seconds one teacher call may take, and how long to wait for a restarted teacher to be "
                          "SERVING again before failing (default %(default)s)",
+    "teacher_wire_dtype": "dtype the teacher's features, the Recalibrator's outputs and their gradients travel "
+                          "in between a remote teacher and this trainer, whatever either computes in: bf16 halves "
+                          "the traffic of fp32 (docs/student_trainer.md, 'Wire volume') (default %(default)s)",
     "teacher_retries": "retries of a call the teacher answers UNAVAILABLE (backoff 0.5 s doubling to 15 s) before "
                        "waiting for its health check (default %(default)s)",
     "chunk_size": "tokens per head-scoring chunk of an in-process teacher (default %(default)s)",

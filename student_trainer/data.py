@@ -1,28 +1,16 @@
-"""Training and evaluation data: LLaVA-style conversations from JSON or Hugging Face ``datasets``, and the order
-in which each rank sees them.
+"""Training and evaluation data loaded eagerly, and the order in which each rank sees it.
 
-Sources (:func:`load_dataset_samples`):
-
-- LLaVA-style JSON (``.json``: a list of records) or JSON Lines (``.jsonl``: one record a line). A record is
-  ``{"id": ..., "image": "a.jpg" | ["a.jpg", "b.jpg"] | absent, "conversations": [{"from": "human"|"gpt",
-  "value": ...}, ...]}``; image names are relative to ``image_folder`` (default: the JSON file's folder).
-- A Hugging Face dataset saved with ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (a folder; ``split``
-  picks a split of a ``DatasetDict``), or a ``.parquet`` / ``.arrow`` data file. Rows carry the same keys; the
-  image column (``image`` or ``images``) holds file names (relative to ``image_folder``, default the dataset's
-  folder) or ``datasets.Image`` features (decoded to PIL images, or ``{"bytes", "path"}`` when not decoded).
-
-Every assistant turn of a conversation is an answer span (:mod:`genrecal.sample`): multi-turn records train on
-all their answers. A record without an ``id`` gets its row index (as a string) as its sample id.
-
-Bad records — a missing or undecodable image, a malformed conversation, an empty answer — raise
-:class:`genrecal.errors.SampleError`; by default they are skipped and counted in a :class:`SkipReport`.
+:func:`load_dataset_samples` reads every record of a source into memory as a :class:`~genrecal.sample.Sample`
+(for evaluation and scripts; training reads lazily, :mod:`student_trainer.dataset`). The record formats and
+sources are :mod:`student_trainer.records`' (LLaVA / ShareGPT, OpenAI / HF messages; JSON, JSONL, datasets by
+path or Hub id), read through the same index and parser. Bad records raise :class:`genrecal.errors.SampleError`;
+by default they are skipped and counted in a :class:`SkipReport`.
 
 :class:`ShardedBatches` gives the deterministic, resumable micro-batch order for distributed training.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -30,17 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from genrecal.errors import SampleError
-from genrecal.sample import LLAVA_ROLES, Sample, Turn, load_image
+from genrecal.sample import Sample
+from student_trainer.records import (
+    QUESTION_TYPE_KEYS,
+    default_image_folder,
+    open_index,
+    record_to_sample,
+    sample_id_of,
+)
 
 logger = logging.getLogger(__name__)
-
-JSON_SUFFIXES = (".json", ".jsonl")
-DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}  # suffix -> datasets.load_dataset builder
-IMAGE_KEYS = ("image", "images")
-QUESTION_TYPE_KEYS = ("type", "question_type")
 
 
 @dataclass
@@ -74,12 +63,14 @@ def load_dataset_samples(
     limit: int | None = None,
     skip_bad: bool = True,
 ) -> tuple[list[Sample], SkipReport]:
-    """Load samples from a LLaVA-style JSON/JSONL file or a Hugging Face dataset (see the module docstring).
+    """Load the samples of any source :mod:`student_trainer.records` reads.
 
     Args:
-        path: a ``.json`` / ``.jsonl`` file, a ``.parquet`` / ``.arrow`` file, or a ``save_to_disk`` folder.
-        image_folder: where image file names are resolved; default the data file's folder (or the dataset folder).
-        split: the split of a saved ``DatasetDict`` (ignored for single-split sources).
+        path: a ``.json`` / ``.jsonl`` file, a ``.parquet`` / ``.arrow`` file, a ``save_to_disk`` folder or a
+            Hugging Face Hub dataset id (``owner/name`` or ``owner/name:split``; read from the cache offline).
+        image_folder: where image file names are resolved; default the data file's folder (or the dataset folder;
+            the working directory for a Hub id).
+        split: the split of a saved ``DatasetDict`` or Hub dataset (ignored for single-split sources).
         limit: return at most this many samples (reading stops once that many usable ones are found).
         skip_bad: skip records that raise :class:`SampleError` (counted in the report, with a warning); when
             False the first bad record's error propagates, naming the sample.
@@ -88,15 +79,14 @@ def load_dataset_samples(
         The samples, in file order, and the :class:`SkipReport`.
 
     Raises:
-        ValueError: the source cannot be read, or no usable sample remains.
+        ValueError: the source cannot be read, is in no known format, or no usable sample remains.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of samples or None, got {limit}")
-    path = Path(path)
-    root = Path(image_folder) if image_folder is not None else _default_image_folder(path)
+    root = Path(image_folder) if image_folder is not None else default_image_folder(path)
     samples: list[Sample] = []
     report = SkipReport()
-    for index, record in _iter_records(path, split):
+    for index, record in _records(path, split):
         if limit is not None and len(samples) >= limit:
             break
         report.total += 1
@@ -119,177 +109,23 @@ def load_dataset_samples(
 def load_question_types(path: str | Path, *, split: str = "train") -> dict[str, str]:
     """``{sample_id: question type}`` for the records that carry a ``"type"`` or ``"question_type"`` key.
 
-    Reads only the id and type columns (images are not decoded); sample ids match :func:`load_dataset_samples`.
+    Reads only the id and type columns of a dataset (images are not decoded); sample ids match
+    :func:`load_dataset_samples`.
     """
     types = {}
-    for index, record in _iter_records(Path(path), split, columns=("id", *QUESTION_TYPE_KEYS)):
+    for index, record in _records(path, split, columns=("id", *QUESTION_TYPE_KEYS)):
         if not isinstance(record, dict):
             continue
         value = next((record[key] for key in QUESTION_TYPE_KEYS if record.get(key) is not None), None)
         if value is not None:
-            types[_sample_id(record, index)] = str(value)
+            types[sample_id_of(record, index)] = str(value)
     return types
 
 
-def record_to_sample(record: object, index: int, image_folder: str | Path) -> Sample:
-    """One LLaVA-style record (from JSON or a dataset row) as a :class:`Sample`; raises :class:`SampleError`."""
-    if isinstance(record, _UnparsableLine):
-        raise SampleError(f"<line {record.line_number}>", record.reason)
-    if not isinstance(record, dict):
-        raise SampleError(f"<record {index}>", f"a record must be a JSON object, got {type(record).__name__}")
-    sample_id = _sample_id(record, index)
-    conversations = record.get("conversations")
-    if not isinstance(conversations, list) or not conversations:
-        raise SampleError(sample_id, "record has no 'conversations' list")
-    turns = []
-    for i, message in enumerate(conversations):
-        if not isinstance(message, dict):
-            raise SampleError(sample_id, f"conversation turn {i} is a {type(message).__name__}, not an object")
-        speaker = message.get("from")
-        if speaker not in LLAVA_ROLES:
-            raise SampleError(
-                sample_id, f"conversation turn {i} has 'from'={speaker!r}; expected one of {sorted(LLAVA_ROLES)}"
-            )
-        value = message.get("value")
-        if not isinstance(value, str):
-            raise SampleError(sample_id, f"conversation turn {i} has no text 'value' (got {type(value).__name__})")
-        turns.append(Turn(LLAVA_ROLES[speaker], value))
-    images = [_open_image(entry, Path(image_folder), sample_id) for entry in _image_entries(record, sample_id)]
-    return Sample(sample_id=sample_id, turns=turns, images=images)
-
-
-def _sample_id(record: dict, index: int) -> str:
-    sample_id = record.get("id")
-    return str(index) if sample_id is None else str(sample_id)
-
-
-def _image_entries(record: dict, sample_id: str) -> list:
-    """The record's image entries (file names, ``{"bytes", "path"}`` dicts or PIL images), in order."""
-    for key in IMAGE_KEYS:
-        entries = record.get(key)
-        if entries is None or (isinstance(entries, str) and not entries):
-            continue
-        if isinstance(entries, str | dict | Image.Image):
-            return [entries]
-        if not isinstance(entries, list | tuple):
-            raise SampleError(sample_id, f"'{key}' must be a file name or a list of them, got {type(entries).__name__}")
-        return [e for e in entries if e is not None]
-    return []
-
-
-def _open_image(entry: object, image_folder: Path, sample_id: str) -> Image.Image:
-    if isinstance(entry, Image.Image):  # a decoded datasets.Image feature
-        try:
-            return entry.convert("RGB")
-        except OSError as exc:
-            raise SampleError(sample_id, f"image cannot be decoded ({exc})") from exc
-    if isinstance(entry, str):
-        return load_image(image_folder / entry, sample_id=sample_id, keep_source=True)
-    if isinstance(entry, dict):  # an undecoded datasets.Image feature: {"bytes": ..., "path": ...}
-        if entry.get("bytes"):
-            return load_image(entry["bytes"], sample_id=sample_id, keep_source=True)
-        if entry.get("path"):
-            return load_image(image_folder / entry["path"], sample_id=sample_id, keep_source=True)
-    raise SampleError(sample_id, f"cannot read an image from a {type(entry).__name__} entry")
-
-
-def _default_image_folder(path: Path) -> Path:
-    return path if path.is_dir() else path.parent
-
-
-def _iter_records(path: Path, split: str, columns: tuple[str, ...] | None = None) -> Iterator[tuple[int, object]]:
-    """``(row index, record)`` in file order. ``columns`` restricts dataset rows to those (when present)."""
-    if path.is_file() and path.suffix in JSON_SUFFIXES:
-        yield from _iter_json_records(path)
-        return
-    dataset = _open_dataset(path, split)
-    if columns is not None:
-        dataset = dataset.select_columns([c for c in columns if c in dataset.column_names])
-    yield from enumerate(_raw_rows(dataset))
-
-
-def _raw_rows(dataset, chunk_size: int = 256) -> Iterator[dict]:
-    """Rows as stored, without feature decoding: an ``Image`` feature stays ``{"bytes", "path"}``, so that a
-    corrupt image becomes a :class:`SampleError` of its record in :func:`record_to_sample` instead of failing
-    the iteration."""
-    arrow = dataset.with_format("arrow")
-    for start in range(0, len(arrow), chunk_size):
-        yield from arrow[start : start + chunk_size].to_pylist()
-
-
-def _iter_json_records(path: Path) -> Iterator[tuple[int, object]]:
-    """A ``.json`` list of records, or JSON Lines (``.jsonl``, or a ``.json`` file written one record a line,
-    as ``Dataset.to_json`` does)."""
-    if path.suffix == ".json":
-        text = path.read_text(encoding="utf-8")
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            if not _looks_like_json_lines(text):
-                raise ValueError(f"{path} is not valid JSON ({exc}); LLaVA data is a JSON list of records") from exc
-        else:
-            if not isinstance(records, list):
-                raise ValueError(
-                    f"{path} holds a JSON {type(records).__name__}; expected a list of LLaVA records "
-                    "(or one record per line)"
-                )
-            yield from enumerate(records)
-            return
-    with path.open(encoding="utf-8") as f:
-        index = 0
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                record = _UnparsableLine(line_number, f"not valid JSON ({exc})")
-            yield index, record
-            index += 1
-
-
-def _looks_like_json_lines(text: str) -> bool:
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    try:
-        return isinstance(json.loads(first), dict)
-    except json.JSONDecodeError:
-        return False
-
-
-@dataclass(frozen=True)
-class _UnparsableLine:
-    """A JSONL line that is not valid JSON: skipped (or raised) like any other bad record."""
-
-    line_number: int
-    reason: str
-
-
-def _open_dataset(path: Path, split: str):
-    """A ``datasets.Dataset`` from a ``save_to_disk`` folder or a parquet/arrow file."""
-    import datasets
-
-    if path.is_dir():
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError as exc:
-            raise ValueError(
-                f"{path} is a folder but not a dataset saved with save_to_disk ({exc}); pass a LLaVA .json/.jsonl "
-                "file, a .parquet/.arrow file or a saved dataset folder"
-            ) from exc
-    elif path.is_file() and path.suffix in DATA_FILE_BUILDERS:
-        loaded = datasets.load_dataset(DATA_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    elif not path.exists():
-        raise ValueError(f"data path {str(path)!r} does not exist")
-    else:
-        raise ValueError(
-            f"cannot read {str(path)!r}: expected a LLaVA .json/.jsonl file, a "
-            f"{'/'.join(DATA_FILE_BUILDERS)} file or a folder saved with datasets' save_to_disk"
-        )
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"{path} has no split {split!r}; its splits are {sorted(loaded)}")
-        loaded = loaded[split]
-    return loaded
+def _records(path: str | Path, split: str, columns: tuple[str, ...] | None = None) -> Iterator[tuple[int, object]]:
+    index = open_index(path, split, columns=columns)
+    for i in range(len(index)):
+        yield i, index.record(i)
 
 
 class ShardedBatches:

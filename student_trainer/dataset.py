@@ -1,48 +1,29 @@
 """The training data as a lazy, map-style ``torch.utils.data.Dataset``: a record is read and its images decoded
 only when a step uses it, in ``DataLoader`` worker processes.
 
-Start-up cost and memory per rank, by source (N records):
+Before step 0 a rank only opens the source's index (:func:`student_trainer.records.open_index`: JSONL byte offsets,
+one JSON array re-serialised into a buffer, or Arrow rows of a local or Hub dataset; the cost of each is in
+:mod:`student_trainer.records`), which also refuses a source in no known record format. ``dataset[i]`` then parses
+record ``i`` with :func:`student_trainer.records.record_to_sample`, whatever its format.
 
-- **JSONL** (``.jsonl``, or a ``.json`` file written one record a line): one pass over the file records the byte
-  offset and length of every non-empty line (:class:`JsonlIndex`; 16 bytes a record: 3.2 MB for 200k records).
-  Reading record ``i`` is a seek, one read and one ``json.loads``.
-- **One JSON array** (LLaVA's usual ``.json``): JSON cannot be indexed without parsing it, so the file is parsed
-  once and every record is re-serialised into one compact byte buffer with an offset array
-  (:class:`JsonBufferIndex`); the parsed objects are then freed. Memory ≈ the file's size (LLaVA-665k's 1 GB
-  JSON: ≈ 1 GB) in the rank and again in each worker process (they receive a copy), plus the parse's transient
-  peak (several x the file). Convert big arrays to JSONL once (``jq -c '.[]' a.json > a.jsonl``) to avoid both.
-- **datasets** (``save_to_disk`` folder, ``.parquet``, ``.arrow``): rows are read from the memory-mapped Arrow
-  table by index, undecoded.
-
-A record that cannot become a sample (missing or corrupt image, malformed conversation, bad JSON line) comes back
-as a :class:`BadRecord` instead of raising, so a worker never dies of it; the trainer skips it, counts it and
-trains on a replacement (:class:`student_trainer.step_inputs.StepBuilder`).
+A record that cannot become a sample (missing or corrupt image, malformed conversation, bad JSON line, no known
+shape) comes back as a :class:`BadRecord` instead of raising, so a worker never dies of it; the trainer skips it,
+counts it and trains on a replacement (:class:`student_trainer.step_inputs.StepBuilder`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch.utils.data
 
 from genrecal.errors import SampleError
 from genrecal.sample import Sample
-from student_trainer.data import (
-    JSON_SUFFIXES,
-    _default_image_folder,
-    _looks_like_json_lines,
-    _open_dataset,
-    _UnparsableLine,
-    record_to_sample,
-)
+from student_trainer.records import default_image_folder, open_index, record_to_sample
 
 logger = logging.getLogger(__name__)
-_SCAN_BYTES = 1 << 24  # 16 MiB blocks while indexing a JSONL file
 
 
 @dataclass(frozen=True)
@@ -54,102 +35,6 @@ class BadRecord:
     reason: str
 
 
-class JsonlIndex:
-    """Byte offsets of the non-empty lines of a JSON Lines file; record ``i`` is line ``offsets[i]``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        starts, lengths = [], []
-        position = 0
-        with path.open("rb") as f:
-            carry = b""
-            while block := f.read(_SCAN_BYTES):
-                data = carry + block
-                base = position - len(carry)
-                ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
-                begin = 0
-                for end in ends.tolist():
-                    if data[begin:end].strip():
-                        starts.append(base + begin)
-                        lengths.append(end - begin)
-                    begin = end + 1
-                carry = data[begin:]
-                position += len(block)
-            if carry.strip():
-                starts.append(position - len(carry))
-                lengths.append(len(carry))
-        self.offsets = np.asarray(starts, dtype=np.int64)  # (N,)
-        self.lengths = np.asarray(lengths, dtype=np.int64)  # (N,)
-        self._file = None
-        self._pid = None
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def record(self, i: int) -> object:
-        if self._file is None or self._pid != os.getpid():  # one handle per (worker) process
-            self._file, self._pid = self.path.open("rb"), os.getpid()
-        self._file.seek(int(self.offsets[i]))
-        line = self._file.read(int(self.lengths[i]))
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError as exc:
-            return _UnparsableLine(i + 1, f"not valid JSON ({exc})")
-
-    def __getstate__(self) -> dict:  # a spawned worker opens its own file handle
-        return {**self.__dict__, "_file": None, "_pid": None}
-
-
-class JsonBufferIndex:
-    """The records of one JSON array, re-serialised compactly into one byte buffer (see the module docstring)."""
-
-    def __init__(self, records: list):
-        pieces = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() for r in records]
-        self.ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)  # (N,)
-        self.buffer = np.frombuffer(b"".join(pieces), dtype=np.uint8)
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def record(self, i: int) -> object:
-        start = int(self.ends[i - 1]) if i else 0
-        return json.loads(self.buffer[start : int(self.ends[i])].tobytes())
-
-
-class ArrowIndex:
-    """Rows of a Hugging Face dataset, as stored (an ``Image`` feature stays ``{"bytes", "path"}``)."""
-
-    def __init__(self, dataset):
-        self.table = dataset.with_format("arrow")
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def record(self, i: int) -> object:
-        return self.table[i : i + 1].to_pylist()[0]
-
-
-def open_index(path: Path, split: str = "train"):
-    """The record index of a data source (:class:`JsonlIndex`, :class:`JsonBufferIndex` or :class:`ArrowIndex`)."""
-    if path.is_file() and path.suffix in JSON_SUFFIXES:
-        if path.suffix == ".jsonl":
-            return JsonlIndex(path)
-        with path.open(encoding="utf-8") as f:
-            head = f.read(1 << 16)
-        if head.lstrip().startswith("["):
-            text = path.read_text(encoding="utf-8")
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON ({exc}); LLaVA data is a JSON list of records") from exc
-            del text
-            return JsonBufferIndex(records)
-        if _looks_like_json_lines(head):
-            return JsonlIndex(path)
-        raise ValueError(f"{path} holds neither a JSON list of LLaVA records nor one record per line")
-    return ArrowIndex(_open_dataset(path, split))
-
-
 class LazySamples(torch.utils.data.Dataset):
     """``dataset[i]``: record ``i`` as a :class:`Sample` (images decoded now), or a :class:`BadRecord`."""
 
@@ -157,9 +42,9 @@ class LazySamples(torch.utils.data.Dataset):
                  limit: int | None = None):
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be a positive number of records or None, got {limit}")
-        self.path = Path(path)
-        self.image_folder = Path(image_folder) if image_folder is not None else _default_image_folder(self.path)
-        self.index = open_index(self.path, split)
+        self.path = path  # a local path or a Hub dataset id
+        self.image_folder = Path(image_folder) if image_folder is not None else default_image_folder(path)
+        self.index = open_index(path, split)
         self.size = len(self.index) if limit is None else min(limit, len(self.index))
         if self.size == 0:
             raise ValueError(f"{self.path}: no records; check the data path and split")
@@ -171,9 +56,11 @@ class LazySamples(torch.utils.data.Dataset):
         if not 0 <= i < self.size:
             raise IndexError(f"record {i} of {self.size}")
         try:
-            return record_to_sample(self.index.record(i), i, self.image_folder)
+            sample = record_to_sample(self.index.record(i), i, self.image_folder)
         except SampleError as error:
             return BadRecord(i, error.sample_id, error.reason)
+        sample.source_index = i
+        return sample
 
 
 def collate_records(items: list) -> list:

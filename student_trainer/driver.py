@@ -32,6 +32,8 @@ def connect_teacher(config: TrainConfig, ctx: DistContext) -> ResilientTeacher:
         addr=config.teacher_addr, model=config.teacher_model, device=ctx.device, dtype=config.torch_dtype,
         max_length=config.max_length, chunk_size=config.chunk_size, timeout_s=config.teacher_timeout_s,
         retries=config.teacher_retries, token_file=config.teacher_token_file, tls_ca=config.teacher_tls_ca,
+        wire_dtype=config.wire_dtype, question_features=config.regularisation,
+        image_options=config.teacher_image_options,
     )
 
 

@@ -142,6 +142,7 @@ def evaluate(
     split: str = "train",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    image_options: dict | str | None = None,
 ) -> EvalReport:
     """Generate an answer for each sample of ``data_path`` with the checkpoint in ``model_dir`` and score it.
 
@@ -152,12 +153,14 @@ def evaluate(
         batch_size: samples per ``generate`` call (left-padded).
         max_new_tokens: generation budget per answer (greedy decoding).
         device: default CUDA when available, else CPU. dtype: the model's dtype (default: the checkpoint's).
+        image_options: the family's resolution knobs (:mod:`genrecal.families.resolution`); default: the
+            checkpoint's own settings (a training run's exports hold the options it trained with).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     samples, _ = load_dataset_samples(data_path, image_folder=image_folder, split=split, limit=limit)
     types = load_question_types(data_path, split=split)
-    vlm = load_vlm(model_dir, dtype=dtype)
+    vlm = load_vlm(model_dir, dtype=dtype, image_options=image_options)
     vlm.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generated = generate_answers(vlm, samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
     references = [s.turns[-1].text for s in samples]
@@ -223,18 +226,22 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m student_trainer.evaluate", description="Exact-match VQA evaluation of a checkpoint."
     )
     parser.add_argument("model_dir", help="checkpoint folder (student or teacher; any supported family)")
-    parser.add_argument("data", help="LLaVA .json/.jsonl, .parquet/.arrow, or a datasets save_to_disk folder")
+    parser.add_argument("data", help="evaluation data in any format of student_trainer/records.py: a .json/.jsonl "
+                        "file (LLaVA / ShareGPT or OpenAI-style messages), .parquet/.arrow, a datasets save_to_disk "
+                        "folder or a Hub dataset id (owner/name[:split], from the cache offline)")
     parser.add_argument("--image-folder", help="folder image names are relative to (default: the data's folder)")
     parser.add_argument("--split", default="train", help="split of a saved DatasetDict (default: train)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N usable samples")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per generate call (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per answer (default: 16)")
+    parser.add_argument("--image-options", help="the model's resolution knobs, 'KNOB=VALUE,...' or JSON (default: "
+                                                "the checkpoint's own; docs/student_trainer.md, 'Image resolution')")
     parser.add_argument("--out", help="write the JSON report (with every prediction) here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = evaluate(
         args.model_dir, args.data, image_folder=args.image_folder, limit=args.limit, split=args.split,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, image_options=args.image_options,
     )
     print(report.table())
     if args.out:

@@ -43,15 +43,19 @@ class DistillationModule(nn.Module):
         student_tokens: float | None = None,
         losses: LossConfig,
         pending: bool = False,
+        sft_head_calls: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]] | tuple[list[torch.Tensor], PendingObjective]:
         """The micro-batch's loss (a tensor: DeepSpeed hooks its backward on it) and its metrics.
 
         ``pending=True``: the graph tensors the loss will flow through (DeepSpeed hooks those instead) and the
         :class:`~genrecal.distill.PendingObjective` whose ``finish()`` gives the loss once the Score is back.
+        ``sft_head_calls``: the chunks L3 runs the student's head in, equal on every rank (see
+        :mod:`student_trainer.accumulate`).
         """
         objective = start_objective(
             stage, self._student, batch, recalibrator=self.recalibrator, teacher=teacher, features=features,
             teacher_tokens=teacher_tokens, student_tokens=student_tokens, losses=losses,
+            sft_head_calls=sft_head_calls,
         )
         if pending:
             return objective.graph_tensors(), objective

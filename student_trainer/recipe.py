@@ -177,7 +177,7 @@ class StageRecipe:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        self.student = load_vlm(self.student_path, dtype=dtype)
+        self.student = load_vlm(self.student_path, dtype=dtype, image_options=config.image_options)
         recalibrator = None
         if self.spec.needs_teacher:
             seed_everything(config.seed + int(self.stage))  # the same fresh Recalibrator on every rank
@@ -264,6 +264,8 @@ class StageRecipe:
             desc=f"stage {int(self.stage)} ({self.stage.name.lower()})", unit="step", dynamic_ncols=True,
         )
         row = None  # the last step's metrics (the alignment check)
+        traffic = self.teacher.traffic if self.teacher is not None else None  # a remote teacher's byte counts
+        traffic_seen = traffic.snapshot() if traffic is not None else {}
         try:
             while self.step < self.steps:
                 if self.budget.exhausted:
@@ -278,6 +280,10 @@ class StageRecipe:
                 wait = ctx.all_reduce_sum([row.pop("teacher_wait_s") / step_time])[0] / ctx.world_size
                 if self.spec.needs_teacher:
                     row["teacher_wait_share"] = wait  # mean over ranks
+                if traffic is not None:  # this rank's bytes to and from the teacher during the step (a prefetched
+                    now = traffic.snapshot()  # Encode counts in the step it ran in)
+                    row.update({f"wire_{key.lower()}_bytes": n - traffic_seen.get(key, 0) for key, n in now.items()})
+                    traffic_seen = now
                 self.metrics.log(self.step, row)
                 self.step += 1
                 self.budget.take()

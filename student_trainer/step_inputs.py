@@ -9,6 +9,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from genrecal.errors import SampleError
 from genrecal.families import EncodedBatch, LoadedVLM
 from genrecal.resilient_teacher import ResilientTeacher
 from genrecal.sample import Sample
@@ -46,13 +47,27 @@ class StepBuilder:
 
     def build(self, step: int) -> StepInputs:
         config = self.config
-        groups = [self._usable(self.loader.next()) for _ in range(config.grad_accum)]  # micro-batches in order
-        student_batches = [self.student.encode(group, max_length=config.max_length) for group in groups]
+        groups, student_batches = [], []
+        for _ in range(config.grad_accum):  # micro-batches in order
+            group, batch = self._encoded(self._usable(self.loader.next()))
+            groups.append(group)
+            student_batches.append(batch)
         if self.teacher is None:
             return StepInputs(step, groups, student_batches, [None] * len(groups))
-        # Built ahead, the encode's time is hidden behind compute; the prefetcher times what is not.
-        features = self.teacher.encode_step(groups, timed=config.prefetch_steps == 0, **self.encode_options)
-        return StepInputs(step, groups, student_batches, features)
+        while True:  # a sample the teacher refuses (too long in its tokens, ...) is skipped like a bad record
+            try:
+                # Built ahead, the encode's time is hidden behind compute; the prefetcher times what is not.
+                features = self.teacher.encode_step(groups, timed=config.prefetch_steps == 0, **self.encode_options)
+                return StepInputs(step, groups, student_batches, features)
+            except SampleError as error:
+                replaced = False
+                for k, group in enumerate(groups):
+                    j = next((i for i, s in enumerate(group) if s.sample_id == error.sample_id), None)
+                    if j is not None and group[j].source_index is not None:
+                        groups[k], student_batches[k] = self._encoded(self._without(group, j, error))
+                        replaced = True
+                if not replaced:
+                    raise
 
     def release(self, inputs: StepInputs) -> None:
         """Free the step's teacher states (one call; a sample repeated in the step has one handle)."""
@@ -89,6 +104,24 @@ class StepBuilder:
                     f"({len(self.bad_records)} bad, e.g. {item.sample_id!r}: {item.reason})"
                 )
         return group
+
+    def _encoded(self, group: list[Sample]) -> tuple[list[Sample], EncodedBatch]:
+        """The student's batch of ``group``. A sample the student cannot format (longer than ``max_length``, an
+        answer its template cannot split off, ...) is skipped, counted and replaced as a bad record is, so the
+        micro-batch keeps its size."""
+        while True:
+            try:
+                return group, self.student.encode(group, max_length=self.config.max_length)
+            except SampleError as error:
+                j = next((k for k, s in enumerate(group) if s.sample_id == error.sample_id), None)
+                if j is None or group[j].source_index is None:
+                    raise
+                group = self._without(group, j, error)
+
+    def _without(self, group: list[Sample], j: int, error: SampleError) -> list[Sample]:
+        """``group`` with sample ``j`` skipped (counted) as a bad record and replaced."""
+        bad = BadRecord(group[j].source_index, error.sample_id, error.reason)
+        return self._usable([*group[:j], bad, *group[j + 1:]])
 
     def _skip(self, bad: BadRecord) -> None:
         if bad.index not in self.bad_records:

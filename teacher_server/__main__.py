@@ -8,6 +8,7 @@ import os
 
 from teacher_server.config import BACKENDS, EXECUTOR_BACKENDS, GIB, MIB, EngineConfig, VllmOptions
 from teacher_server.limits import CallLimits
+from teacher_server.request_limits import RequestLimits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "decoding) (default %(default)s)")
     parser.add_argument("--max-concurrent-decodes", type=int, default=defaults["max_concurrent_decodes"].default,
                         help="images decoded at once across calls (default %(default)s)")
+    parser.add_argument("--image-options",
+                        help="the teacher's image resolution in its family's own processor knobs, 'KNOB=VALUE,...' "
+                             "or a JSON object, e.g. 'max_pixels=802816,min_pixels=3136' (Qwen2-VL), "
+                             "'max_patches=6' (InternVL); an unknown knob is refused with the family's list; Info "
+                             "reports the values (docs/teacher_server.md, 'Image resolution') (default: the "
+                             "checkpoint's own settings)")
 
     security = parser.add_argument_group("authentication and TLS")
     security.add_argument("--auth-token-file",
@@ -86,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--tls-client-ca",
                           help="PEM CA bundle: clients must present a certificate signed by it (mTLS)")
 
+    request_limits = parser.add_argument_group("limits per request (reported by Info; docs/teacher_server.md)")
+    request_defaults = RequestLimits()
+    request_limits.add_argument("--max-encode-samples", type=int, default=request_defaults.max_encode_samples,
+                                help="samples in one Encode request; more: RESOURCE_EXHAUSTED (default %(default)s)")
+    request_limits.add_argument("--max-text-bytes", type=int, default=request_defaults.max_text_bytes,
+                                help="UTF-8 bytes of one sample's turn text, all turns; more: INVALID_ARGUMENT, "
+                                     "checked before tokenizing (default %(default)s)")
+    request_limits.add_argument("--max-turns", type=int, default=request_defaults.max_turns,
+                                help="turns of one sample; more: INVALID_ARGUMENT (default %(default)s)")
+    request_limits.add_argument("--max-score-items", type=int, default=request_defaults.max_score_items,
+                                help="items in one Score request; more: RESOURCE_EXHAUSTED (default %(default)s)")
+    request_limits.add_argument("--max-score-paths", type=int, default=request_defaults.max_score_paths,
+                                help="distinct paths in one Score request; more: RESOURCE_EXHAUSTED "
+                                     "(default %(default)s)")
     call_limits = parser.add_argument_group("limits per call and per client")
     limit_defaults = CallLimits()
     call_limits.add_argument("--call-timeout-s", type=float, default=limit_defaults.call_timeout_s,
@@ -97,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default %(default)s)")
     call_limits.add_argument("--max-calls-per-client", type=int, default=limit_defaults.max_calls_per_client,
                              help="calls in flight per client (default %(default)s)")
+    call_limits.add_argument("--max-open-calls", type=int, default=limit_defaults.max_open_calls,
+                             help="health and reflection calls (which need no token) at once; more are refused "
+                                  "with RESOURCE_EXHAUSTED (default %(default)s)")
     call_limits.add_argument("--max-inflight-mib", type=int, default=limit_defaults.max_inflight_bytes // MIB,
                              help="payload bytes all calls in flight may hold (default %(default)s MiB)")
     call_limits.add_argument("--max-connection-idle-s", type=float, default=limit_defaults.max_connection_idle_s,
@@ -152,10 +176,16 @@ def main(argv: list[str] | None = None) -> None:
             max_request_bytes=args.max_request_mib * MIB, chunk_size=args.chunk_size, max_length=args.max_length,
             max_image_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes,
             encode_cache_bytes=int(args.encode_cache_gib * GIB), backend=args.backend, vllm=vllm,
+            image_options=args.image_options,
+            request_limits=RequestLimits(
+                max_encode_samples=args.max_encode_samples, max_text_bytes=args.max_text_bytes,
+                max_turns=args.max_turns, max_score_items=args.max_score_items,
+                max_score_paths=args.max_score_paths),
         )
         limits = CallLimits(
             call_timeout_s=args.call_timeout_s, stream_idle_s=args.stream_idle_s, max_calls=args.max_calls,
-            max_calls_per_client=args.max_calls_per_client, max_inflight_bytes=args.max_inflight_mib * MIB,
+            max_calls_per_client=args.max_calls_per_client, max_open_calls=args.max_open_calls,
+            max_inflight_bytes=args.max_inflight_mib * MIB,
             max_connection_idle_s=args.max_connection_idle_s, max_connection_age_s=args.max_connection_age_s,
         )
         auth = TokenAuth(args.auth_token_file) if args.auth_token_file else None

@@ -7,9 +7,10 @@ UNAUTHENTICATED (the health service needs none, so orchestrators can probe it). 
 guess was right. ``reload()`` re-reads the file (the server calls it on SIGHUP); a file that does not parse
 keeps the previous tokens and logs why.
 
-The client's name owns its handles and counts against the per-client limits. Without a token file it is the
-client certificate's common name under mTLS, else the peer address (``ipv4:10.0.0.5:43122``: one name per
-connection, so unauthenticated handles do not survive a reconnect).
+The client's name owns its handles and counts against the per-client limits. Tokens are checked when a call's
+headers arrive (``teacher_server.admission``), before its request is read. Without a token file the client is
+the client certificate's common name under mTLS, else the peer's IP address (``ipv4:10.0.0.5``, without the
+port: all connections from one machine are one client).
 """
 
 from __future__ import annotations
@@ -107,12 +108,3 @@ class TokenAuth:
             raise Unauthenticated("unknown token; ask the teacher's operator for yours")
         return found
 
-
-def client_name(context, auth: TokenAuth | None) -> str:
-    """The calling client's name (see the module docstring)."""
-    if auth is not None:
-        return auth.client_for(dict(context.invocation_metadata()))
-    common_names = context.auth_context().get("x509_common_name") if context.auth_context() else None
-    if common_names:
-        return "cn:" + common_names[0].decode(errors="replace")[:MAX_NAME_BYTES]
-    return context.peer()

@@ -8,18 +8,24 @@ forwards of at most ``max_batch_tokens`` padded ``B * L`` tokens (similar length
 padding). Packing needs no re-formatting: per-sample processor outputs are padded and concatenated
 (``collate``). If a merged forward fails, it is retried request by request so that only the culprit fails.
 
+Fairness: while other jobs wait, a group of encode requests yields the device between two of its forwards, and a
+Score (a ``DeviceCall`` whose ``fn`` returns a generator of blocks) between two of its blocks; each is requeued
+behind the waiting jobs. One heavy request therefore delays the others by one forward or one block, not by its
+whole duration. A job whose caller is gone is dropped when it comes up (``Cancellation``).
+
 The body forward itself sits behind ``BodyBackend`` (one method: formatted samples in, per-sample body states
 out), so that another inference engine can replace transformers' forward without touching the batching.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,7 +37,7 @@ from genrecal.families import LoadedVLM
 from genrecal.families.base import EncodedBatch
 from genrecal.sample import Sample
 from genrecal.teacher import TeacherFeatures, own_answer_ce
-from teacher_server.errors import ShuttingDown
+from teacher_server.errors import Cancelled, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +155,38 @@ def sample_features(formatted: FormattedSample, states: Tensor) -> TeacherFeatur
 # ---- jobs ---------------------------------------------------------------------------------------------------
 
 
+class Cancellation:
+    """Set once, when the caller of a job is gone (it cancelled or disconnected, or the server cut its call).
+
+    The engine registers ``on_cancel`` callbacks that drop the caller's queued jobs and stop its running Score
+    between blocks of rows; a callback registered after the fact runs at once. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._cancelled:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
 @dataclass(eq=False)
 class EncodeJob:
     """The samples of one encode request; the future gets their ``TeacherFeatures`` (on the model's device)."""
@@ -167,21 +205,28 @@ class EncodeJob:
             self.error = exc
 
     def cancel(self, exc: BaseException) -> None:
-        """The caller gave up: samples not run yet are skipped."""
+        """The caller gave up: a queued job is dropped (its waiter returns at once), a running one's samples
+        not run yet are skipped."""
         self.fail(exc)
+        self.future.cancel()
 
 
 @dataclass(eq=False)
 class DeviceCall:
     """Any other device work (scoring): ``fn()`` runs on the device thread, in arrival order."""
 
-    fn: Callable[[], object]
+    fn: Callable[[], object]  # its result, or a generator of slices whose return value is the result
     future: Future = field(default_factory=Future)
     cancelled: BaseException | None = None
+    steps: Generator | None = None  # the slices left of a sliced call
 
     def cancel(self, exc: BaseException) -> None:
-        """The caller gave up: skip the call if it has not started."""
+        """The caller gave up: skip the call if it has not started; ``fn`` checks ``stopped`` as it runs."""
         self.cancelled = exc
+        self.future.cancel()  # a queued call: its waiter returns at once (a running one: no effect)
+
+    def stopped(self) -> bool:
+        return self.cancelled is not None
 
 
 @dataclass(eq=False)
@@ -200,6 +245,14 @@ class ForwardStats:
     samples_per_forward: list[int] = field(default_factory=list)
     requests_per_forward: list[int] = field(default_factory=list)
     padded_tokens_per_forward: list[int] = field(default_factory=list)  # B * L
+
+
+@dataclass(eq=False)
+class _GroupRun:
+    """An encode group part-way through its planned forwards (it yielded the device to waiting jobs)."""
+
+    group: list[EncodeJob]
+    forwards: deque  # of list[_Entry], the forwards left
 
 
 _STOP = object()
@@ -268,9 +321,15 @@ class Batcher:
         while True:
             job = self._next_job(timeout=None)
             if job is _STOP:
+                self._finish_sliced_calls()
                 break
             if isinstance(job, DeviceCall):
-                _run_call(job)
+                if not _run_call(job, yield_to_others=lambda: self.queue_depth > 0):
+                    self._queue.put(job)  # others were waiting: its next slice runs after them
+                continue
+            if isinstance(job, _GroupRun):  # an encode group that yielded the device: its next forwards
+                if not self._continue_group(job):
+                    self._queue.put(job)
                 continue
             group, num_samples = [job], len(job.samples)
             deadline = time.monotonic() + self.batch_wait_s
@@ -284,6 +343,18 @@ class Batcher:
                 group.append(more)
                 num_samples += len(more.samples)
             self._run_group(group)
+
+    def _finish_sliced_calls(self) -> None:
+        """At close: sliced calls requeued behind the stop marker run to their end (nothing else can be there)."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(job, DeviceCall):
+                _run_call(job)
+            elif isinstance(job, _GroupRun):
+                self._continue_group(job, may_yield=False)
 
     def _next_job(self, timeout: float | None):
         """The next job (backlog first); None when ``timeout`` seconds pass without one."""
@@ -299,15 +370,31 @@ class Batcher:
             return None
 
     def _run_group(self, group: list[EncodeJob]) -> None:
+        group = [job for job in group if job.future.set_running_or_notify_cancel()]  # drop the abandoned ones
         entries = [_Entry(job, i) for job in group for i in range(len(job.samples))]
         logger.debug("batcher: %d encode request(s), %d samples", len(group), len(entries))
+        run = _GroupRun(group, deque(self._plan(entries)))
+        if not self._continue_group(run):
+            self._queue.put(run)
+
+    def _continue_group(self, run: _GroupRun, *, may_yield: bool = True) -> bool:
+        """Run ``run``'s next forwards; False if it yielded the device to waiting jobs with forwards left.
+
+        Between two forwards a group lets the jobs that wait run first (it is requeued behind them), so one
+        Encode of many long samples delays other clients by one forward, not by all of its forwards."""
         try:
-            for forward in self._plan(entries):
-                self._run_forward(forward)
+            while run.forwards:
+                self._run_forward(run.forwards.popleft())
+                if run.forwards and may_yield and self.queue_depth > 0:
+                    return False
         except BaseException as exc:  # a bug: fail whoever is still waiting rather than hang them
             logger.exception("batcher: unexpected error while encoding")
-            for job in group:
+            for job in run.group:
                 job.fail(exc)
+        self._complete(run.group)
+        return True
+
+    def _complete(self, group: list[EncodeJob]) -> None:
         for job in group:
             if job.error is not None:
                 job.future.set_exception(job.error)
@@ -383,15 +470,36 @@ class Batcher:
             jobs[0].fail(exc)
 
 
-def _run_call(call: DeviceCall) -> None:
-    if call.cancelled is not None:
-        call.future.set_exception(call.cancelled)
-        return
+def _run_call(call: DeviceCall, yield_to_others: Callable[[], bool] = lambda: False) -> bool:
+    """Run ``call`` (or its next slices); False if it yielded the device with slices left (requeue it).
+
+    ``fn`` may return a generator: each ``next`` is one slice (a block of a long Score), its return value the
+    result. Between slices the call yields the device when ``yield_to_others()`` (other jobs are waiting), so one
+    long Score cannot hold every other client for its whole duration."""
+    if call.steps is None:
+        if call.cancelled is not None or not call.future.set_running_or_notify_cancel():
+            return True  # the caller is gone (or past its deadline): its waiter has returned already
     try:
-        result = call.fn()
+        if call.steps is None:
+            result = call.fn()
+            if not inspect.isgenerator(result):
+                call.future.set_result(result)
+                return True
+            call.steps = result
+        while True:
+            if call.cancelled is not None:  # gone between slices
+                call.steps.close()
+                call.future.set_exception(call.cancelled)
+                return True
+            try:
+                next(call.steps)
+            except StopIteration as done:
+                call.future.set_result(done.value)
+                return True
+            if yield_to_others():
+                return False
     except BaseException as exc:
-        if not isinstance(exc, ValueError | torch.OutOfMemoryError):
+        if not isinstance(exc, ValueError | torch.OutOfMemoryError | Cancelled):
             logger.exception("device thread: unexpected error")
         call.future.set_exception(exc)
-        return
-    call.future.set_result(result)
+        return True

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from genrecal.families.resolution import check_image_options
 from genrecal.identity import checkpoint_fingerprint  # noqa: F401 (re-exported)
+from teacher_server.request_limits import RequestLimits
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 GIB = 1 << 30
@@ -80,6 +82,10 @@ class EngineConfig:
     max_concurrent_decodes: int = 4  # images decoded at once, across callers (bounds decoded-image memory)
     backend: str = "transformers"  # where the body runs: "transformers" (device_map) or "vllm" (`vllm` options)
     vllm: VllmOptions | None = None  # the vLLM backend's placement; None = its defaults
+    request_limits: RequestLimits = field(default_factory=RequestLimits)  # work one request may ask for
+    # The teacher's image-resolution knobs, e.g. {"max_pixels": 802816} (genrecal.families.resolution), or their
+    # text form "k=v,k=v" / JSON; None = the checkpoint's own settings. Info reports every knob's value.
+    image_options: dict | None = None
 
     def __post_init__(self) -> None:
         path = Path(self.model_path).expanduser()
@@ -132,6 +138,8 @@ class EngineConfig:
                 self.vllm = VllmOptions()
         elif self.vllm is not None:
             raise ValueError("vLLM options were given but backend is 'transformers'; set backend='vllm'")
+        # Knob names and types for the checkpoint's family now; values against its processor when it loads.
+        self.image_options = check_image_options(path, self.image_options, vllm=self.backend == "vllm")
         if self.model_name is None:
             self.model_name = path.resolve().name
         if not self.model_name:

@@ -12,40 +12,52 @@ Threads: validation, image decoding and formatting (chat template + processor, o
 caller's thread, in parallel with the device; a sample that cannot be formatted, or is longer than a limit,
 fails its request before it is queued. The device thread (``teacher_server.batcher``) only packs, collates and
 runs forwards and head scoring. Copies to CPU and the handle store happen back in the caller's thread.
+
+Where each check lives: the per-request limits (samples, text, turns, items, paths) in
+``teacher_server.request_limits``; image formats, pixel limit and decoding in ``teacher_server.images``; special
+tokens in turn text in ``genrecal.families.special_text``; Score items, device scoring and the wire-dtype
+finiteness check in ``teacher_server.scoring``; handle ownership and the store's budget in
+``teacher_server.handles``. A caller that is gone (``Cancellation``) has its queued jobs dropped and its running
+Score stopped between blocks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
-import io
 import logging
-import math
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Sequence
+from concurrent.futures import CancelledError as FutureCancelled
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 import genrecal
 from genrecal.errors import SampleError
 from genrecal.families import LoadedVLM, load_vlm
-from genrecal.head_scoring import score_with_head
+from genrecal.families.resolution import current_image_settings
 from genrecal.identity import tokenizer_fingerprint
-from genrecal.rpc.convert import MIN_NORMALIZER, clip
 from genrecal.sample import Sample
-from genrecal.teacher import TeacherFeatures, split_rows
-from teacher_server.batcher import Batcher, DeviceCall, EncodeJob, FormattedSample, TransformersBody
+from genrecal.teacher import TeacherFeatures
+from teacher_server.batcher import (
+    Batcher,
+    Cancellation,
+    DeviceCall,
+    EncodeJob,
+    FormattedSample,
+    TransformersBody,
+)
 from teacher_server.config import EngineConfig
 from teacher_server.encode_cache import CachedSample, EncodeCache, content_key
-from teacher_server.errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, ShuttingDown
+from teacher_server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ResourceExhausted, ShuttingDown
 from teacher_server.handles import HandleStore, KeptSample
+from teacher_server.images import decode_sample_images
+from teacher_server.request_limits import RequestLimits
+from teacher_server.scoring import PathScore, check_score_arguments, checked_items, score_on_device
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +81,9 @@ class TeacherInfo:
     max_request_bytes: int
     backend: str  # where the body runs: "transformers" or "vllm"
     instance_id: str  # random per engine: the handles it issues are valid with it only
+    request_limits: RequestLimits  # samples / text / turns per Encode, items / paths per Score
+    # every resolution knob of the family -> its value (the checkpoint's own unless --image-options set it)
+    image_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -84,16 +99,6 @@ class EncodedFeatures(TeacherFeatures):
     @property
     def answer_lengths(self) -> list[int]:
         return [int(segment.shape[0]) for segment in self.answer_segments]
-
-
-@dataclass(frozen=True)
-class PathScore:
-    """Loss values of one Recalibrator path (e.g. "L1", "L2") over the items of one score request."""
-
-    path: str
-    ce: float  # summed token CE / normalizer
-    kl: float  # summed token KL(P_l || Q) / normalizer
-    num_tokens: int
 
 
 @dataclass
@@ -130,10 +135,11 @@ class TeacherEngine:
         if config.backend == "vllm":  # the body runs in vLLM; self.vlm holds the processor and the head only
             from teacher_server.backends.vllm_body import VllmBody
 
-            body = VllmBody(config.model_path, dtype=dtype, options=config.vllm)
+            body = VllmBody(config.model_path, dtype=dtype, options=config.vllm, image_options=config.image_options)
             self.vlm: LoadedVLM | None = body.vlm
         else:
-            self.vlm = load_vlm(config.model_path, dtype=dtype, device_map=device_map)
+            self.vlm = load_vlm(config.model_path, dtype=dtype, device_map=device_map,
+                                image_options=config.image_options)
             body = TransformersBody(self.vlm)
         model = self.vlm.model
         model.eval()
@@ -181,6 +187,7 @@ class TeacherEngine:
         max_length: int | None = None,
         client: str = "",
         timeout_s: float | None = None,
+        cancellation: Cancellation | None = None,
     ) -> list[EncodedFeatures]:
         """Encode ``samples`` (images as PIL images or encoded bytes); results in request order, on CPU.
 
@@ -188,16 +195,18 @@ class TeacherEngine:
         release it); ``question_segments`` is empty unless ``return_question_features``. ``max_length`` (None or
         0 = the server's limit) refuses longer samples. ResourceExhausted if the handle store cannot keep them all;
         DeadlineExceeded if the device has not run them within ``timeout_s`` (they are then skipped).
+        When ``cancellation`` fires (the caller is gone), the request's queued forwards are dropped (Cancelled).
         """
         self._check_open()
         if not samples:
             raise InvalidRequest("encode needs at least one sample")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 0):
             raise InvalidRequest(f"max_length must be a non-negative integer (0 = no limit), got {max_length!r}")
+        self.config.request_limits.check_encode(samples)  # before any formatting: bounds the tokenizer's work
         limits = [n for n in (max_length, self.config.max_length) if n]
         try:
             formatted = [self._format(sample, i, min(limits) if limits else None) for i, sample in enumerate(samples)]
-            computed = self._compute(formatted, timeout_s)
+            computed = self._compute(formatted, timeout_s, cancellation)
             results = self._keep(formatted, computed, question_features=bool(return_question_features),
                                  client=client)
         except BaseException:
@@ -218,55 +227,34 @@ class TeacherEngine:
         release: bool = False,
         client: str = "",
         timeout_s: float | None = None,
+        grad_dtype: torch.dtype | None = None,
+        cancellation: Cancellation | None = None,
     ) -> tuple[list[PathScore], list[Tensor]]:
         """Score ``(handle, path, outputs (La, D_l))`` items with the teacher's head.
 
         Per path (first-seen order): ``L = ce_weight * CE + kl_weight * KL`` of the path's items together,
         divided by ``normalizer`` (None = the path's token count). Returns the path scores and, per item,
-        ``dL/d outputs`` on CPU in the outputs' dtype. ``release`` forgets the handles after a successful score.
+        ``dL/d outputs`` on CPU in ``grad_dtype`` (None: the outputs' dtype), checked finite in that dtype (a
+        float16 gradient can overflow where the teacher's float32 one did not: InvalidRequest). ``release``
+        forgets the handles after a successful score.
         Handles must belong to ``client``; another client's handles are NOT_FOUND, as if they did not exist.
         """
         self._check_open()
         if not items:
             raise InvalidRequest("score needs at least one item")
-        for name, value in (("ce_weight", ce_weight), ("kl_weight", kl_weight)):
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise InvalidRequest(f"{name} must be a finite number >= 0, got {value!r}")
-        if normalizer is not None and (
-            not isinstance(normalizer, int | float) or not math.isfinite(normalizer) or normalizer < MIN_NORMALIZER
-        ):
-            raise InvalidRequest(
-                f"normalizer must be a positive finite number (an answer-token count, >= {MIN_NORMALIZER}) or None, "
-                f"got {normalizer!r}"
-            )
-        outputs, kept, paths, seen = [], [], [], set()
-        for i, item in enumerate(items):
-            handle, path, tensor = self._validate_item(i, item)
-            if (handle, path) in seen:
-                raise InvalidRequest(f"score item {i}: handle {clip(handle)!r} appears twice on path {path!r}")
-            seen.add((handle, path))
-            kept.append(self._handles.get(handle, client=client, context=f"score item {i}"))
-            expected = (kept[-1].num_answer_tokens, self._info.hidden_size)
-            if tuple(tensor.shape) != expected:
-                raise InvalidRequest(
-                    f"score item {i} (handle {clip(handle)!r}, path {path!r}): outputs must have shape (La, D_l) = "
-                    f"{expected} (La = that sample's teacher answer tokens, D_l = the teacher's hidden size), "
-                    f"got {tuple(tensor.shape)}"
-                )
-            finite = torch.isfinite(tensor).all(dim=1)
-            if not bool(finite.all()):
-                rows = (~finite).nonzero().squeeze(1)[:10].tolist()
-                raise InvalidRequest(
-                    f"score item {i} (handle {clip(handle)!r}, path {path!r}): outputs contain NaN or Inf at rows {rows}"
-                )
-            outputs.append(tensor)
-            paths.append(path)
-        call = DeviceCall(functools.partial(
-            self._score_on_device, outputs, kept, paths, float(ce_weight), float(kl_weight),
-            None if normalizer is None else float(normalizer),
-        ))
+        self.config.request_limits.check_score(items)
+        check_score_arguments(ce_weight, kl_weight, normalizer)
+        outputs, kept, paths = checked_items(
+            items, hidden_size=self._info.hidden_size,
+            kept_for=lambda handle, i: self._handles.get(handle, client=client, context=f"score item {i}"))
+        call = DeviceCall(None)
+        call.fn = functools.partial(
+            score_on_device, self.vlm.head, outputs, kept, paths, ce_weight=float(ce_weight),
+            kl_weight=float(kl_weight), normalizer=None if normalizer is None else float(normalizer),
+            grad_dtype=grad_dtype, chunk_size=self.config.chunk_size, stopped=call.stopped,
+        )
         self._submit(call)
-        result = self._wait(call, timeout_s)
+        result = self._wait(call, timeout_s, cancellation)
         with self._stats_lock:
             self._counts.score_requests += 1
         if release:
@@ -362,9 +350,13 @@ class TeacherEngine:
         self._check_open()
         self._batcher.submit(job)
 
-    def _wait(self, job: EncodeJob | DeviceCall, timeout_s: float | None):
+    def _wait(self, job: EncodeJob | DeviceCall, timeout_s: float | None, cancellation: Cancellation | None = None):
+        if cancellation is not None:  # the caller gone: drop the job if queued, stop it between blocks if running
+            cancellation.on_cancel(lambda: job.cancel(Cancelled("the caller is gone; its job was dropped")))
         try:
             return job.future.result(timeout=timeout_s)
+        except FutureCancelled:
+            raise Cancelled("the caller is gone; its job was dropped") from None
         except TimeoutError:
             error = DeadlineExceeded(
                 f"the teacher did not get to this call within the server's deadline ({timeout_s:.0f} s left of "
@@ -375,8 +367,11 @@ class TeacherEngine:
 
     def _format(self, sample: Sample, position: int, max_length: int | None) -> FormattedSample:
         """Decode and format one sample (once); refuse it here if it is longer than a limit."""
-        sample = self._decoded(sample, position)
-        with self._format_lock:
+        sample = decode_sample_images(sample, position, max_pixels=self.config.max_image_pixels,
+                                      decodes=self._decodes)
+        if self.vlm is None:
+            self._check_open()
+        with self._format_lock:  # (encode refuses text holding the family's control tokens first)
             if self.vlm is None:
                 self._check_open()
             batch = self.vlm.encode([sample])  # (1, L), unpadded
@@ -395,28 +390,13 @@ class TeacherEngine:
             )
         return FormattedSample(sample, batch, length)
 
-    def _decoded(self, sample: Sample, position: int) -> Sample:
-        """``sample`` with encoded image bytes decoded to RGB images (SampleError naming the sample if corrupt)."""
-        if not isinstance(sample, Sample):
-            raise InvalidRequest(f"encode item {position} must be a genrecal.sample.Sample, got {type(sample).__name__}")
-        if all(isinstance(image, Image.Image) for image in sample.images):
-            return sample
-        images = []
-        for k, image in enumerate(sample.images):
-            if isinstance(image, bytes | bytearray):
-                image = decode_image(bytes(image), sample_id=sample.sample_id, index=k,
-                                     max_pixels=self.config.max_image_pixels, decodes=self._decodes)
-            elif not isinstance(image, Image.Image):
-                raise SampleError(sample.sample_id, f"image {k} must be encoded bytes or a PIL image, got {type(image)}")
-            images.append(image)
-        return Sample(sample.sample_id, list(sample.turns), images)
-
-    def _compute(self, formatted: list[FormattedSample], timeout_s: float | None) -> list[CachedSample]:
+    def _compute(self, formatted: list[FormattedSample], timeout_s: float | None,
+                 cancellation: Cancellation | None = None) -> list[CachedSample]:
         """Each sample's results: from the encode cache, from another request computing it, or a forward."""
         if not self._cache.enabled:
             job = EncodeJob(formatted)
             self._submit(job)
-            return [self._compact(f) for f in self._wait(job, timeout_s)]
+            return [self._compact(f) for f in self._wait(job, timeout_s, cancellation)]
         revision = self.config.revision
         keys = [content_key(f.batch.inputs, f.batch.answer_spans[0], revision) for f in formatted]
         claims = [self._cache.claim(key) for key in keys]
@@ -426,7 +406,7 @@ class TeacherEngine:
             try:
                 job = EncodeJob([formatted[i] for i in owned])
                 self._submit(job)
-                features = self._wait(job, timeout_s)
+                features = self._wait(job, timeout_s, cancellation)
             except BaseException as exc:
                 for i in owned:
                     self._cache.fail(keys[i], exc)
@@ -443,6 +423,9 @@ class TeacherEngine:
                         "the teacher did not finish another request's forward of the same sample within this "
                         "call's deadline: it is overloaded; retry later or against another replica"
                     ) from None
+                except Cancelled:  # that request's caller went away: not this caller's fault
+                    raise ShuttingDown("another request computing the same sample was cancelled by its caller; "
+                                       "retry (UNAVAILABLE is retried by the client)") from None
         return results
 
     def _compact(self, feature: TeacherFeatures) -> CachedSample:
@@ -478,24 +461,6 @@ class TeacherEngine:
             result.handle = handle
         return results
 
-    def _validate_item(self, i: int, item) -> tuple[str, str, Tensor]:
-        try:
-            handle, path, tensor = item
-        except (TypeError, ValueError):
-            raise InvalidRequest(f"score item {i} must be a (handle, path, outputs) tuple") from None
-        if not isinstance(handle, str) or not handle:
-            raise InvalidRequest(f"score item {i}: handle must be a non-empty string, got {clip(handle)!r}")
-        if not isinstance(path, str) or not path:
-            raise InvalidRequest(f"score item {i} (handle {clip(handle)!r}): path must be a non-empty string like 'L1'")
-        if not isinstance(tensor, Tensor):
-            raise InvalidRequest(f"score item {i} (handle {clip(handle)!r}): outputs must be a tensor, got {type(tensor)}")
-        if not tensor.is_floating_point():
-            raise InvalidRequest(
-                f"score item {i} (handle {clip(handle)!r}, path {path!r}): outputs must be floating point "
-                f"(bfloat16, float16 or float32), got {tensor.dtype}"
-            )
-        return handle, path, tensor
-
     def _build_info(self) -> TeacherInfo:
         model, tokenizer = self.vlm.model, self.vlm.processor.tokenizer
         head = self.vlm.head
@@ -515,77 +480,11 @@ class TeacherEngine:
             max_request_bytes=self.config.max_request_bytes,
             backend=self.config.backend,
             instance_id=uuid.uuid4().hex,
+            request_limits=self.config.request_limits,
+            image_options=current_image_settings(self.vlm.adapter, self.vlm.processor, model.config),
         )
 
-    # ---- device thread -------------------------------------------------------------------------------
 
-    def _score_on_device(
-        self, outputs: list[Tensor], kept: list[KeptSample], paths: list[str],
-        ce_weight: float, kl_weight: float, normalizer: float | None,
-    ) -> tuple[list[PathScore], list[Tensor]]:
-        head = self.vlm.head
-        weight = head.weight  # (V, D_l)
-        by_path: dict[str, list[int]] = {}
-        for i, path in enumerate(paths):
-            by_path.setdefault(path, []).append(i)
-        scores, grads = [], [None] * len(paths)
-        for path, items in by_path.items():
-            inputs = torch.cat([outputs[i].detach().to(weight.device, weight.dtype) for i in items])  # (N, D_l)
-            labels = torch.cat([kept[i].answer_token_ids for i in items])  # (N,)
-            states = torch.cat([kept[i].prediction_states for i in items]).to(weight.dtype)  # (N, D_l)
-            score = score_with_head(
-                weight, inputs, labels, states,
-                head_bias=head.bias,
-                ce_weight=ce_weight,
-                kl_weight=kl_weight,
-                normalizer=normalizer,
-                chunk_size=self.config.chunk_size,
-            )
-            del inputs, states
-            if not (math.isfinite(float(score.ce)) and math.isfinite(float(score.kl))
-                    and bool(torch.isfinite(score.grad_inputs).all())):
-                raise InvalidRequest(
-                    f"path {path!r}: the loss or its gradient is not finite (CE={float(score.ce)}, "
-                    f"KL={float(score.kl)}) in the teacher's {weight.dtype}: the outputs are too large for its head; "
-                    "check the Recalibrator's outputs (their scale) before scoring them"
-                )
-            scores.append(PathScore(path, float(score.ce), float(score.kl), score.num_tokens))
-            counts = [kept[i].num_answer_tokens for i in items]
-            for i, grad in zip(items, split_rows(score.grad_inputs, counts), strict=True):
-                grads[i] = grad.to("cpu", outputs[i].dtype, copy=True)  # (La_i, D_l)
-        logger.debug("device thread: scored %d items on %d path(s)", len(paths), len(scores))
-        return scores, grads
-
-
-def decode_image(data: bytes, *, sample_id: str, index: int, max_pixels: int,
-                 decodes: threading.BoundedSemaphore | None = None) -> Image.Image:
-    """Encoded bytes -> RGB image, refusing one of more than ``max_pixels`` from its header, before decoding.
-
-    A 450 KB PNG can announce 12000 x 12000 pixels (1.7 GB decoded): the size is read first (``Image.open``
-    parses the header only), and only images within the limit are decoded, at most ``decodes`` at a time.
-    Every problem is a SampleError naming the sample (INVALID_ARGUMENT).
-    """
-    def too_large(size: str) -> SampleError:
-        return SampleError(sample_id, f"image {index} has {size} pixels, more than this teacher's limit of "
-                                      f"{max_pixels} (--max-image-pixels); resize it before sending")
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:  # PIL's own hard limit (2x its MAX_IMAGE_PIXELS)
-        raise too_large(f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise SampleError(sample_id, f"image {index}: image bytes cannot be decoded ({exc})") from exc
-    width, height = image.size
-    if width * height > max_pixels:
-        raise too_large(f"{width} x {height} = {width * height}")
-    try:
-        with decodes if decodes is not None else contextlib.nullcontext():
-            image.load()
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise SampleError(sample_id, f"image {index}: image bytes cannot be decoded ({exc})") from exc
 
 
 def _cpu_copy(tensor: Tensor) -> Tensor:

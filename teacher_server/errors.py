@@ -51,6 +51,11 @@ class Unauthenticated(RuntimeError):
     """No token, or an unknown one. Maps to UNAUTHENTICATED."""
 
 
+class Cancelled(RuntimeError):
+    """The caller is gone (it cancelled, disconnected, or the server cut its call): its work was dropped.
+    Maps to CANCELLED (nobody is left to read it)."""
+
+
 class DeadlineExceeded(RuntimeError):
     """The call ran past the server's own deadline (--call-timeout-s). Maps to DEADLINE_EXCEEDED."""
 
@@ -90,6 +95,8 @@ def _status_for(exc: BaseException) -> tuple[str, str]:
         return "UNAUTHENTICATED", str(exc)
     if isinstance(exc, DeadlineExceeded):
         return "DEADLINE_EXCEEDED", str(exc)
+    if isinstance(exc, Cancelled):
+        return "CANCELLED", str(exc)
     if isinstance(exc, ValueError):  # InvalidRequest, SampleError, and ValueErrors from the core library
         return "INVALID_ARGUMENT", str(exc)
     return "INTERNAL", INTERNAL_MESSAGE

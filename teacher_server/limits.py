@@ -3,12 +3,15 @@
 ``CallLimits`` holds the numbers (from the command line). ``CallTracker`` admits each TeacherService call:
 
 - at most ``max_calls`` calls at once, and ``max_calls_per_client`` per client; an excess call is refused at once
-  with RESOURCE_EXHAUSTED (it never waits for a worker thread);
+  with RESOURCE_EXHAUSTED (it never waits for a worker thread). Calls are admitted when their headers arrive,
+  before their request message is read (``teacher_server.admission``);
+- health and reflection calls (no token needed) have their own budget: ``max_open_calls`` at once, at most
+  ``OPEN_CALLS_PER_PEER`` per peer address;
 - at most ``max_inflight_bytes`` held by the calls in flight (request payload received so far, response payload
   being sent); a call that would exceed it is refused with RESOURCE_EXHAUSTED;
 - a server-side deadline per call (``call_timeout_s``) and a no-progress cut-off for streams
-  (``stream_idle_s``): a client that opens a Score stream and stops sending, or stops reading its Encode
-  response, is cancelled (the client sees CANCELLED) and its worker thread and bytes are freed.
+  (``stream_idle_s``): a client that opens a call and never sends its request, opens a Score stream and stops
+  sending, or stops reading its Encode response, is cancelled (the client sees CANCELLED) and its worker thread and bytes are freed.
 
 One reaper thread checks the calls in flight every ``reaper_interval_s`` and cancels the expired ones with
 ``grpc.ServicerContext.cancel`` (thread-safe; a handler blocked reading or writing then returns).
@@ -23,11 +26,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from teacher_server.batcher import Cancellation
 from teacher_server.errors import ResourceExhausted
 
 logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
+OPEN_CALLS_PER_PEER = 4  # health / reflection calls one peer address may have open at once
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class CallLimits:
     # ... per client (token name, certificate name or peer address). One token usually serves a whole training:
     # R ranks hold up to 2R calls (a prefetched Encode and a Score each), so this must exceed 2 x ranks.
     max_calls_per_client: int = 64
+    max_open_calls: int = 16  # health and reflection calls at once (they need no token)
     max_inflight_bytes: int = 2048 * MIB  # request + response payload bytes held by the calls in flight
     max_image_pixels: int = 36_000_000  # width * height of one image, checked from its header before decoding
     max_concurrent_decodes: int = 4  # images decoded at once, across calls
@@ -51,8 +57,8 @@ class CallLimits:
         for name in ("call_timeout_s", "stream_idle_s", "reaper_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
-        for name in ("max_calls", "max_calls_per_client", "max_inflight_bytes", "max_image_pixels",
-                     "max_concurrent_decodes"):
+        for name in ("max_calls", "max_calls_per_client", "max_open_calls", "max_inflight_bytes",
+                     "max_image_pixels", "max_concurrent_decodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -68,9 +74,14 @@ class CallLimits:
 class Call:
     """One admitted call: its client, its bytes, its progress. Handlers report progress; ``finish`` frees it."""
 
-    def __init__(self, tracker: CallTracker, call_id: int, client: str, method: str, context, deadline: float):
+    def __init__(self, tracker: CallTracker, call_id: int, client: str, method: str, context, deadline: float,
+                 open_call: bool = False):
         self._tracker = tracker
         self.id, self.client, self.method, self.context = call_id, client, method, context
+        self.open_call = open_call  # a health / reflection call (its own budget)
+        # fires when the RPC ends (done, cancelled by the client, disconnected, cut, or the server stopping):
+        # the engine then drops the call's queued jobs and stops its running Score between blocks
+        self.cancellation = Cancellation()
         self.deadline = deadline
         self.last_progress = time.monotonic()
         self.streaming = False  # only a stream that is reading or writing can stall; device time does not count
@@ -93,6 +104,7 @@ class Call:
 
     def finish(self) -> None:
         self._tracker._finish(self)
+        self.cancellation.cancel()
 
 
 class CallTracker:
@@ -101,6 +113,7 @@ class CallTracker:
         self._lock = threading.Lock()
         self._calls: dict[int, Call] = {}
         self._per_client: Counter[str] = Counter()
+        self._open_per_peer: Counter[str] = Counter()  # health / reflection calls
         self._nbytes = 0
         self._ids = itertools.count()
         self.cut_calls: Counter[str] = Counter()  # reason -> calls cancelled by the reaper
@@ -108,30 +121,49 @@ class CallTracker:
         self._reaper = threading.Thread(target=self._reap, name="teacher-call-reaper", daemon=True)
         self._reaper.start()
 
-    def admit(self, client: str, method: str, context) -> Call:
-        """Admit a call or raise ResourceExhausted at once; the call is finished when its RPC ends."""
+    def admit(self, client: str, method: str, context, *, open_call: bool = False) -> Call:
+        """Admit a call or raise ResourceExhausted at once; the call is finished when its RPC ends.
+
+        ``open_call``: a health or reflection call, counted against ``max_open_calls`` and
+        ``OPEN_CALLS_PER_PEER`` instead of the TeacherService limits."""
         limits = self.limits
         with self._lock:
-            if len(self._calls) >= limits.max_calls:
+            if open_call:
+                if sum(self._open_per_peer.values()) >= limits.max_open_calls:
+                    raise ResourceExhausted(f"the teacher has {limits.max_open_calls} health / reflection calls "
+                                            "open; retry shortly")
+                if self._open_per_peer[client] >= OPEN_CALLS_PER_PEER:
+                    raise ResourceExhausted(f"this address already has {OPEN_CALLS_PER_PEER} health / reflection "
+                                            "calls open; wait for them")
+                call = Call(self, next(self._ids), client, method, context,
+                            time.monotonic() + limits.call_timeout_s, open_call=True)
+                self._calls[call.id] = call
+                self._open_per_peer[client] += 1
+            elif self._teacher_calls() >= limits.max_calls:
                 raise ResourceExhausted(
                     f"the teacher is serving its limit of {limits.max_calls} calls at once; retry shortly"
                 )
-            if self._per_client[client] >= limits.max_calls_per_client:
+            elif self._per_client[client] >= limits.max_calls_per_client:
                 raise ResourceExhausted(
                     f"this client already has {limits.max_calls_per_client} calls in flight (the per-client limit); "
                     "wait for them before starting more"
                 )
-            call = Call(self, next(self._ids), client, method, context, time.monotonic() + limits.call_timeout_s)
-            self._calls[call.id] = call
-            self._per_client[client] += 1
+            else:
+                call = Call(self, next(self._ids), client, method, context, time.monotonic() + limits.call_timeout_s)
+                self._calls[call.id] = call
+                self._per_client[client] += 1
         if context is not None and not context.add_callback(call.finish):
             call.finish()  # the RPC has already ended
         return call
 
     @property
     def active_calls(self) -> int:
+        """TeacherService calls in flight."""
         with self._lock:
-            return len(self._calls)
+            return self._teacher_calls()
+
+    def _teacher_calls(self) -> int:
+        return len(self._calls) - sum(self._open_per_peer.values())
 
     @property
     def inflight_bytes(self) -> int:
@@ -160,9 +192,10 @@ class CallTracker:
         with self._lock:
             if self._calls.pop(call.id, None) is None:
                 return
-            self._per_client[call.client] -= 1
-            if not self._per_client[call.client]:
-                del self._per_client[call.client]
+            counter = self._open_per_peer if call.open_call else self._per_client
+            counter[call.client] -= 1
+            if not counter[call.client]:
+                del counter[call.client]  # a client that holds nothing leaves no entry
             self._nbytes -= call.nbytes
             call.nbytes = 0
 

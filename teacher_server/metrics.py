@@ -4,19 +4,28 @@ Counters and histograms are updated where things happen (the servicer per call, 
 gauges that describe state (queue depth, handle store per client, active calls, bytes in flight) are read at
 scrape time from the engine and the call tracker. Each server has its own registry, so several servers in one
 process (tests) do not collide. docs/teacher_server.md lists every metric with a Grafana query.
+
+The ``client`` label is bounded: with a token file it is the client's name (the file's names only: calls
+without a valid token are refused before they hold anything), else one ``unauthenticated`` label for all peer
+addresses (a thousand connections must not make a thousand series); mTLS certificate names (``cn:...``, bounded
+by the CA) are kept.
 """
 
 from __future__ import annotations
+
+from collections import Counter as Tally
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+UNAUTHENTICATED_LABEL = "unauthenticated"
 
 
 class ServiceMetrics:
-    def __init__(self):
+    def __init__(self, *, authenticated: bool = False):
+        self.authenticated = authenticated  # clients are token-file names (else: peers, one label)
         self.registry = CollectorRegistry()
         self.requests = Counter("teacher_requests", "TeacherService calls by method and status code",
                                 ["method", "code"], registry=self.registry)
@@ -55,6 +64,18 @@ class ServiceMetrics:
         if tracker is not None:
             self._tracker = tracker
 
+    def client_label(self, client: str) -> str:
+        """The ``client`` label of a client name (see the module docstring)."""
+        if self.authenticated or client.startswith("cn:"):
+            return client
+        return UNAUTHENTICATED_LABEL
+
+    def by_label(self, per_client: dict[str, int]) -> dict[str, int]:
+        totals: Tally[str] = Tally()
+        for client, value in per_client.items():
+            totals[self.client_label(client)] += value
+        return dict(totals)
+
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Serve ``/metrics`` over HTTP; returns the (server, thread) pair (``server.shutdown()`` stops it)."""
         return start_http_server(port, addr=host, registry=self.registry)
@@ -81,7 +102,7 @@ class _StateCollector:
             stored = GaugeMetricFamily("teacher_handle_store_bytes", "Bytes of kept teacher state charged to each "
                                        "client (a state shared through the encode cache: to each holder)",
                                        labels=["client"])
-            for client, nbytes in sorted(engine.handle_bytes_by_client().items()):
+            for client, nbytes in sorted(self._metrics.by_label(engine.handle_bytes_by_client()).items()):
                 stored.add_metric([client], nbytes)
             yield stored
             yield GaugeMetricFamily("teacher_handle_store_held_bytes", "Memory the handle store holds (a state "
@@ -89,6 +110,6 @@ class _StateCollector:
                                     value=engine.handle_bytes_held())
             evicted = CounterMetricFamily("teacher_handle_evictions", "Handles evicted because the store was full, "
                                           "by the client that owned them", labels=["client"])
-            for client, count in sorted(engine.evictions_by_client().items()):
+            for client, count in sorted(self._metrics.by_label(engine.evictions_by_client()).items()):
                 evicted.add_metric([client], count)
             yield evicted

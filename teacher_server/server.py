@@ -6,9 +6,11 @@ On SIGTERM/SIGINT: health NOT_SERVING, stop accepting new calls, let in-flight c
 free the model. On SIGHUP the auth token file is re-read.
 
 The TeacherService methods are registered by hand (``_service_handler``) with no request deserializer, so that
-the servicer parses the bytes itself and answers INVALID_ARGUMENT for garbage (see ``servicer``). The worker
-pool has room for ``max_calls`` TeacherService calls plus some for health checks and for refusing calls over
-the limits at once.
+the servicer parses the bytes itself and answers INVALID_ARGUMENT for garbage (see ``servicer``). Every call
+first goes through the admission interceptor (``teacher_server.admission``): authentication at header time,
+admission before the request is read, status mapping and metrics. The worker pool has room for ``max_calls``
+TeacherService calls, ``max_open_calls`` health / reflection calls, and some spare threads for refusing calls
+(a refusal holds a thread for microseconds).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from genrecal.rpc import pb2
+from genrecal.rpc.metadata import SERVICE_NAME
 from genrecal.wire import channel_options, message_limit
+from teacher_server.admission import AdmissionInterceptor
 from teacher_server.auth import TokenAuth
 from teacher_server.limits import CallLimits, CallTracker
 from teacher_server.metrics import ServiceMetrics
@@ -34,8 +38,7 @@ from teacher_server.servicer import TeacherServicer
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["TeacherService"].full_name  # "genrecal.teacher.v1.TeacherService"
-SPARE_WORKERS = 8  # threads beyond max_calls: health checks, Info, and refusing calls over the limits
+SPARE_WORKERS = 8  # threads beyond max_calls + max_open_calls: refusing calls (without a token, over the limits)
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,9 @@ def create_server(
         )
     limits = limits or CallLimits()
     tracker = CallTracker(limits)
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(authenticated=auth is not None)
     metrics.watch(tracker=tracker, engine=engine)
-    max_workers = limits.max_calls + SPARE_WORKERS
+    max_workers = limits.max_calls + limits.max_open_calls + SPARE_WORKERS
     options = channel_options(message_limit(max_request_bytes)) + [
         ("grpc.max_connection_idle_ms", int(limits.max_connection_idle_s * 1000) or (1 << 31) - 1),
     ]
@@ -136,8 +139,9 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="teacher-rpc"),
         options=options,
         maximum_concurrent_rpcs=max_workers,  # beyond the pool: RESOURCE_EXHAUSTED from gRPC, never a queue
+        interceptors=[AdmissionInterceptor(SERVICE_NAME, tracker=tracker, auth=auth, metrics=metrics)],
     )
-    servicer = TeacherServicer(engine, auth=auth, tracker=tracker, metrics=metrics)
+    servicer = TeacherServicer(engine)
     server.add_generic_rpc_handlers((_service_handler(servicer),))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -160,7 +164,9 @@ def create_server(
 
 
 def _service_handler(servicer: TeacherServicer) -> grpc.GenericRpcHandler:
-    """TeacherService with raw-bytes requests (the servicer parses them) and protobuf responses."""
+    """TeacherService with raw-bytes requests (the servicer parses them) and protobuf responses.
+
+    The servicer's methods take ``(request, CallScope)``: only the admission interceptor calls them."""
     handlers = {
         "Info": grpc.unary_unary_rpc_method_handler(
             servicer.Info, response_serializer=pb2.InfoResponse.SerializeToString),

@@ -1,24 +1,19 @@
-"""The gRPC servicer: a thin layer that checks who calls, admits the call, converts messages and calls the engine.
+"""The gRPC servicer: converts messages and calls the engine; nothing else.
 
-The methods are registered with no deserializer (``teacher_server.server``): handlers get the raw request bytes
-and parse them here, so bytes that are not a valid message are INVALID_ARGUMENT like any other bad request
-(gRPC's own deserializer would answer INTERNAL). Every handler runs through ``_serving``, the one place where the
-client is identified (``teacher_server.auth``), the call admitted against the limits
-(``teacher_server.limits``), and exceptions become status codes (``teacher_server.errors.status_for``). A bad
-request gets a specific status and message; the server and other clients are not disturbed. Unexpected
-exceptions are INTERNAL and logged with their traceback.
+Its methods take ``(request, scope)``: the admission interceptor (``teacher_server.admission``) has already
+authenticated the caller, admitted the call against the limits, read the request under the stalled-stream
+cut-off, and it maps whatever a method raises to a status code and counts the call in the metrics. The methods
+are registered with no deserializer (``teacher_server.server``): they get the raw request bytes and parse them
+here, so bytes that are not a valid message are INVALID_ARGUMENT like any other bad request (gRPC's own
+deserializer would answer INTERNAL).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import json
 import threading
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
-import grpc
 from google.protobuf.message import DecodeError
 
 from genrecal.rpc import pb2
@@ -28,39 +23,18 @@ from genrecal.rpc.convert import (
     score_call_from_frames,
     score_response_frames,
 )
+from genrecal.rpc.metadata import EXPECT_REVISION_METADATA
 from genrecal.wire import DEFAULT_CHUNK_BYTES, float_dtype, proto_dtype
-from teacher_server.auth import TokenAuth, client_name
-from teacher_server.errors import IdentityMismatch, InvalidRequest, ShuttingDown, status_for
-from teacher_server.limits import Call, CallLimits, CallTracker
-
-logger = logging.getLogger(__name__)
+from teacher_server.admission import CallScope
+from teacher_server.errors import IdentityMismatch, InvalidRequest, ShuttingDown
 
 # Clients may pin the teacher they were started with; a different one answers FAILED_PRECONDITION.
-EXPECT_REVISION_METADATA = "x-genrecal-expect-revision"
-
-
-@dataclass
-class _Scope:
-    engine: object
-    client: str
-    call: Call
 
 
 class TeacherServicer:
-    def __init__(
-        self,
-        engine=None,
-        *,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        auth: TokenAuth | None = None,
-        tracker: CallTracker | None = None,
-        metrics=None,
-    ):
+    def __init__(self, engine=None, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self._engine = engine  # None while the model loads: calls answer UNAVAILABLE
         self._chunk_bytes = chunk_bytes
-        self._auth = auth
-        self._tracker = tracker if tracker is not None else CallTracker(CallLimits())
-        self._metrics = metrics  # teacher_server.metrics.ServiceMetrics or None
         self._lock = threading.Lock()
 
     def attach(self, engine) -> None:
@@ -72,113 +46,88 @@ class TeacherServicer:
             engine, self._engine = self._engine, None
         return engine
 
-    @property
-    def tracker(self) -> CallTracker:
-        return self._tracker
-
     # ---- handlers (raw request bytes in, messages out) ------------------------------------------------------
 
-    def Info(self, request: bytes, context):
-        with self._serving(context, "Info") as scope:
-            _parse(pb2.InfoRequest, request, "InfoRequest")
-            info = scope.engine.info()
-            return pb2.InfoResponse(
-                model_name=info.model_name,
-                model_revision=info.model_revision,
-                architecture=info.architecture,
-                model_type=info.model_type,
-                hidden_size=info.hidden_size,
-                vocab_size=info.vocab_size,
-                dtype=proto_dtype(info.dtype),
-                tokenizer_name=info.tokenizer_name,
-                tokenizer_size=info.tokenizer_size,
-                tokenizer_fingerprint=info.tokenizer_fingerprint,
-                server_version=info.server_version,
-                max_batch_tokens=info.max_batch_tokens,
-                max_request_bytes=info.max_request_bytes,
-                backend=info.backend,
-                instance_id=info.instance_id,
-            )
+    def Info(self, request: bytes, scope: CallScope) -> pb2.InfoResponse:
+        engine = self._ready_engine(scope)
+        _parse(pb2.InfoRequest, request, "InfoRequest")
+        info = engine.info()
+        return pb2.InfoResponse(
+            model_name=info.model_name,
+            model_revision=info.model_revision,
+            architecture=info.architecture,
+            model_type=info.model_type,
+            hidden_size=info.hidden_size,
+            vocab_size=info.vocab_size,
+            dtype=proto_dtype(info.dtype),
+            tokenizer_name=info.tokenizer_name,
+            tokenizer_size=info.tokenizer_size,
+            tokenizer_fingerprint=info.tokenizer_fingerprint,
+            server_version=info.server_version,
+            max_batch_tokens=info.max_batch_tokens,
+            max_request_bytes=info.max_request_bytes,
+            backend=info.backend,
+            instance_id=info.instance_id,
+            image_options={name: json.dumps(value) for name, value in info.image_options.items()},
+            max_encode_samples=info.request_limits.max_encode_samples,
+            max_text_bytes=info.request_limits.max_text_bytes,
+            max_turns=info.request_limits.max_turns,
+            max_score_items=info.request_limits.max_score_items,
+            max_score_paths=info.request_limits.max_score_paths,
+        )
 
-    def Encode(self, request: bytes, context):
-        with self._serving(context, "Encode") as scope:
-            scope.call.hold(len(request))
-            self._count_in(len(request))
-            message = _parse(pb2.EncodeRequest, request, "EncodeRequest")
-            samples = samples_from_request(message)
-            dtype = float_dtype(message.feature_dtype, what="feature_dtype") if message.feature_dtype else None
-            features = scope.engine.encode(
-                samples,
-                return_question_features=message.return_question_features,
-                max_length=message.max_length or None,
-                client=scope.client,
-                timeout_s=scope.call.remaining_s(),
+    def Encode(self, request: bytes, scope: CallScope) -> list[pb2.EncodeResponseFrame]:
+        engine = self._ready_engine(scope)
+        message = _parse(pb2.EncodeRequest, request, "EncodeRequest")
+        samples = samples_from_request(message)
+        dtype = float_dtype(message.feature_dtype, what="feature_dtype") if message.feature_dtype else None
+        features = engine.encode(
+            samples,
+            return_question_features=message.return_question_features,
+            max_length=message.max_length or None,
+            client=scope.client,
+            timeout_s=scope.call.remaining_s(),
+            cancellation=scope.call.cancellation,
+        )
+        frames = list(
+            encode_response_frames(
+                features, question_features=message.return_question_features, dtype=dtype,
+                chunk_bytes=self._chunk_bytes,
             )
-            frames = list(
-                encode_response_frames(
-                    features, question_features=message.return_question_features, dtype=dtype,
-                    chunk_bytes=self._chunk_bytes,
-                )
-            )
-            scope.call.hold(sum(frame.ByteSize() for frame in frames))
-        yield from self._send(scope.call, frames)  # outside _serving: a client that hangs up is not our error
+        )
+        scope.call.hold(sum(frame.ByteSize() for frame in frames))
+        return frames
 
-    def Score(self, request_iterator: Iterable[bytes], context):
-        with self._serving(context, "Score") as scope:
-            frames = self._receive(scope.call, request_iterator)
-            call = score_call_from_frames(
-                frames, max_bytes=scope.engine.info().max_request_bytes, on_chunk=scope.call.hold
-            )
-            scope.call.stream(False)  # received: device time is not a stall
-            path_scores, grads = scope.engine.score(
-                call.items, ce_weight=call.ce_weight, kl_weight=call.kl_weight, normalizer=call.normalizer,
-                release=call.release, client=scope.client, timeout_s=scope.call.remaining_s(),
-            )
-            frames = list(score_response_frames(path_scores, grads, dtype=call.grad_dtype, chunk_bytes=self._chunk_bytes))
-            scope.call.hold(sum(frame.ByteSize() for frame in frames))
-        yield from self._send(scope.call, frames)
+    def Score(self, request_frames: Iterable[bytes], scope: CallScope) -> list[pb2.ScoreResponseFrame]:
+        engine = self._ready_engine(scope)
+        call = score_call_from_frames(
+            _parse_frames(request_frames), max_bytes=engine.info().max_request_bytes, on_chunk=scope.call.hold
+        )
+        path_scores, grads = engine.score(
+            call.items, ce_weight=call.ce_weight, kl_weight=call.kl_weight, normalizer=call.normalizer,
+            release=call.release, client=scope.client, timeout_s=scope.call.remaining_s(), grad_dtype=call.grad_dtype,
+            cancellation=scope.call.cancellation,
+        )
+        frames = list(score_response_frames(path_scores, grads, dtype=call.grad_dtype, chunk_bytes=self._chunk_bytes))
+        scope.call.hold(sum(frame.ByteSize() for frame in frames))
+        return frames
 
-    def Release(self, request: bytes, context):
-        with self._serving(context, "Release") as scope:
-            message = _parse(pb2.ReleaseRequest, request, "ReleaseRequest")
-            for n, handle in enumerate(message.handles):
-                if len(handle.encode()) > 256:
-                    raise InvalidRequest(f"handle {n} is longer than 256 bytes")
-            released = scope.engine.release(list(message.handles), client=scope.client)
-            return pb2.ReleaseResponse(released=released)
+    def Release(self, request: bytes, scope: CallScope) -> pb2.ReleaseResponse:
+        engine = self._ready_engine(scope)
+        message = _parse(pb2.ReleaseRequest, request, "ReleaseRequest")
+        for n, handle in enumerate(message.handles):
+            if len(handle.encode()) > 256:
+                raise InvalidRequest(f"handle {n} is longer than 256 bytes")
+        released = engine.release(list(message.handles), client=scope.client)
+        return pb2.ReleaseResponse(released=released)
 
     # ---- plumbing -------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _serving(self, context: grpc.ServicerContext, method: str):
-        """Identify, admit, run; map any exception to its status code (the one place that does)."""
-        start = time.monotonic()
-        code_name, client = "OK", "?"
-        try:
-            client = client_name(context, self._auth)
-            engine = self._ready_engine(context)
-            call = self._tracker.admit(client, method, context)
-            yield _Scope(engine, client, call)
-        except grpc.RpcError:
-            code_name = "CANCELLED"
-            raise  # the call was cancelled (client gone, or cut by the reaper) or already aborted
-        except Exception as exc:  # noqa: BLE001 - the mapping below decides
-            code_name, message = status_for(exc)
-            if code_name == "INTERNAL":
-                logger.exception("%s from %s failed with an unexpected error", method, client)
-            else:  # handles and sample ids stay out of INFO logs
-                logger.info("%s from %s refused: %s (%s)", method, client, code_name, type(exc).__name__)
-                logger.debug("%s refusal message: %s", method, message)
-            context.abort(getattr(grpc.StatusCode, code_name), message)
-        finally:
-            if self._metrics is not None:
-                self._metrics.observe_call(method, code_name, time.monotonic() - start)
-
-    def _ready_engine(self, context: grpc.ServicerContext):
+    def _ready_engine(self, scope: CallScope):
         engine = self._engine
         if engine is None:
             raise ShuttingDown("the teacher is not serving (still loading its model, or shutting down); retry shortly")
-        expected = dict(context.invocation_metadata()).get(EXPECT_REVISION_METADATA)
+        expected = scope.metadata.get(EXPECT_REVISION_METADATA)
         if expected:
             info = engine.info()
             if expected != info.model_revision:
@@ -188,26 +137,10 @@ class TeacherServicer:
                 )
         return engine
 
-    def _receive(self, call: Call, request_iterator: Iterable[bytes]) -> Iterator[pb2.ScoreRequestFrame]:
-        """Parse the stream's frames as they come, marking progress (a stalled stream gets cut)."""
-        call.stream(True)
-        for n, data in enumerate(request_iterator):
-            call.progress()
-            self._count_in(len(data))
-            yield _parse(pb2.ScoreRequestFrame, data, f"ScoreRequestFrame {n}")
 
-    def _send(self, call: Call, frames: list) -> Iterator:
-        call.stream(True)
-        for frame in frames:
-            yield frame
-            call.progress()
-            if self._metrics is not None:
-                self._metrics.bytes_sent.inc(frame.ByteSize())
-        call.stream(False)
-
-    def _count_in(self, nbytes: int) -> None:
-        if self._metrics is not None:
-            self._metrics.bytes_received.inc(nbytes)
+def _parse_frames(request_frames: Iterable[bytes]) -> Iterator[pb2.ScoreRequestFrame]:
+    for n, data in enumerate(request_frames):
+        yield _parse(pb2.ScoreRequestFrame, data, f"ScoreRequestFrame {n}")
 
 
 def _parse(message_type, data: bytes, what: str):

@@ -7,9 +7,17 @@ and a recipe for a tiny real-format checkpoint. The behaviour lives here, writte
 
 Answer positions are found by rendering the conversation with the model's own chat template, rendering the
 prefix before each answer (``add_generation_prompt=True``) and the text through the answer's end-of-turn
-token, and running each through the model's own processor: the answer span is the token range between the
-two prefixes. Both prefixes must tokenise to a prefix of the full sequence; otherwise the answer boundary
-does not fall on a token boundary and the sample is refused (never silently misaligned).
+token: the answer span is the token range between the two prefixes. Both prefixes must tokenise to a prefix of
+the full sequence; otherwise the answer boundary does not fall on a token boundary and the sample is refused
+(never silently misaligned).
+
+**One processor call per batch.** The processor (its image processor is the cost: 2-3 s per photo with
+SmolVLM's image splitting) runs once, over the whole batch, in :meth:`FamilyAdapter.encode`. It expands each
+image placeholder of the text into the image's tokens and reports where (``return_text_replacement_offsets``,
+transformers 5), so each sample's *expanded* text is known; a prefix of it is what the processor would have
+tokenised for the prefix with the images before it, so the boundary checks are text-only tokenizer calls
+(milliseconds). The expanded text must tokenise to exactly the processor's ids, or the sample falls back to one
+processor call per boundary (the old way, same result).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import torch
 from torch import nn
 
 from genrecal.errors import SampleError
+from genrecal.families.resolution import ResolutionKnob, apply_image_options
+from genrecal.families.special_text import forbidden_sample_text
 from genrecal.recalibrator import RecalibratorSpec, identity_position_ids, mrope_position_ids  # noqa: F401
 from genrecal.sample import Sample
 
@@ -122,19 +132,28 @@ class FamilyAdapter:
     # (old prefix, new prefix) renames `genrecal.tiny` applies to the saved weight names, where transformers'
     # save_pretrained writes other names than the family's published checkpoints hold (and vLLM expects).
     tiny_weight_renames: tuple[tuple[str, str], ...] = ()
+    # Image-resolution knobs users may set per side (genrecal.families.resolution); none: resolution_note says why.
+    resolution_knobs: tuple[ResolutionKnob, ...] = ()
+    resolution_note: str = ""
 
     # ---- loading -------------------------------------------------------------------------------------
-    def load(self, path: str | Path, *, dtype: torch.dtype | None = None, device_map=None) -> LoadedVLM:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+    def load(self, path: str | Path, *, dtype: torch.dtype | None = None, device_map=None,
+             image_options: dict | str | None = None) -> LoadedVLM:
+        """Load strictly; ``image_options`` sets the family's resolution knobs (default: the checkpoint's own)."""
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+        # The options are checked and applied before the weights load, so a bad one fails in seconds; the model
+        # is built from the same config object (a knob the model reads too, e.g. anyres pinpoints, reaches it).
+        config = AutoConfig.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path)
+        processor.tokenizer.padding_side = "right"
+        apply_image_options(self, processor, config, image_options)
         model, info = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, device_map=device_map, output_loading_info=True
+            path, config=config, dtype=dtype, device_map=device_map, output_loading_info=True
         )
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             raise ValueError(f"checkpoint {str(path)!r} does not match its architecture: {problems}")
-        processor = AutoProcessor.from_pretrained(path)
-        processor.tokenizer.padding_side = "right"
         model.eval()
         return LoadedVLM(model=model, processor=processor, adapter=self)
 
@@ -149,15 +168,24 @@ class FamilyAdapter:
         """Format samples with this model's chat template and processor; find every answer span."""
         if not samples:
             raise ValueError("encode() needs at least one sample")
-        texts, spans_per_sample = [], []
-        for sample in samples:
-            text, spans = _render_and_locate_answers(self, processor, sample)
-            texts.append(text)
-            spans_per_sample.append(spans)
+        for sample in samples:  # before the template and the processor see it
+            reason = forbidden_sample_text(processor, sample)
+            if reason is not None:
+                raise SampleError(sample.sample_id, reason)
+        rendered = [_render(self, processor, sample) for sample in samples]  # text only: no processor call
+        texts = [r.text for r in rendered]
         images = [list(s.images) for s in samples]
-        inputs = _run_processor(processor, texts, images, self.processor_kwargs)
+        inputs = dict(_run_processor(processor, texts, images, self.processor_kwargs))  # the one processor call
+        replacements = inputs.pop(REPLACEMENT_OFFSETS, None)  # per sample: where each image was expanded
+        if isinstance(replacements, torch.Tensor) or (replacements is not None and len(replacements) != len(samples)):
+            # a text-only batch: nothing expanded (a list of empty lists may come back as an empty tensor)
+            replacements = [[] for _ in samples] if not any(images) else None
         lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        for sample, spans, length in zip(samples, spans_per_sample, lengths, strict=True):
+        spans_per_sample = []
+        for i, (sample, formatted, length) in enumerate(zip(samples, rendered, lengths, strict=True)):
+            ids = inputs["input_ids"][i, :length].tolist()  # right-padded
+            expanded = None if replacements is None else _expanded_text(formatted.text, replacements[i])
+            spans = _locate_answers(processor, sample, formatted, ids, expanded)
             if max_length is not None and length > max_length:
                 raise SampleError(
                     sample.sample_id,
@@ -166,7 +194,8 @@ class FamilyAdapter:
                 )
             if spans[-1][1] > length:
                 raise SampleError(sample.sample_id, "the answer lies beyond the processed sequence (truncated)")
-        return EncodedBatch([s.sample_id for s in samples], dict(inputs), spans_per_sample, texts, images)
+            spans_per_sample.append(spans)
+        return EncodedBatch([s.sample_id for s in samples], inputs, spans_per_sample, texts, images)
 
     # ---- model parts ---------------------------------------------------------------------------------
     def body_hidden_states(self, model: nn.Module, batch: EncodedBatch) -> torch.Tensor:
@@ -212,15 +241,50 @@ class FamilyAdapter:
         )
 
 
+# The processor output that says where each image placeholder was expanded (not a model input).
+REPLACEMENT_OFFSETS = "text_replacement_offsets"
+
+
 def _run_processor(processor, texts: list[str], images: list[list], extra: dict) -> dict:
     kwargs = dict(text=texts, return_tensors="pt", padding=True, **extra)
     if any(images):
         kwargs["images"] = images
-    return processor(**kwargs)
+    if not _reports_replacements():
+        return processor(**kwargs)
+    if any(images) and not images[0]:
+        # The offsets of a batch led by a text-only sample ([[], [{...}], ...]) look like an array to
+        # BatchFeature, and the InternVL and Idefics3 processors convert their output without skipping them:
+        # take Python objects and convert here, the offsets left out (the same tensors: tests/genrecal/families).
+        from transformers.feature_extraction_utils import BatchFeature
+
+        raw = processor(**{**kwargs, "return_tensors": None}, return_text_replacement_offsets=True)
+        return BatchFeature(dict(raw), tensor_type="pt", skip_tensor_conversion=[REPLACEMENT_OFFSETS])
+    try:
+        return processor(**kwargs, return_text_replacement_offsets=True)
+    except ValueError as exc:  # a processor whose output conversion chokes on the offsets: without them
+        if REPLACEMENT_OFFSETS not in str(exc):
+            raise
+        return processor(**kwargs)
 
 
-def _render_and_locate_answers(adapter: FamilyAdapter, processor, sample: Sample) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``sample`` with the chat template; return the text and each answer's token span in it."""
+def _reports_replacements() -> bool:
+    """Whether this transformers' processors take ``return_text_replacement_offsets`` (5.x; not every 5.0)."""
+    from transformers.processing_utils import TextKwargs
+
+    return "return_text_replacement_offsets" in TextKwargs.__annotations__
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """A sample rendered by the chat template (text only), with its answers' character boundaries."""
+
+    text: str  # the formatted conversation, end-of-turn tokens inserted where the template leaves them out
+    boundaries: list[tuple[int, int]]  # per answer, [start, end) characters in `text`
+    image_counts: list[int]  # per answer, the images placed before it
+
+
+def _render(adapter: FamilyAdapter, processor, sample: Sample) -> _Rendered:
+    """Render ``sample`` with the chat template; find each answer's character span in the text."""
     messages = sample.messages()
     eot = adapter.end_of_turn_token(processor)
     rendered = processor.apply_chat_template(messages, tokenize=False)
@@ -268,17 +332,65 @@ def _render_and_locate_answers(adapter: FamilyAdapter, processor, sample: Sample
         images_seen += sum(1 for c in message["content"] if c.get("type") == "image")
         if message["role"] == "assistant":
             image_counts.append(images_seen)
-    full_ids = _token_ids(processor, full, sample.images)
+    return _Rendered(full, boundaries, image_counts)
+
+
+@dataclass(frozen=True)
+class _Expanded:
+    """A formatted text with its image placeholders replaced as the processor replaced them."""
+
+    text: str
+    replaced: list[tuple[int, int, int]]  # (start, end) of each placeholder in the formatted text, its growth
+
+    def position(self, char: int) -> int:
+        """Where character ``char`` of the formatted text (not inside a placeholder) is in the expanded text."""
+        return char + sum(growth for _, end, growth in self.replaced if end <= char)
+
+
+def _expanded_text(text: str, replacements: list[dict]) -> _Expanded:
+    """``text`` with each placeholder ``span`` replaced by its ``replacement`` (the processor's offsets)."""
+    pieces, cursor, replaced = [], 0, []
+    for item in sorted(replacements, key=lambda r: r["span"][0]):
+        start, end = item["span"]
+        pieces += [text[cursor:start], item["replacement"]]
+        replaced.append((start, end, len(item["replacement"]) - (end - start)))
+        cursor = end
+    pieces.append(text[cursor:])
+    return _Expanded("".join(pieces), replaced)
+
+
+def _locate_answers(processor, sample: Sample, rendered: _Rendered, ids: list[int],
+                    expanded: _Expanded | None) -> list[tuple[int, int]]:
+    """Token spans of ``rendered``'s answers in ``ids`` (the processor's ids for ``rendered.text``).
+
+    With ``expanded`` (the processor reported its image expansions) the boundaries are found with text-only
+    tokenizer calls on prefixes of the expanded text; without it, or if the expanded text does not tokenise to
+    ``ids``, with one processor call per boundary (prefix text and the images before it).
+    """
+    tokenizer = processor.tokenizer
+    if expanded is not None and tokenizer(expanded.text)["input_ids"] != ids:
+        expanded = None  # the processor did more than expand placeholders: take the slow, sure way
     spans = []
-    for (start_char, end_char), n_images in zip(boundaries, image_counts, strict=True):
-        start = _prefix_length(processor, full, full_ids, start_char, sample.images[:n_images], sample.sample_id)
-        end = _prefix_length(processor, full, full_ids, end_char, sample.images[:n_images], sample.sample_id)
+    for (start_char, end_char), n_images in zip(rendered.boundaries, rendered.image_counts, strict=True):
+        if expanded is not None:
+            start, end = (
+                _prefix_length(ids, len(expanded.text), expanded.position(char), sample.sample_id,
+                               lambda pos: tokenizer(expanded.text[:pos])["input_ids"])
+                for char in (start_char, end_char)
+            )
+        else:
+            images = sample.images[:n_images]
+            start, end = (
+                _prefix_length(ids, len(rendered.text), char, sample.sample_id,
+                               lambda pos, images=images: _token_ids(processor, rendered.text[:pos], images))
+                for char in (start_char, end_char)
+            )
         if end <= start:
             raise SampleError(sample.sample_id, "an answer tokenises to no tokens")
         if start == 0:
             raise SampleError(sample.sample_id, "an answer starts at position 0: nothing predicts its first token")
         spans.append((start, end))
-    return full, spans
+    return spans
 
 
 def _token_ids(processor, text: str, images: list) -> list[int]:
@@ -288,11 +400,13 @@ def _token_ids(processor, text: str, images: list) -> list[int]:
     return processor(**kwargs)["input_ids"][0].tolist()
 
 
-def _prefix_length(processor, full: str, full_ids: list[int], char_end: int, images: list, sample_id: str) -> int:
-    """Number of tokens of ``full[:char_end]``; it must tokenise to a prefix of ``full_ids``."""
-    if char_end == len(full):
+def _prefix_length(full_ids: list[int], full_chars: int, char_end: int, sample_id: str,
+                   tokenize: Callable[[int], list[int]]) -> int:
+    """Number of tokens of the text's first ``char_end`` characters (``tokenize(char_end)``, ``full_chars`` the
+    whole text's length); they must be a prefix of ``full_ids``."""
+    if char_end == full_chars:
         return len(full_ids)
-    ids = _token_ids(processor, full[:char_end], images)
+    ids = tokenize(char_end)
     if full_ids[: len(ids)] != ids:
         raise SampleError(
             sample_id,

@@ -7,6 +7,7 @@ Each image becomes ``<fake_token_around_image><global-img><image>*image_seq_len<
 from __future__ import annotations
 
 from genrecal.families.base import FamilyAdapter
+from genrecal.families.resolution import ResolutionKnob
 from genrecal.tiny import TinySizes, add_family_tokens, text_config_kwargs
 
 # HuggingFaceTB/SmolVLM-Instruct's chat template (Idefics3 architecture), verbatim, as embedded in
@@ -25,6 +26,34 @@ SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<i
 PATCH_SIZE = 14
 SCALE_FACTOR = 2  # the connector's pixel shuffle folds SCALE_FACTOR^2 patches into one image token
 
+
+
+def _whole_tiles(value, settings, processor, config) -> None:
+    """With splitting, the image is resized up to whole tiles anyway: say the tile so the edge is chosen knowingly."""
+    tile = processor.image_processor.max_image_size["longest_edge"]
+    if value % tile:
+        raise ValueError(f"Idefics3 longest_edge={value} is not a whole number of {tile}-px tiles (max_image_size, "
+                         f"the vision tower's input); use a multiple of {tile}, e.g. {tile * max(1, round(value / tile))}")
+
+
+# With do_image_splitting the image is resized so its longest edge is size["longest_edge"], rounded up to whole
+# tiles of max_image_size px, cut into rows x cols tiles, plus the whole image as one more tile; each tile is
+# image_seq_len tokens (SmolVLM-256M: 512-px tiles of 64 tokens, longest_edge 2048: up to 4 x 4 + 1 tiles).
+# Without splitting every image is squashed into one tile. max_image_size (the tile) is the vision tower's
+# input size and image_seq_len follows from it: neither is a knob.
+RESOLUTION_KNOBS = (
+    ResolutionKnob(
+        "do_image_splitting", bool, ("image_processor.do_image_splitting",),
+        "cut images into tiles of max_image_size px plus a global view (true) or squash each into one tile "
+        "(false) (SmolVLM / Idefics3 checkpoints: true)",
+    ),
+    ResolutionKnob(
+        "longest_edge", int, ("image_processor.size.longest_edge",),
+        "with splitting, the longest edge images are resized to before tiling, a multiple of the tile "
+        "(SmolVLM-256M: 2048 = up to 4 x 4 tiles of 512 px; Idefics3-8B: 1456 = 4 x 364)",
+        _whole_tiles,
+    ),
+)
 
 def tiny_recipe(sizes: TinySizes, tokenizer):
     from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
@@ -60,4 +89,5 @@ ADAPTER = FamilyAdapter(
     end_of_turn="<end_of_utterance>",
     tiny_recipe=tiny_recipe,
     text_model_attr="text_model",
+    resolution_knobs=RESOLUTION_KNOBS,
 )

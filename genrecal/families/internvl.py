@@ -7,6 +7,7 @@ each tile becomes ``<img>`` + ``image_seq_length`` ``<IMG_CONTEXT>`` tokens + ``
 from __future__ import annotations
 
 from genrecal.families.base import FamilyAdapter
+from genrecal.families.resolution import ResolutionKnob, at_least, at_most
 from genrecal.tiny import TinySizes, add_family_tokens, text_config_kwargs
 
 # The chat template of the InternVL3 -hf checkpoints (chat_template.jinja, 481 bytes, e.g. OpenGVLab/InternVL3-14B-hf),
@@ -34,6 +35,26 @@ PROCESSOR_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
 # shuffled by 0.25 -> 2x2 = 4 tokens, each merging 16 patches.
 PATCH = 14
 DOWNSAMPLE_RATIO = 0.5
+
+# The tile grid is GotOcr2ImageProcessor's: the grid (cols x rows, min_patches <= cols x rows <= max_patches)
+# closest to the image's aspect ratio, each tile `size` px (448 for InternVL2.5/3, the vision tower's fixed input),
+# plus a thumbnail of the whole image when there is more than one tile; every tile is image_seq_length tokens
+# (256 for InternVL3). The tile size itself is the vision tower's and is not a knob. Nor is the image
+# processor's crop_to_patches: InternVLProcessor passes crop_to_patches=True with every call, whatever the image
+# processor holds; max_patches=1 is what crop_to_patches=False would be (the whole image squashed into one tile).
+RESOLUTION_KNOBS = (
+    ResolutionKnob(
+        "max_patches", int, ("image_processor.max_patches",),
+        "most tiles an image is cut into, plus a thumbnail when it is more than one; each tile is "
+        "image_seq_length tokens (InternVL3-hf: 12 tiles of 448 px, 256 tokens each: up to 3328 tokens; "
+        "1 = the whole image in one tile)",
+        at_least("min_patches"),
+    ),
+    ResolutionKnob(
+        "min_patches", int, ("image_processor.min_patches",),
+        "fewest tiles an image is cut into (InternVL3-hf: 1)", at_most("max_patches"),
+    ),
+)
 
 
 def tiny_recipe(sizes: TinySizes, tokenizer):
@@ -85,4 +106,5 @@ ADAPTER = FamilyAdapter(
     end_of_turn="<|im_end|>",
     tiny_recipe=tiny_recipe,
     processor_kwargs={"padding_side": "right"},  # InternVLProcessor pads left by default; spans assume right
+    resolution_knobs=RESOLUTION_KNOBS,
 )

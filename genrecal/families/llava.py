@@ -61,4 +61,11 @@ ADAPTER = FamilyAdapter(
     # Published checkpoints (llava-hf/*) keep the vision model's own prefix: `vision_tower.vision_model.*`;
     # transformers 5.20 saves `vision_tower.*` and vLLM 0.32 loads only the former.
     tiny_weight_renames=(("vision_tower.", "vision_tower.vision_model."),),
+    resolution_note=(
+        "LLaVA-1.5's CLIP tower has position embeddings learned for one input size (vision_config.image_size: "
+        "336 px in llava-1.5-*-hf, 24 x 24 = 576 image tokens), and the processor resizes every image's shortest "
+        "edge to it and centre-crops a square, so the checkpoint fixes the resolution. A different size/crop_size "
+        "would feed the tower inputs its embeddings do not cover (transformers refuses them); for more image "
+        "detail use a family with tiling (LLaVA-OneVision, InternVL, Idefics3) or dynamic resolution (Qwen2-VL)"
+    ),
 )

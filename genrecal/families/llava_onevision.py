@@ -3,7 +3,10 @@ AnyRes tiling (a base view plus grid tiles, unpadded, with a learned ``image_new
 
 from __future__ import annotations
 
+import re
+
 from genrecal.families.base import FamilyAdapter
+from genrecal.families.resolution import ResolutionKnob
 from genrecal.tiny import TinySizes, add_family_tokens, text_config_kwargs
 
 # The template the llava-hf/llava-onevision-qwen2-*-hf checkpoints ship, verbatim from huggingface/transformers
@@ -23,6 +26,48 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 
+
+
+def _pinpoints(value, settings, processor, config) -> None:
+    tile = processor.image_processor.size["height"]
+    if not value or any(
+        len(p) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < tile or x % tile for x in p)
+        for p in value
+    ):
+        raise ValueError(
+            f"LLaVA-OneVision image_grid_pinpoints={value!r}: give a non-empty list of [height, width] pairs, each a "
+            f"positive multiple of the {tile}-px tile (the vision tower's input), e.g. [[{tile}, {tile}], "
+            f"[{tile}, {2 * tile}], [{2 * tile}, {tile}], [{2 * tile}, {2 * tile}]] for grids up to 2 x 2 tiles"
+        )
+
+
+def _aspect_ratio(value, settings, processor, config) -> None:
+    if not re.fullmatch(r"anyres_max_[1-9][0-9]*", value):
+        raise ValueError(f"LLaVA-OneVision vision_aspect_ratio={value!r}: write anyres_max_N, N the most tiles' worth "
+                         "of grid features kept (the published checkpoints: anyres_max_9)")
+
+
+# AnyRes: the image is fitted to the best grid among image_grid_pinpoints (each [height, width] a multiple of the
+# 384-px tile), cut into its tiles, plus the whole image as a base tile: 729 features per tile (27 x 27 SigLIP
+# patches), the grid's features unpadded to the image's aspect ratio, one image_newline per feature row, and
+# downsampled when they exceed vision_aspect_ratio's anyres_max_N tiles' worth. The model reads both settings
+# from its config when it packs the features, so both are written to the processor and to the model config.
+RESOLUTION_KNOBS = (
+    ResolutionKnob(
+        "image_grid_pinpoints", list, ("image_processor.image_grid_pinpoints", "config.image_grid_pinpoints"),
+        "the [height, width] grids an image may be fitted to, multiples of the 384-px tile (llava-onevision-*-hf: "
+        "every grid from 1 x 1 to 6 x 6 tiles, up to 2304 x 2304 px); fewer/smaller grids = fewer tokens",
+        _pinpoints,
+    ),
+    ResolutionKnob(
+        "vision_aspect_ratio", str, ("processor.vision_aspect_ratio", "config.vision_aspect_ratio"),
+        "anyres_max_N: grid features beyond N tiles' worth (N x 729) are downsampled (llava-onevision-*-hf: "
+        "anyres_max_9)",
+        _aspect_ratio,
+        vllm_unsupported="vLLM 0.32's LLaVA-OneVision packs features with anyres_max_9 fixed in its code, whatever "
+                         "the config says",
+    ),
+)
 
 def tiny_recipe(sizes: TinySizes, tokenizer):
     from transformers import (
@@ -75,4 +120,5 @@ ADAPTER = FamilyAdapter(
     # Published checkpoints (llava-hf/*) keep the vision model's own prefix: `vision_tower.vision_model.*`;
     # transformers 5.20 saves `vision_tower.*` and vLLM 0.32 loads only the former.
     tiny_weight_renames=(("vision_tower.", "vision_tower.vision_model."),),
+    resolution_knobs=RESOLUTION_KNOBS,
 )

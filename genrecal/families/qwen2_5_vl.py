@@ -8,7 +8,7 @@ template: huggingface/transformers ``tests/models/qwen2_5_vl/test_processor_qwen
 from __future__ import annotations
 
 from genrecal.families.base import FamilyAdapter, mrope_position_ids
-from genrecal.families.qwen2_vl import qwen_vl_tiny_parts
+from genrecal.families.qwen2_vl import RESOLUTION_KNOBS, qwen_vl_tiny_parts
 from genrecal.tiny import TinySizes
 
 
@@ -42,4 +42,5 @@ ADAPTER = FamilyAdapter(
     end_of_turn="<|im_end|>",
     tiny_recipe=tiny_recipe,
     rotary_position_ids=mrope_position_ids,
+    resolution_knobs=RESOLUTION_KNOBS,  # Qwen2-VL's image processor and knobs
 )

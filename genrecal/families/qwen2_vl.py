@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from genrecal.families.base import FamilyAdapter, mrope_position_ids
+from genrecal.families.resolution import ResolutionKnob, all_of, at_least, at_most
 from genrecal.tiny import TinySizes, add_family_tokens, text_config_kwargs
 
 # Qwen2-VL-Instruct's chat template (system prompt added when absent; images as vision_start/pad/end).
@@ -23,6 +24,35 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
+
+
+def _whole_blocks(value, settings, processor, config) -> None:
+    """A pixel budget below one merged block (28 x 28 px) cannot hold a single image token."""
+    image_processor = processor.image_processor
+    block = image_processor.patch_size * image_processor.merge_size
+    if value < block * block:
+        raise ValueError(f"a Qwen-VL pixel budget of {value} is below one image token ({block} x {block} = "
+                         f"{block * block} px); use at least {block * block}")
+
+
+# Qwen2-VL / Qwen2.5-VL resize every image to h x w, multiples of 28 px (14-px patches merged 2 x 2), with
+# min_pixels <= h x w <= max_pixels, keeping its aspect ratio; every 28 x 28 block is one image token. The
+# processor JSON names them min_pixels / max_pixels; transformers 5 keeps them as size["shortest_edge"] /
+# size["longest_edge"] (pixel counts, not edges), which is where they are written.
+RESOLUTION_KNOBS = (
+    ResolutionKnob(
+        "min_pixels", int, ("image_processor.size.shortest_edge",),
+        "fewest pixels (h x w) an image is resized to; smaller images are scaled up (Qwen2-VL-2B-Instruct: 3136 "
+        "= 4 image tokens)",
+        all_of(_whole_blocks, at_most("max_pixels")),
+    ),
+    ResolutionKnob(
+        "max_pixels", int, ("image_processor.size.longest_edge",),
+        "most pixels (h x w) an image is resized to; larger images are scaled down; image tokens ~ h x w / 784 "
+        "(Qwen2-VL-2B-Instruct: 12845056 = up to 16384 tokens; 802816 caps an image at 1024 tokens)",
+        all_of(_whole_blocks, at_least("min_pixels")),
+    ),
+)
 
 def qwen_vl_tiny_parts(sizes: TinySizes, tokenizer, image_processor_cls, video_processor_cls, processor_cls):
     """Tokenizer, processor and the text/vision config dicts shared by the Qwen2-VL and Qwen2.5-VL recipes."""
@@ -67,4 +97,5 @@ ADAPTER = FamilyAdapter(
     end_of_turn="<|im_end|>",
     tiny_recipe=tiny_recipe,
     rotary_position_ids=mrope_position_ids,
+    resolution_knobs=RESOLUTION_KNOBS,
 )

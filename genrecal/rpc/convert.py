@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -51,10 +52,10 @@ def samples_from_request(request: pb2.EncodeRequest) -> list[Sample]:
     if not request.samples:
         raise SampleError("<request>", "EncodeRequest has no samples")
     samples = [sample_from_proto(message, i) for i, message in enumerate(request.samples)]
-    ids = [s.sample_id for s in samples]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    counts = Counter(s.sample_id for s in samples)  # linear: list.count per id took minutes at 40k samples
+    duplicates = sorted(i for i, n in counts.items() if n > 1)
     if duplicates:
-        raise SampleError(duplicates[0], f"sample_id appears {ids.count(duplicates[0])} times in one request")
+        raise SampleError(duplicates[0], f"sample_id appears {counts[duplicates[0]]} times in one request")
     return samples
 
 

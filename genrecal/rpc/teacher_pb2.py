@@ -24,49 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!genrecal/teacher/v1/teacher.proto\x12\x13genrecal.teacher.v1\"F\n\nTensorSpec\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.genrecal.teacher.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\"\r\n\x0bInfoRequest\"\xfa\x02\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x03\x12\x12\n\nvocab_size\x18\x06 \x01(\x03\x12)\n\x05\x64type\x18\x07 \x01(\x0e\x32\x1a.genrecal.teacher.v1.DType\x12\x16\n\x0etokenizer_name\x18\x08 \x01(\t\x12\x16\n\x0etokenizer_size\x18\t \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\n \x01(\t\x12\x16\n\x0eserver_version\x18\x0b \x01(\t\x12\x18\n\x10max_batch_tokens\x18\x0c \x01(\x03\x12\x19\n\x11max_request_bytes\x18\r \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x0e \x01(\t\x12\x13\n\x0binstance_id\x18\x0f \x01(\t\"\"\n\x04Turn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"U\n\x06Sample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12(\n\x05turns\x18\x02 \x03(\x0b\x32\x19.genrecal.teacher.v1.Turn\x12\x0e\n\x06images\x18\x03 \x03(\x0c\"\xa6\x01\n\rEncodeRequest\x12,\n\x07samples\x18\x01 \x03(\x0b\x32\x1b.genrecal.teacher.v1.Sample\x12 \n\x18return_question_features\x18\x02 \x01(\x08\x12\x31\n\rfeature_dtype\x18\x03 \x01(\x0e\x32\x1a.genrecal.teacher.v1.DType\x12\x12\n\nmax_length\x18\x04 \x01(\x03\"\xda\x01\n\rEncodedSample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\t\x12\x18\n\x10\x61nswer_token_ids\x18\x03 \x03(\x03\x12\x16\n\x0e\x61nswer_lengths\x18\x04 \x03(\x03\x12\x18\n\x10question_lengths\x18\x05 \x03(\x03\x12\x17\n\x0f\x61nswer_features\x18\x06 \x01(\x05\x12\x19\n\x11question_features\x18\x07 \x01(\x05\x12\x17\n\nteacher_ce\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_teacher_ce\"w\n\x0e\x45ncodeResponse\x12\x33\n\x07samples\x18\x01 \x03(\x0b\x32\".genrecal.teacher.v1.EncodedSample\x12\x30\n\x07tensors\x18\x02 \x03(\x0b\x32\x1f.genrecal.teacher.v1.TensorSpec\"h\n\x13\x45ncodeResponseFrame\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32#.genrecal.teacher.v1.EncodeResponseH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\":\n\tScoreItem\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07outputs\x18\x03 \x01(\x05\"\xea\x01\n\x0cScoreRequest\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.genrecal.teacher.v1.ScoreItem\x12\x30\n\x07tensors\x18\x02 \x03(\x0b\x32\x1f.genrecal.teacher.v1.TensorSpec\x12\x11\n\tce_weight\x18\x03 \x01(\x02\x12\x11\n\tkl_weight\x18\x04 \x01(\x02\x12\x12\n\nnormalizer\x18\x05 \x01(\x01\x12.\n\ngrad_dtype\x18\x06 \x01(\x0e\x32\x1a.genrecal.teacher.v1.DType\x12\x0f\n\x07release\x18\x07 \x01(\x08\"E\n\tPathScore\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\n\n\x02\x63\x65\x18\x02 \x01(\x01\x12\n\n\x02kl\x18\x03 \x01(\x01\x12\x12\n\nnum_tokens\x18\x04 \x01(\x03\"\x83\x01\n\rScoreResponse\x12-\n\x05paths\x18\x01 \x03(\x0b\x32\x1e.genrecal.teacher.v1.PathScore\x12\x11\n\tgradients\x18\x02 \x03(\x05\x12\x30\n\x07tensors\x18\x03 \x03(\x0b\x32\x1f.genrecal.teacher.v1.TensorSpec\"d\n\x11ScoreRequestFrame\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.genrecal.teacher.v1.ScoreRequestH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"f\n\x12ScoreResponseFrame\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".genrecal.teacher.v1.ScoreResponseH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"!\n\x0eReleaseRequest\x12\x0f\n\x07handles\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x03*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x32\xeb\x02\n\x0eTeacherService\x12K\n\x04Info\x12 .genrecal.teacher.v1.InfoRequest\x1a!.genrecal.teacher.v1.InfoResponse\x12X\n\x06\x45ncode\x12\".genrecal.teacher.v1.EncodeRequest\x1a(.genrecal.teacher.v1.EncodeResponseFrame0\x01\x12\\\n\x05Score\x12&.genrecal.teacher.v1.ScoreRequestFrame\x1a\'.genrecal.teacher.v1.ScoreResponseFrame(\x01\x30\x01\x12T\n\x07Release\x12#.genrecal.teacher.v1.ReleaseRequest\x1a$.genrecal.teacher.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!genrecal/teacher/v1/teacher.proto\x12\x13genrecal.teacher.v1\"F\n\nTensorSpec\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.genrecal.teacher.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\"\r\n\x0bInfoRequest\"\xf4\x04\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x03\x12\x12\n\nvocab_size\x18\x06 \x01(\x03\x12)\n\x05\x64type\x18\x07 \x01(\x0e\x32\x1a.genrecal.teacher.v1.DType\x12\x16\n\x0etokenizer_name\x18\x08 \x01(\t\x12\x16\n\x0etokenizer_size\x18\t \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\n \x01(\t\x12\x16\n\x0eserver_version\x18\x0b \x01(\t\x12\x18\n\x10max_batch_tokens\x18\x0c \x01(\x03\x12\x19\n\x11max_request_bytes\x18\r \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x0e \x01(\t\x12\x13\n\x0binstance_id\x18\x0f \x01(\t\x12J\n\rimage_options\x18\x10 \x03(\x0b\x32\x33.genrecal.teacher.v1.InfoResponse.ImageOptionsEntry\x12\x1a\n\x12max_encode_samples\x18\x11 \x01(\x03\x12\x16\n\x0emax_text_bytes\x18\x12 \x01(\x03\x12\x11\n\tmax_turns\x18\x13 \x01(\x03\x12\x17\n\x0fmax_score_items\x18\x14 \x01(\x03\x12\x17\n\x0fmax_score_paths\x18\x15 \x01(\x03\x1a\x33\n\x11ImageOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x04Turn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"U\n\x06Sample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12(\n\x05turns\x18\x02 \x03(\x0b\x32\x19.genrecal.teacher.v1.Turn\x12\x0e\n\x06images\x18\x03 \x03(\x0c\"\xa6\x01\n\rEncodeRequest\x12,\n\x07samples\x18\x01 \x03(\x0b\x32\x1b.genrecal.teacher.v1.Sample\x12 \n\x18return_question_features\x18\x02 \x01(\x08\x12\x31\n\rfeature_dtype\x18\x03 \x01(\x0e\x32\x1a.genrecal.teacher.v1.DType\x12\x12\n\nmax_length\x18\x04 \x01(\x03\"\xda\x01\n\rEncodedSample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\t\x12\x18\n\x10\x61nswer_token_ids\x18\x03 \x03(\x03\x12\x16\n\x0e\x61nswer_lengths\x18\x04 \x03(\x03\x12\x18\n\x10question_lengths\x18\x05 \x03(\x03\x12\x17\n\x0f\x61nswer_features\x18\x06 \x01(\x05\x12\x19\n\x11question_features\x18\x07 \x01(\x05\x12\x17\n\nteacher_ce\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_teacher_ce\"w\n\x0e\x45ncodeResponse\x12\x33\n\x07samples\x18\x01 \x03(\x0b\x32\".genrecal.teacher.v1.EncodedSample\x12\x30\n\x07tensors\x18\x02 \x03(\x0b\x32\x1f.genrecal.teacher.v1.TensorSpec\"h\n\x13\x45ncodeResponseFrame\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32#.genrecal.teacher.v1.EncodeResponseH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\":\n\tScoreItem\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07outputs\x18\x03 \x01(\x05\"\xea\x01\n\x0cScoreRequest\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.genrecal.teacher.v1.ScoreItem\x12\x30\n\x07tensors\x18\x02 \x03(\x0b\x32\x1f.genrecal.teacher.v1.TensorSpec\x12\x11\n\tce_weight\x18\x03 \x01(\x02\x12\x11\n\tkl_weight\x18\x04 \x01(\x02\x12\x12\n\nnormalizer\x18\x05 \x01(\x01\x12.\n\ngrad_dtype\x18\x06 \x01(\x0e\x32\x1a.genrecal.teacher.v1.DType\x12\x0f\n\x07release\x18\x07 \x01(\x08\"E\n\tPathScore\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\n\n\x02\x63\x65\x18\x02 \x01(\x01\x12\n\n\x02kl\x18\x03 \x01(\x01\x12\x12\n\nnum_tokens\x18\x04 \x01(\x03\"\x83\x01\n\rScoreResponse\x12-\n\x05paths\x18\x01 \x03(\x0b\x32\x1e.genrecal.teacher.v1.PathScore\x12\x11\n\tgradients\x18\x02 \x03(\x05\x12\x30\n\x07tensors\x18\x03 \x03(\x0b\x32\x1f.genrecal.teacher.v1.TensorSpec\"d\n\x11ScoreRequestFrame\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.genrecal.teacher.v1.ScoreRequestH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"f\n\x12ScoreResponseFrame\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".genrecal.teacher.v1.ScoreResponseH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"!\n\x0eReleaseRequest\x12\x0f\n\x07handles\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x03*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x32\xeb\x02\n\x0eTeacherService\x12K\n\x04Info\x12 .genrecal.teacher.v1.InfoRequest\x1a!.genrecal.teacher.v1.InfoResponse\x12X\n\x06\x45ncode\x12\".genrecal.teacher.v1.EncodeRequest\x1a(.genrecal.teacher.v1.EncodeResponseFrame0\x01\x12\\\n\x05Score\x12&.genrecal.teacher.v1.ScoreRequestFrame\x1a\'.genrecal.teacher.v1.ScoreResponseFrame(\x01\x30\x01\x12T\n\x07Release\x12#.genrecal.teacher.v1.ReleaseRequest\x1a$.genrecal.teacher.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'genrecal.teacher.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2046
-  _globals['_DTYPE']._serialized_end=2151
+  _globals['_INFORESPONSE_IMAGEOPTIONSENTRY']._loaded_options = None
+  _globals['_INFORESPONSE_IMAGEOPTIONSENTRY']._serialized_options = b'8\001'
+  _globals['_DTYPE']._serialized_start=2296
+  _globals['_DTYPE']._serialized_end=2401
   _globals['_TENSORSPEC']._serialized_start=58
   _globals['_TENSORSPEC']._serialized_end=128
   _globals['_INFOREQUEST']._serialized_start=130
   _globals['_INFOREQUEST']._serialized_end=143
   _globals['_INFORESPONSE']._serialized_start=146
-  _globals['_INFORESPONSE']._serialized_end=524
-  _globals['_TURN']._serialized_start=526
-  _globals['_TURN']._serialized_end=560
-  _globals['_SAMPLE']._serialized_start=562
-  _globals['_SAMPLE']._serialized_end=647
-  _globals['_ENCODEREQUEST']._serialized_start=650
-  _globals['_ENCODEREQUEST']._serialized_end=816
-  _globals['_ENCODEDSAMPLE']._serialized_start=819
-  _globals['_ENCODEDSAMPLE']._serialized_end=1037
-  _globals['_ENCODERESPONSE']._serialized_start=1039
-  _globals['_ENCODERESPONSE']._serialized_end=1158
-  _globals['_ENCODERESPONSEFRAME']._serialized_start=1160
-  _globals['_ENCODERESPONSEFRAME']._serialized_end=1264
-  _globals['_SCOREITEM']._serialized_start=1266
-  _globals['_SCOREITEM']._serialized_end=1324
-  _globals['_SCOREREQUEST']._serialized_start=1327
-  _globals['_SCOREREQUEST']._serialized_end=1561
-  _globals['_PATHSCORE']._serialized_start=1563
-  _globals['_PATHSCORE']._serialized_end=1632
-  _globals['_SCORERESPONSE']._serialized_start=1635
-  _globals['_SCORERESPONSE']._serialized_end=1766
-  _globals['_SCOREREQUESTFRAME']._serialized_start=1768
-  _globals['_SCOREREQUESTFRAME']._serialized_end=1868
-  _globals['_SCORERESPONSEFRAME']._serialized_start=1870
-  _globals['_SCORERESPONSEFRAME']._serialized_end=1972
-  _globals['_RELEASEREQUEST']._serialized_start=1974
-  _globals['_RELEASEREQUEST']._serialized_end=2007
-  _globals['_RELEASERESPONSE']._serialized_start=2009
-  _globals['_RELEASERESPONSE']._serialized_end=2044
-  _globals['_TEACHERSERVICE']._serialized_start=2154
-  _globals['_TEACHERSERVICE']._serialized_end=2517
+  _globals['_INFORESPONSE']._serialized_end=774
+  _globals['_INFORESPONSE_IMAGEOPTIONSENTRY']._serialized_start=723
+  _globals['_INFORESPONSE_IMAGEOPTIONSENTRY']._serialized_end=774
+  _globals['_TURN']._serialized_start=776
+  _globals['_TURN']._serialized_end=810
+  _globals['_SAMPLE']._serialized_start=812
+  _globals['_SAMPLE']._serialized_end=897
+  _globals['_ENCODEREQUEST']._serialized_start=900
+  _globals['_ENCODEREQUEST']._serialized_end=1066
+  _globals['_ENCODEDSAMPLE']._serialized_start=1069
+  _globals['_ENCODEDSAMPLE']._serialized_end=1287
+  _globals['_ENCODERESPONSE']._serialized_start=1289
+  _globals['_ENCODERESPONSE']._serialized_end=1408
+  _globals['_ENCODERESPONSEFRAME']._serialized_start=1410
+  _globals['_ENCODERESPONSEFRAME']._serialized_end=1514
+  _globals['_SCOREITEM']._serialized_start=1516
+  _globals['_SCOREITEM']._serialized_end=1574
+  _globals['_SCOREREQUEST']._serialized_start=1577
+  _globals['_SCOREREQUEST']._serialized_end=1811
+  _globals['_PATHSCORE']._serialized_start=1813
+  _globals['_PATHSCORE']._serialized_end=1882
+  _globals['_SCORERESPONSE']._serialized_start=1885
+  _globals['_SCORERESPONSE']._serialized_end=2016
+  _globals['_SCOREREQUESTFRAME']._serialized_start=2018
+  _globals['_SCOREREQUESTFRAME']._serialized_end=2118
+  _globals['_SCORERESPONSEFRAME']._serialized_start=2120
+  _globals['_SCORERESPONSEFRAME']._serialized_end=2222
+  _globals['_RELEASEREQUEST']._serialized_start=2224
+  _globals['_RELEASEREQUEST']._serialized_end=2257
+  _globals['_RELEASERESPONSE']._serialized_start=2259
+  _globals['_RELEASERESPONSE']._serialized_end=2294
+  _globals['_TEACHERSERVICE']._serialized_start=2404
+  _globals['_TEACHERSERVICE']._serialized_end=2767
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_revision", "architecture", "model_type", "hidden_size", "vocab_size", "dtype", "tokenizer_name", "tokenizer_size", "tokenizer_fingerprint", "server_version", "max_batch_tokens", "max_request_bytes", "backend", "instance_id")
+    __slots__ = ("model_name", "model_revision", "architecture", "model_type", "hidden_size", "vocab_size", "dtype", "tokenizer_name", "tokenizer_size", "tokenizer_fingerprint", "server_version", "max_batch_tokens", "max_request_bytes", "backend", "instance_id", "image_options", "max_encode_samples", "max_text_bytes", "max_turns", "max_score_items", "max_score_paths")
+    class ImageOptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +56,12 @@ class InfoResponse(_message.Message):
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENCODE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TURNS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_PATHS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_revision: str
     architecture: str
@@ -64,7 +77,13 @@ class InfoResponse(_message.Message):
     max_request_bytes: int
     backend: str
     instance_id: str
-    def __init__(self, model_name: _Optional[str] = ..., model_revision: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tokenizer_name: _Optional[str] = ..., tokenizer_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., server_version: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    image_options: _containers.ScalarMap[str, str]
+    max_encode_samples: int
+    max_text_bytes: int
+    max_turns: int
+    max_score_items: int
+    max_score_paths: int
+    def __init__(self, model_name: _Optional[str] = ..., model_revision: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tokenizer_name: _Optional[str] = ..., tokenizer_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., server_version: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., instance_id: _Optional[str] = ..., image_options: _Optional[_Mapping[str, str]] = ..., max_encode_samples: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_turns: _Optional[int] = ..., max_score_items: _Optional[int] = ..., max_score_paths: _Optional[int] = ...) -> None: ...
 
 class Turn(_message.Message):
     __slots__ = ("role", "text")

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from genrecal.families import LoadedVLM, adapter_for_architecture
+from genrecal.families.resolution import apply_image_options, vllm_image_arguments
 from genrecal.sample import Sample, Turn
 from teacher_server.backends.head import load_head
 from teacher_server.batcher import FormattedSample
@@ -81,7 +82,8 @@ class VllmBody:
 
     name = "vllm"
 
-    def __init__(self, model_path: str | Path, *, dtype: torch.dtype, options: VllmOptions | None = None):
+    def __init__(self, model_path: str | Path, *, dtype: torch.dtype, options: VllmOptions | None = None,
+                 image_options: dict | None = None):
         from transformers import AutoConfig, AutoProcessor
 
         self.model_path = Path(model_path)
@@ -90,7 +92,11 @@ class VllmBody:
         adapter = adapter_for_architecture(config.architectures)
         processor = AutoProcessor.from_pretrained(self.model_path)
         processor.tokenizer.padding_side = "right"
-        self._llm = _start_engine(self.model_path, config, dtype, self.options)
+        # The adapter's processor (formatting, answer spans) and vLLM's own copy get the same resolution.
+        image_options = apply_image_options(adapter, processor, config, image_options)
+        self._probe_size = (512, 384) if image_options else (64, 64)  # exercise changed knobs at start-up
+        self._llm = _start_engine(self.model_path, config, dtype, self.options,
+                                  vllm_image_arguments(adapter, processor, image_options))
         head_device = "cuda:0" if torch.cuda.is_available() else "cpu"
         model = HeadOnlyModel(config, load_head(self.model_path, dtype=dtype, device=head_device))
         model.requires_grad_(False)
@@ -137,7 +143,7 @@ class VllmBody:
 
     def _check_probe(self) -> None:
         """Tokenisation agrees on a one-image sample before serving (a wrong processor fails at start-up)."""
-        image = Image.new("RGB", (64, 64), (200, 30, 30))
+        image = Image.new("RGB", self._probe_size, (200, 30, 30))
         probe = Sample("start-up probe", [Turn("user", "<image>\nWhat colour is this?"), Turn("assistant", "red")],
                        [image])
         batch = self.vlm.encode([probe])
@@ -147,7 +153,7 @@ class VllmBody:
                     states.shape[0], self.vlm.adapter.model_type)
 
 
-def _start_engine(model_path: Path, config, dtype: torch.dtype, options: VllmOptions):
+def _start_engine(model_path: Path, config, dtype: torch.dtype, options: VllmOptions, image_arguments: dict):
     if not torch.cuda.is_available():
         for key, value in CPU_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
@@ -170,6 +176,7 @@ def _start_engine(model_path: Path, config, dtype: torch.dtype, options: VllmOpt
         dtype=str(dtype).removeprefix("torch."),
         enforce_eager=current_platform.is_cpu(),  # no CUDA graphs to capture on CPU
         **options.engine_kwargs(),
+        **image_arguments,  # mm_processor_kwargs / hf_overrides of --image-options (genrecal.families.resolution)
     )
     logger.info("starting vLLM (%s platform): %s", current_platform.device_name,
                 {k: v for k, v in kwargs.items() if k != "pooler_config"})

@@ -87,6 +87,8 @@ def test_remote_gradients_equal_in_process_autograd(server, backend, local, rng)
     samples = make_samples(rng, 3)
     client = TeacherClient(server.address)
     assert client.info().backend == backend
+    # the resolution, as JSON text per knob: the tiny Qwen2-VL's own (no --image-options)
+    assert dict(client.info().image_options) == {"min_pixels": "3136", "max_pixels": "12544"}
     remote = client.encode(samples)
     expected = local.encode(samples)
     for r, e in zip(remote, expected, strict=True):

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from genrecal.head_scoring import (
     IGNORE_INDEX,
+    UPCAST_BLOCK_BYTES,
     HeadScore,
+    native_head_gemm,
     reference_head_loss,
     score_with_head,
     token_ce_with_head,
 )
+from genrecal.teacher import TeacherFeatures, own_answer_ce
 
 VOCAB, HIDDEN, TOKENS = 503, 48, 29
 
@@ -64,6 +70,113 @@ def test_chunked_matches_reference_bf16():
     want = reference_head_loss(**case)
     assert got.grad_inputs.dtype == torch.bfloat16
     assert_scores_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+# ---- bf16 on a CPU: the two routes (genrecal/head_scoring.py, "bf16 / fp16 heads on a CPU") ----------------------
+@contextmanager
+def bf16_route(route: str):
+    """Score bf16 on ``route``: "native" (GEMMs in bf16: GPUs, CPUs with oneDNN's bf16 GEMM) or "upcast" (fp32 on
+    upcast blocks of the head: CPUs whose bf16 GEMMs are PyTorch's reference kernel, as here with oneDNN off)."""
+    with torch.backends.mkldnn.flags(enabled=route == "native"):
+        if native_head_gemm(torch.empty(0, dtype=torch.bfloat16)) != (route == "native"):
+            pytest.skip("this CPU has no oneDNN bf16 GEMM: bf16 always takes the upcast route here")
+        yield
+
+
+class GemmDtypes(TorchDispatchMode):
+    """Records the dtypes of every matrix product dispatched inside it (instrumentation, not a mock)."""
+
+    PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.PRODUCTS:
+            self.seen.append((name, args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def fp32_copy(case: dict) -> dict:
+    return {k: v.float() if v is not None and v.is_floating_point() else v for k, v in case.items()}
+
+
+@pytest.mark.parametrize("route", ["native", "upcast"])
+def test_bf16_at_a_real_width_matches_fp32_autograd_on_the_same_values(route):
+    """bf16 scoring of a real-width head (D=1536, V=32768; fresh random inputs, logits of a few units) against
+    plain fp32 autograd on the same bf16 values, i.e. the exact answer for those inputs.
+
+    Tolerances. Upcast route: the reference's own fp32 arithmetic in another summation order (losses to 1e-4
+    relative) and one bf16 rounding of the returned gradient (<= 2^-9 of each element, so 2^-8 of the largest).
+    Native route (autograd's bf16 numerics): the logits are rounded to bf16 before the fp32 softmax (2^-9
+    relative: up to ~0.02 at these logits, averaging out over 30 tokens x 32k classes: 1e-2 absolute on CE and
+    KL) and so is ``dlogits`` before the gradient GEMM (2e-2 of the largest gradient element).
+    """
+    case = make_case(seed=21, n=32, v=32768, d=1536, dtype=torch.bfloat16, bias=True)
+    case["labels"][[3, 30]] = IGNORE_INDEX
+    weights = {"ce_weight": 0.7, "kl_weight": 1.3}
+    want = reference_head_loss(**fp32_copy(case), **weights)
+    with bf16_route(route), GemmDtypes() as gemms:
+        got = score_with_head(**case, chunk_size=16, **weights)
+    assert {dtype for _, dtype in gemms.seen} == {torch.bfloat16 if route == "native" else torch.float32}
+    assert got.num_tokens == want.num_tokens == 30
+    assert got.ce.dtype == got.kl.dtype == torch.float32 and got.grad_inputs.dtype == torch.bfloat16
+    loss_tol = {"rtol": 1e-4, "atol": 0} if route == "upcast" else {"rtol": 0, "atol": 1e-2}
+    torch.testing.assert_close(got.ce, want.ce, **loss_tol)
+    torch.testing.assert_close(got.kl, want.kl, **loss_tol)
+    scale = want.grad_inputs.abs().max()
+    grad_tol = 2**-8 if route == "upcast" else 2e-2
+    torch.testing.assert_close(got.grad_inputs.float() / scale, want.grad_inputs / scale, rtol=0, atol=grad_tol)
+    assert torch.equal(got.grad_inputs[[3, 30]], torch.zeros(2, 1536, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("route", ["native", "upcast"])
+def test_teacher_own_ce_in_bf16_matches_fp32_at_a_real_width(route):
+    """The teacher's own CE (``own_answer_ce`` -> ``token_ce_with_head``, what the engine reports as teacher_ce)
+    on a bf16 head: per token against fp32 ``cross_entropy`` of the same values. Upcast route: fp32 arithmetic
+    (1e-4 relative); native: bf16-rounded logits (2^-9 relative, ~0.02 at these logits; 5e-2 per token)."""
+    case = make_case(seed=22, n=24, v=32768, d=1536, dtype=torch.bfloat16, bias=True)
+    head = torch.nn.Linear(1536, 32768, dtype=torch.bfloat16)
+    head.weight.data.copy_(case["head_weight"])
+    head.bias.data.copy_(case["head_bias"])
+    logits = F.linear(case["teacher_states"].float(), head.weight.float(), head.bias.float())  # (N, V) fp32
+    want = F.cross_entropy(logits, case["labels"], reduction="none")  # (N,)
+    features = [
+        TeacherFeatures(sample_id=str(i), question_segments=[], answer_segments=[], answer_token_ids=labels,
+                        prediction_states=states)
+        for i, (states, labels) in enumerate(zip(case["teacher_states"].split([15, 9]),
+                                                 case["labels"].split([15, 9]), strict=True))
+    ]
+    with bf16_route(route), GemmDtypes() as gemms:
+        per_token = token_ce_with_head(head.weight, case["teacher_states"], case["labels"], head_bias=head.bias,
+                                       chunk_size=16)
+        per_sample = own_answer_ce(head, features, chunk_size=16)
+    assert {dtype for _, dtype in gemms.seen} == {torch.bfloat16 if route == "native" else torch.float32}
+    tol = {"rtol": 1e-4, "atol": 1e-4} if route == "upcast" else {"rtol": 0, "atol": 5e-2}
+    torch.testing.assert_close(per_token, want, **tol)
+    torch.testing.assert_close(torch.tensor(per_sample), torch.stack([want[:15].mean(), want[15:].mean()]), **tol)
+
+
+def test_only_reduced_precision_on_a_cpu_without_fast_gemms_takes_the_upcast_route():
+    with torch.backends.mkldnn.flags(enabled=False):  # what a CPU without AVX-512 gets for bf16
+        assert not native_head_gemm(torch.empty(2, 2, dtype=torch.bfloat16))
+        assert not native_head_gemm(torch.empty(2, 2, dtype=torch.float16))
+        assert native_head_gemm(torch.empty(2, 2, dtype=torch.float32))
+        assert native_head_gemm(torch.empty(2, 2, dtype=torch.float64))
+        assert native_head_gemm(torch.empty(2, 2, dtype=torch.bfloat16, device="meta"))  # not a CPU: GPU numerics
+
+
+def test_upcast_route_bounds_peak_memory():
+    """The upcast route keeps the documented ~12 bytes x chunk x V, plus one fp32 block of the head."""
+    n, v, d, chunk = 256, 4096, 32, 16
+    case = make_case(seed=23, n=n, v=v, d=d, dtype=torch.bfloat16)
+    block_bytes = min(v, UPCAST_BLOCK_BYTES // (4 * d)) * d * 4
+    with bf16_route("upcast"):
+        peak = peak_allocated_bytes(lambda: score_with_head(**case, chunk_size=chunk))
+    assert peak <= 13 * chunk * v + block_bytes + 3 * n * d * 4
+    assert peak < n * v * 4 / 2  # far below one fp32 (N, V) tensor
 
 
 def test_ignored_rows_are_skipped_with_exactly_zero_grad():

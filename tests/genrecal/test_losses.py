@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
-from genrecal.losses import answer_path_loss, kl_divergence, student_sft_loss, surrogate_loss
+from genrecal.losses import answer_path_loss, kl_divergence, sft_head_calls, student_sft_loss, surrogate_loss
 from genrecal.recalibrator import Recalibrator, RecalibratorInput, RecalibratorSpec
 from tests.conftest import tiny_qwen2_config
 
@@ -178,14 +178,100 @@ def test_student_sft_loss_equals_transformers_loss(tiny_student):
     torch.testing.assert_close(summed, expected * num_tokens, rtol=1e-5, atol=1e-5)
 
 
-def test_student_sft_loss_all_masked_is_zero_not_nan(tiny_student):
+@pytest.mark.parametrize("head_calls", [None, 3])
+def test_student_sft_loss_all_masked_is_zero_not_nan(tiny_student, head_calls):
     hidden_states = torch.randn(2, 6, D_S, requires_grad=True)
     labels = torch.full((2, 6), -100)
     labels[:, 0] = 5  # position 0 is never predicted
-    loss, num_tokens = student_sft_loss(hidden_states, tiny_student.lm_head, labels)
+    loss, num_tokens = student_sft_loss(hidden_states, tiny_student.lm_head, labels, head_calls=head_calls)
     assert num_tokens == 0 and loss.item() == 0.0
     loss.backward()
     assert torch.equal(hidden_states.grad, torch.zeros_like(hidden_states))
+
+
+def random_labels(generator: torch.Generator, shape: tuple[int, int], vocab: int) -> torch.Tensor:
+    """(B, L) labels with question / padding positions masked at random places (-100)."""
+    labels = torch.randint(vocab, shape, generator=generator)
+    labels[torch.rand(shape, generator=generator) < 0.4] = -100
+    return labels
+
+
+@pytest.mark.parametrize("chunk_size, head_calls", [(1, None), (3, None), (1000, None), (4, 40)])
+def test_chunked_sft_loss_and_gradients_equal_plain_autograd(tiny_student, chunk_size, head_calls):
+    """Chunked, checkpointed L3 against the plain full-logits loss: the value and the gradients of every student
+    parameter (body and head). ``head_calls`` above the token count: some chunks are empty (other ranks' count)."""
+    generator = torch.Generator().manual_seed(11)
+    input_ids = torch.randint(VOCAB, (3, 12), generator=generator)
+    labels = random_labels(generator, (3, 12), VOCAB)
+    params = dict(tiny_student.named_parameters())
+
+    def loss_and_grads(fn):
+        tiny_student.zero_grad(set_to_none=True)
+        hidden = tiny_student.model(input_ids=input_ids).last_hidden_state  # (B, L, D_s)
+        loss = fn(hidden)
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in params.items()}
+
+    def plain(hidden):  # full (B, L-1, V) logits, one CE
+        logits = tiny_student.lm_head(hidden[:, :-1]).float()
+        targets = labels[:, 1:]
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum") / 7.0
+
+    want, want_grads = loss_and_grads(plain)
+    got, got_grads = loss_and_grads(lambda hidden: student_sft_loss(
+        hidden, tiny_student.lm_head, labels, normalizer=7.0, chunk_size=chunk_size, head_calls=head_calls)[0])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert set(got_grads) == set(params) and "lm_head.weight" in got_grads
+    for name in params:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_sft_head_is_called_as_a_module_once_per_chunk_and_under_no_grad_too(tiny_student):
+    """Each chunk calls the head *module* (ZeRO-3 gathers its weight in the module's hooks), equally often with
+    and without gradients; the count is what ``sft_head_calls`` says, or ``head_calls`` when given."""
+    generator = torch.Generator().manual_seed(12)
+    hidden = torch.randn(2, 9, D_S, generator=generator, requires_grad=True)
+    labels = random_labels(generator, (2, 9), VOCAB)
+    tokens = int((labels[:, 1:] != -100).sum())
+    calls = []
+    hook = tiny_student.lm_head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        loss, _ = student_sft_loss(hidden, tiny_student.lm_head, labels, chunk_size=2)
+        forward_calls = len(calls)
+        loss.backward()  # the checkpoint recomputes each chunk through the module again
+        with torch.no_grad():
+            calls.clear()
+            no_grad_loss, _ = student_sft_loss(hidden, tiny_student.lm_head, labels, chunk_size=2)
+        assert len(calls) == forward_calls == sft_head_calls(tokens, 2) == -(-tokens // 2)
+        torch.testing.assert_close(no_grad_loss, loss.detach())
+        calls.clear()
+        student_sft_loss(hidden, tiny_student.lm_head, labels, chunk_size=2, head_calls=tokens + 3)
+        assert len(calls) == tokens + 3 and calls.count(0) == 3
+    finally:
+        hook.remove()
+    assert sft_head_calls(0) == 1  # an all-masked micro-batch still calls the head once, as every rank does
+
+
+def test_chunked_sft_loss_never_holds_tokens_by_vocab_logits():
+    """Peak memory of L3's forward + backward with a 16k vocabulary and 1024 scored tokens: within ~14 bytes x
+    chunk x V (plus the (T, D) states and the head gradient), far below one fp32 [tokens x vocab] tensor."""
+    from tests.genrecal.test_head_scoring import peak_allocated_bytes
+
+    tokens, vocab, hidden_size, chunk = 1024, 16384, 32, 16
+    generator = torch.Generator().manual_seed(13)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    hidden = torch.randn(1, tokens + 1, hidden_size, generator=generator, requires_grad=True)
+    labels = torch.randint(vocab, (1, tokens + 1), generator=generator)
+
+    def step():
+        loss, _ = student_sft_loss(hidden, head, labels, chunk_size=chunk)
+        loss.backward()
+
+    peak = peak_allocated_bytes(step)
+    full_logits = tokens * vocab * 4
+    weight_grad = vocab * hidden_size * 4  # autograd holds the running sum and one chunk's (V, D) gradient
+    assert peak <= 14 * chunk * vocab + 3 * weight_grad + 4 * tokens * hidden_size * 4
+    assert peak < full_logits / 4
 
 
 def test_kl_divergence_identities():

@@ -1,4 +1,5 @@
-"""Loading LLaVA-style data from JSON, JSONL and Hugging Face datasets; skipping bad records; rank sharding."""
+"""Loading data eagerly from JSON, JSONL and Hugging Face datasets; skipping bad records; rank sharding. (Every
+record format through the loaders: test_records.py.)"""
 
 from __future__ import annotations
 

@@ -1,29 +1,20 @@
-"""The lazy data path: record indexes (JSONL byte offsets, one JSON array, datasets), bad records as values,
-JPEG bytes sent as the file holds them, and the DataLoader's micro-batch order."""
+"""The lazy data path: the same samples as the eager loader from every source, bad records as values, JPEG bytes
+sent as the file holds them, and the DataLoader's micro-batch order. (Record formats and the index:
+test_records.py.)"""
 
 from __future__ import annotations
 
 import json
 
 import datasets
-import numpy as np
 import pytest
 from PIL import Image
 
 from genrecal.client import image_bytes
 from student_trainer.data import ShardedBatches, load_dataset_samples
-from student_trainer.dataset import BadRecord, JsonlIndex, LazySamples, MicroBatchLoader, validate_records
+from student_trainer.dataset import BadRecord, LazySamples, MicroBatchLoader, validate_records
 from tests.conftest import random_image
 from tests.student_trainer.test_data import assert_same_samples, write_records
-
-
-def test_jsonl_index_finds_every_record_line(tmp_path):
-    lines = [json.dumps({"id": i, "text": "é" * i}) for i in range(5)]
-    path = tmp_path / "a.jsonl"
-    path.write_bytes(("\n".join(lines[:2]) + "\n\n   \n" + "\n".join(lines[2:])).encode())  # blanks; no final \n
-    index = JsonlIndex(path)
-    assert len(index) == 5 and [index.record(i)["id"] for i in range(5)] == list(range(5))
-    assert index.offsets.dtype == np.int64  # 8 bytes a record (+ 8 for its length)
 
 
 @pytest.mark.parametrize("kind", ["json", "jsonl", "lines.json", "parquet", "save_to_disk"])

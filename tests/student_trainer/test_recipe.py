@@ -428,7 +428,8 @@ def test_remote_teacher_trains_like_the_in_process_one(uninterrupted_run, models
     teacher_path, student_path = models
     output = tmp_path / "out"
     result = train_cli(subprocess_env, "--teacher-addr", teacher_server.address, "--student", student_path,
-                       "--data", vqa_data, "--output", output, "--stages", "1,2", *RUN_FLAGS)
+                       "--data", vqa_data, "--output", output, "--stages", "1,2", *RUN_FLAGS,
+                       "--teacher-wire-dtype", "fp32")  # compared with the in-process teacher: no bf16 rounding
     assert result.returncode == 0, result.stderr[-4000:]
     teacher = json.loads((output / "manifest.json").read_text())["teacher"]
     assert teacher["model_name"] == Path(teacher_path).name and teacher["hidden_size"] == 96
@@ -546,7 +547,7 @@ def test_data_smaller_than_one_step_trains_all_stages_against_the_server(models,
              "--no-tensorboard", "--data-workers", "0"]
     remote, local = concurrently(  # independent runs
         lambda: train_cli(subprocess_env, "--teacher-addr", teacher_server.address, "--output", tmp_path / "remote",
-                          *flags),
+                          *flags, "--teacher-wire-dtype", "fp32"),  # compared with the in-process teacher
         lambda: train_cli(subprocess_env, "--teacher-model", teacher_path, "--output", tmp_path / "local", *flags),
     )
     assert remote.returncode == 0, remote.stderr[-4000:]

@@ -80,3 +80,69 @@ def test_forwards_respect_both_budgets_and_results_keep_request_order(vlm):
     for f, feature in zip(singles, features, strict=True):
         torch.testing.assert_close(feature.answer_token_ids, f.batch.answer_token_ids(0), rtol=0, atol=0)
     assert not batcher.running
+
+
+def _slices(log: list, name: str, n: int, seconds: float):
+    """A sliced device call: ``n`` slices of ``seconds`` each, logged; returns ``name``."""
+    import time
+
+    for i in range(n):
+        time.sleep(seconds)
+        log.append((name, i))
+        yield
+    return name
+
+
+def test_a_sliced_call_yields_the_device_to_waiting_jobs_and_stops_when_cancelled():
+    import time
+
+    from teacher_server.batcher import DeviceCall
+    from teacher_server.errors import Cancelled
+
+    batcher = Batcher(None, max_batch_tokens=64, max_batch_samples=4, batch_wait_ms=0)
+    log: list = []
+    long = DeviceCall(lambda: _slices(log, "long", 40, 0.01))
+    batcher.submit(long)
+    while not log:  # the long call is running
+        time.sleep(0.001)
+    short = DeviceCall(lambda: _slices(log, "short", 1, 0.0))
+    batcher.submit(short)
+    assert short.future.result(timeout=10) == "short"
+    assert not long.future.done()  # the short call ran between two of the long call's slices
+    assert long.future.result(timeout=10) == "long" and len(log) == 41
+
+    gone = DeviceCall(lambda: _slices(log, "gone", 1000, 0.01))
+    batcher.submit(gone)
+    while not any(name == "gone" for name, _ in log):
+        time.sleep(0.001)
+    gone.cancel(Cancelled("the caller is gone"))
+    with pytest.raises(Cancelled):
+        gone.future.result(timeout=10)
+    assert sum(name == "gone" for name, _ in log) < 1000
+    batcher.close()
+
+
+def test_an_encode_group_of_many_forwards_yields_the_device_between_forwards():
+    import time
+
+    from teacher_server.batcher import DeviceCall
+
+    log: list = []
+
+    class Recording(Batcher):  # the scheduling only: each forward is 20 ms and is logged
+        def _run_forward(self, entries):
+            time.sleep(0.02)
+            log.append(("forward", entries[0].index))
+
+    batcher = Recording(None, max_batch_tokens=64, max_batch_samples=1, batch_wait_ms=0)
+    heavy = EncodeJob([FormattedSample(None, None, 8) for _ in range(30)])  # 30 forwards of one sample
+    batcher.submit(heavy)
+    while not log:
+        time.sleep(0.001)
+    quick = DeviceCall(lambda: log.append(("quick", 0)) or "done")
+    batcher.submit(quick)
+    assert quick.future.result(timeout=10) == "done"
+    assert not heavy.future.done()  # it ran between two of the group's forwards
+    heavy.future.result(timeout=10)
+    assert sum(kind == "forward" for kind, _ in log) == 30
+    batcher.close()

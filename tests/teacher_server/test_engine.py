@@ -197,6 +197,21 @@ def test_info_matches_the_model_and_fingerprints_are_stable(make_engine, referen
     assert other_info.tokenizer_fingerprint == info.tokenizer_fingerprint  # same tokenizer
 
 
+def test_info_reports_the_resolution_and_encode_uses_it(make_engine, rng):
+    """Info lists every knob of the family: the checkpoint's own values, or --image-options' where given."""
+    assert make_engine().info().image_options == {"min_pixels": 3136, "max_pixels": 12544}  # the tiny recipe's
+    engine = make_engine(image_options="max_pixels=50176")
+    assert engine.info().image_options == {"min_pixels": 3136, "max_pixels": 50176}
+    photo = Sample("photo", [Turn("user", "<image>\nWhat is it?"), Turn("assistant", "noise")],
+                   [random_image(rng, size=512)])
+    (default,) = make_engine().encode([photo])
+    (changed,) = engine.encode([photo])
+    # 112 x 112 px -> 4 x 4 = 16 image tokens; 224 x 224 px -> 8 x 8 = 64
+    assert changed.question_lengths[0] - default.question_lengths[0] == 64 - 16
+    with pytest.raises(ValueError, match=r"unknown image option\(s\) \['max_patches'\].*min_pixels"):
+        EngineConfig(engine.config.model_path, image_options="max_patches=4")
+
+
 # ---- encode and score ------------------------------------------------------------------------------------
 
 

@@ -30,12 +30,21 @@ FAMILIES = [
         not os.environ.get("GENRECAL_VLLM_ALL_FAMILIES"), reason="set GENRECAL_VLLM_ALL_FAMILIES=1 to run"))
     for family in supported_model_types()
 ]
+# Both servers run at a resolution other than the tiny checkpoint's own (--image-options; vLLM gets them as
+# mm_processor_kwargs / hf_overrides), and the first sample's 160-px picture is large enough for it to matter:
+# the token ids, features and Info must still agree.
+IMAGE_OPTIONS = {
+    "qwen2_vl": "max_pixels=50176", "qwen2_5_vl": "max_pixels=50176", "internvl": "max_patches=4",
+    "idefics3": "do_image_splitting=true,longest_edge=112",
+    "llava_onevision": '{"image_grid_pinpoints": [[28, 28], [56, 56]]}', "llava": None,  # LLaVA's is fixed
+}
 
 
 def samples(rng) -> list[Sample]:
     """One image and one answer; one image and two answers; two images; no image."""
     return [
-        Sample("one", [Turn("user", "<image>\nWhat is shown?"), Turn("assistant", "a red circle")], [random_image(rng)]),
+        Sample("one", [Turn("user", "<image>\nWhat is shown?"), Turn("assistant", "a red circle")],
+               [random_image(rng, size=160)]),
         Sample("two-turns", [Turn("user", "<image>\nColour?"), Turn("assistant", "blue"),
                              Turn("user", "And the shape?"), Turn("assistant", "a small square")], [random_image(rng)]),
         Sample("two-images", [Turn("user", "<image>\n<image>\nSame shape?"), Turn("assistant", "no")],
@@ -48,14 +57,17 @@ def samples(rng) -> list[Sample]:
 def test_vllm_backend_equals_transformers_backend(tiny_checkpoint, vllm_python, family, rng):
     path = tiny_checkpoint(family, num_heads=2)
     batch = samples(rng)
+    options = ("--image-options", IMAGE_OPTIONS[family]) if IMAGE_OPTIONS[family] else ()
     # the reference starts while vLLM imports and profiles
     reference, server = start_concurrently(
-        lambda: TeacherProcess(path), lambda: TeacherProcess(path, *VLLM_FLAGS, python=vllm_python, timeout_s=START_S))
+        lambda: TeacherProcess(path, *options),
+        lambda: TeacherProcess(path, *VLLM_FLAGS, *options, python=vllm_python, timeout_s=START_S))
     try:
         expected_client = TeacherClient(reference.address, question_features=True)
         client = TeacherClient(server.address, question_features=True)
         expected_info, info = expected_client.info(), client.info()
         assert (expected_info.backend, info.backend) == ("transformers", "vllm")
+        assert info.image_options == expected_info.image_options
         for field in ("model_revision", "architecture", "hidden_size", "vocab_size", "dtype", "tokenizer_fingerprint"):
             assert getattr(info, field) == getattr(expected_info, field), field
         expected = expected_client.encode(batch)

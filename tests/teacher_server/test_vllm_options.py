@@ -43,6 +43,17 @@ def test_engine_config_backend_rules(tiny_checkpoint):
         EngineConfig(path, vllm=VllmOptions())
 
 
+def test_image_options_vllm_cannot_apply_are_refused_before_start_up(tiny_checkpoint):
+    path = tiny_checkpoint("llava_onevision")
+    assert EngineConfig(path, image_options="vision_aspect_ratio=anyres_max_4").image_options == {
+        "vision_aspect_ratio": "anyres_max_4"}  # transformers applies it
+    with pytest.raises(ValueError, match="vLLM backend cannot apply image option.*anyres_max_9 fixed"):
+        EngineConfig(path, backend="vllm", image_options="vision_aspect_ratio=anyres_max_4")
+    pinpoints = '{"image_grid_pinpoints": [[28, 28], [56, 56]]}'  # vLLM gets it (mm_processor_kwargs, hf_overrides)
+    assert EngineConfig(path, backend="vllm", image_options=pinpoints).image_options == {
+        "image_grid_pinpoints": [[28, 28], [56, 56]]}
+
+
 def test_cli_refuses_vllm_flags_without_the_vllm_backend(tiny_checkpoint):
     result = subprocess.run([sys.executable, "-m", "teacher_server", "--model", str(tiny_checkpoint("qwen2_vl")),
                              "--tensor-parallel-size", "2"], capture_output=True, text=True, timeout=120)

@@ -35,9 +35,10 @@ def random_samples(rng, n_images: int = 1) -> list[Sample]:
         [Turn("user", "<image>\n" + random_text(rng, 5) + "?"), Turn("assistant", answer)],
         [random_image(rng) for _ in range(n_images)],
     )
-    multi = Sample(
+    multi = Sample(  # with a system turn: every family's template renders it, and the spans still hold
         "multi",
-        [Turn("user", random_text(rng, 4) + "?"), Turn("assistant", random_text(rng, 2)),
+        [Turn("system", "Answer with " + random_text(rng, 2) + "."),
+         Turn("user", random_text(rng, 4) + "?"), Turn("assistant", random_text(rng, 2)),
          Turn("user", random_text(rng, 3) + "?"), Turn("assistant", random_text(rng, 1))],
         [random_image(rng)],
     )
@@ -57,6 +58,7 @@ def test_answer_spans_decode_to_answers_and_end_of_turn(vlm, rng):
     for i, sample in enumerate(samples):
         spans = batch.answer_spans[i]
         assert len(spans) == len(sample.answers)
+        assert all(t.text in batch.texts[i] for t in sample.turns if t.role == "system")  # rendered, as question
         for (start, end), answer in zip(spans, sample.answers, strict=True):
             decoded = tokenizer.decode(batch.input_ids[i, start:end])
             assert decoded.strip().endswith(eot), decoded

@@ -1,12 +1,26 @@
-"""The Encode response at the proto boundary: what the server puts in an EncodedSample comes back to the client."""
+"""The proto boundary: a sample's turns (a system turn included) reach the server as sent, and what the server puts
+in an EncodedSample comes back to the client."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from genrecal.rpc.convert import encode_response_frames, features_from_frames
+from genrecal.rpc import pb2
+from genrecal.rpc.convert import (
+    encode_response_frames,
+    features_from_frames,
+    sample_from_proto,
+    sample_to_proto,
+)
+from genrecal.sample import Sample, Turn
 from genrecal.teacher import TeacherFeatures
+
+
+def test_a_system_turn_crosses_the_wire():
+    sent = Sample("s", [Turn("system", "You answer in one word."), Turn("user", "Sky?"), Turn("assistant", "Blue.")])
+    received = sample_from_proto(pb2.Sample.FromString(sample_to_proto(sent, []).SerializeToString()), 0)
+    assert received.turns == sent.turns and received.messages()[0]["role"] == "system"
 
 
 def features(sample_id: str, teacher_ce: float | None) -> TeacherFeatures:
