@@ -253,8 +253,9 @@ def weights_gib(checkpoint: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per stage (default 1)")
-    parser.add_argument("--grad-accum", type=int, default=2, help="samples per optimizer step (default 2)")
-    parser.add_argument("--records", type=int, default=12, help="records written, cycling the formats (default 12)")
+    parser.add_argument("--grad-accum", type=int, default=6,
+                        help="samples per optimizer step (default 6: with 6 records, every format in every stage)")
+    parser.add_argument("--records", type=int, default=6, help="records written, cycling the formats (default 6)")
     parser.add_argument("--precisions", default="fp32,bf16", help="runs to make (default fp32,bf16)")
     parser.add_argument("--wire-dtype", default="bf16", help="the trainer's --teacher-wire-dtype (default bf16)")
     parser.add_argument("--no-regularisation-run", action=argparse.BooleanOptionalAction, default=True,

@@ -13,7 +13,7 @@ import torch
 
 from genrecal.errors import SampleError
 from genrecal.families import base, load_vlm
-from genrecal.families.base import FamilyAdapter
+from genrecal.families.base import FamilyAdapter, _render
 from genrecal.sample import Sample, Turn
 from tests.conftest import random_image
 
@@ -24,54 +24,10 @@ TOKENIZER = {"qwen2_vl": "gpt2", "qwen2_5_vl": "llama2", "internvl": "gpt2", "ll
 
 # ---- the oracle: the old algorithm, one processor call per sample and per answer boundary --------------------
 def old_render_and_locate_answers(adapter: FamilyAdapter, processor, sample: Sample) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``sample`` with the chat template; return the text and each answer's token span in it."""
-    messages = sample.messages()
-    eot = adapter.end_of_turn_token(processor)
-    rendered = processor.apply_chat_template(messages, tokenize=False)
-    # Character boundaries in `rendered`: where each answer starts (right after its generation prompt) and
-    # ends (after its end-of-turn token). Templates that leave the end-of-turn token to the tokenizer (e.g.
-    # LLaVA-1.5 relies on eos) get it inserted right after the answer, so the model learns to stop.
-    boundaries: list[tuple[int, int]] = []
-    insertions: list[int] = []
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = processor.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-        through = processor.apply_chat_template(messages[: k + 1], tokenize=False)
-        if not rendered.startswith(prompt) or not through.startswith(prompt):
-            raise SampleError(
-                sample.sample_id,
-                f"the chat template renders turn {k}'s generation prompt differently from the full conversation; "
-                "this template cannot be split into question and answer",
-            )
-        answer = message["content"][0]["text"].strip()
-        found = rendered.find(answer, len(prompt))
-        if found < 0 or found >= len(through):
-            raise SampleError(sample.sample_id, f"answer of turn {k} is not in the rendered conversation")
-        after = found + len(answer)
-        eot_at = rendered.find(eot, after)
-        if eot_at >= 0 and not rendered[after:eot_at].strip() and eot_at + len(eot) <= len(through):
-            boundaries.append((len(prompt), eot_at + len(eot)))
-        else:
-            insertions.append(after)
-            boundaries.append((len(prompt), after))
-
-    def shifted(pos: int) -> int:  # position in the text after the end-of-turn insertions before `pos`
-        return pos + len(eot) * sum(1 for at in insertions if at < pos)
-
-    full = rendered
-    for at in sorted(insertions, reverse=True):
-        full = full[:at] + eot + full[at:]
-    boundaries = [
-        (shifted(start), shifted(end) + (len(eot) if end in insertions else 0)) for start, end in boundaries
-    ]
-
-    images_seen = 0
-    image_counts = []  # images rendered before each boundary
-    for message in messages:
-        images_seen += sum(1 for c in message["content"] if c.get("type") == "image")
-        if message["role"] == "assistant":
-            image_counts.append(images_seen)
+    """The text and each answer's token span, located as before: one processor call for the whole text and one
+    per answer boundary. (The rendering and the character boundaries are unchanged: ``_render``.)"""
+    rendered = _render(adapter, processor, sample)
+    full, boundaries, image_counts = rendered.text, rendered.boundaries, rendered.image_counts
     full_ids = old_token_ids(processor, full, sample.images)
     spans = []
     for (start_char, end_char), n_images in zip(boundaries, image_counts, strict=True):
