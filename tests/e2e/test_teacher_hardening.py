@@ -5,6 +5,7 @@ and numbers, a fake server announcing absurd sizes, and the Prometheus endpoint.
 from __future__ import annotations
 
 import io
+import re
 import signal
 import statistics
 import struct
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genrecal.client import HandleLost, NonFiniteResult, TeacherClient, TeacherError
 from genrecal.rpc import pb2
+from genrecal.rpc.metadata import SERVICE_NAME
 from genrecal.sample import Sample, Turn
 from genrecal.wire import channel_options
 from teacher_server.launch import TeacherProcess
@@ -389,6 +391,15 @@ def test_without_tokens_a_machine_is_one_client_and_metrics_labels_stay_bounded(
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     series = [line for line in text.splitlines() if line.startswith("teacher_handle_store_bytes{")]
     assert len(series) == 1 and 'client="unauthenticated"' in series[0], series
+    # A thousand more connections (one TCP connection each: no shared subchannel), each leaving a handle behind
+    # (the issue's 1,100 connections gave 1,044 labels): still one client label.
+    request = pb2.EncodeRequest(samples=[pb2.Sample(sample_id="k", turns=[pb2.Turn(role="user", text="q?"),
+                                                                         pb2.Turn(role="assistant", text="a")])])
+    for _ in range(1000):
+        with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            list(channel.unary_stream(f"/{SERVICE_NAME}/Encode")(request.SerializeToString(), timeout=30))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert set(re.findall(r'client="([^"]*)"', text)) == {"unauthenticated"}
     for c, feats in zip(clients, kept, strict=True):
         c.release(feats)
         c.close()
