@@ -71,8 +71,9 @@ class TeacherUnavailable(TeacherError):
 
 
 class SampleRefused(TeacherError, SampleError):
-    """INVALID_ARGUMENT for one sample of an Encode (too long for the teacher, forbidden text, a bad image): the
-    server names it, so a trainer can skip that record as it skips the records it cannot read itself."""
+    """INVALID_ARGUMENT (too long for the teacher's max_length, forbidden text, a bad image) or RESOURCE_EXHAUSTED
+    (alone over the server's token budget) for one sample of an Encode: the server names it in the trailer, so a
+    trainer can skip that record as it skips the records it cannot read itself."""
 
     def __init__(self, address: str, method: str, code: grpc.StatusCode, details: str, sample_id: str):
         TeacherError.__init__(self, address, method, code, details)
@@ -186,7 +187,7 @@ class TeacherClient:
                     time.sleep(delay * (0.75 + 0.5 * random.random()))
                     delay = min(delay * 2, self.max_backoff_s)
                     continue
-                refused = _refused_sample(err) if code == grpc.StatusCode.INVALID_ARGUMENT else None
+                refused = _refused_sample(err) if code in REFUSED_SAMPLE_CODES else None
                 if refused is not None:
                     raise SampleRefused(self.address, method, code, details, refused) from None
                 cls = {grpc.StatusCode.NOT_FOUND: HandleLost, grpc.StatusCode.UNAVAILABLE: TeacherUnavailable}.get(
@@ -335,8 +336,11 @@ class TeacherClient:
         self.close()
 
 
+REFUSED_SAMPLE_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 def _refused_sample(err: grpc.RpcError) -> str | None:
-    """The sample id an INVALID_ARGUMENT names in its trailer (:data:`REFUSED_SAMPLE_METADATA`), if any."""
+    """The sample id a refusal names in its trailer (:data:`REFUSED_SAMPLE_METADATA`), if any."""
     trailer = getattr(err, "trailing_metadata", None)
     for key, value in (trailer() if callable(trailer) else None) or ():
         if key == REFUSED_SAMPLE_METADATA:

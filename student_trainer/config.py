@@ -290,7 +290,7 @@ _HELP = {
     "student": "student checkpoint folder (HF format, a supported family): the model stage 1 starts from",
     "data": "training data: a .json/.jsonl file (LLaVA / ShareGPT or OpenAI-style messages records, mixed as you "
             "like), a .parquet/.arrow file, a datasets save_to_disk folder, or a Hugging Face Hub dataset id "
-            "(owner/name or owner/name:split, read from the datasets cache offline); docs/student_trainer.md, "
+            "(owner/name or owner/name:split, through datasets; offline from its cache with HF_HUB_OFFLINE=1); docs/student_trainer.md, "
             "'Data formats'",
     "output": "run folder for checkpoints, stage exports, metrics and the final student; rerunning the same "
               "command resumes from it",

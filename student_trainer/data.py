@@ -67,7 +67,7 @@ def load_dataset_samples(
 
     Args:
         path: a ``.json`` / ``.jsonl`` file, a ``.parquet`` / ``.arrow`` file, a ``save_to_disk`` folder or a
-            Hugging Face Hub dataset id (``owner/name`` or ``owner/name:split``; read from the cache offline).
+            Hugging Face Hub dataset id (``owner/name`` or ``owner/name:split``; through ``datasets``, offline from its cache with ``HF_HUB_OFFLINE=1``).
         image_folder: where image file names are resolved; default the data file's folder (or the dataset folder;
             the working directory for a Hub id).
         split: the split of a saved ``DatasetDict`` or Hub dataset (ignored for single-split sources).

@@ -56,19 +56,24 @@ def extensions_dir() -> Path:
 def build_ops(names: list[str], *, show_progress: bool = True) -> None:
     """Load (compiling on first use) the DeepSpeed ops ``names``; a progress line after ``QUIET_S`` seconds.
 
-    Every rank calls it: torch's build lock lets one process compile while the others wait for it.
+    Every rank calls it: torch's build lock lets one process compile while the others wait for it. An op this
+    machine cannot build is left to DeepSpeed, which runs without the shared-memory collective and reports a
+    missing CPU Adam where the optimizer is built.
     """
     from deepspeed.accelerator import get_accelerator
 
     for name in names:
         builder = get_accelerator().create_op_builder(name)
-        if builder is None:  # the accelerator has no such op (it is not needed there)
+        if builder is None or not builder.is_compatible(verbose=False):  # not here: DeepSpeed does without it
             continue
         done = threading.Event()
         ticker = threading.Thread(target=_progress, args=(builder.name, done, show_progress), daemon=True)
         ticker.start()
         try:
             builder.load(verbose=False)
+        except Exception as exc:  # noqa: BLE001 (any build failure) DeepSpeed reports it where the op is used
+            logger.warning("could not build DeepSpeed's %s op ahead of training (%s); DeepSpeed will try again "
+                           "where it needs it", builder.name, exc)
         finally:
             done.set()
             ticker.join()

@@ -112,9 +112,11 @@ def prepare_output(config: TrainConfig, ctx: DistContext) -> RunLayout:
         differences = config.run_differences(json.loads(layout.config.read_text()))
         if differences:
             shown = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in differences.items())
+            unset = [k for k, (a, _) in differences.items() if a is None]  # e.g. max_length before its default
+            hint = (f" (a setting that was unset: put `{unset[0]}: null` in a --config file)" if unset else "")
             raise RunRefusedError(
                 f"{layout.root} holds a run with other settings ({shown}); rerun with the same settings to resume "
-                "it, or pass a new --output"
+                f"it{hint}, or pass a new --output"
             )
     if layout.manifest.is_file():
         manifest = json.loads(layout.manifest.read_text())

@@ -39,7 +39,7 @@ import grpc
 from genrecal.errors import SampleError
 from genrecal.rpc.metadata import REFUSED_SAMPLE_METADATA
 from teacher_server.auth import MAX_NAME_BYTES, TokenAuth
-from teacher_server.errors import InvalidRequest, Unauthenticated, status_for
+from teacher_server.errors import InvalidRequest, SampleTooLarge, Unauthenticated, status_for
 from teacher_server.limits import Call, CallTracker
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class _AdmittedCall:
             logger.debug("%s refusal message: %s", self._method, message)
         if not observed:
             self._observe(code)
-        if code == "INVALID_ARGUMENT" and isinstance(exc, SampleError):  # the client may skip just that sample
+        if isinstance(exc, SampleError | SampleTooLarge):  # one sample's fault: the client may skip just that one
             context.set_trailing_metadata(((REFUSED_SAMPLE_METADATA, exc.sample_id.encode("utf-8")),))
         context.abort(getattr(grpc.StatusCode, code), message)
 

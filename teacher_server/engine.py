@@ -53,7 +53,13 @@ from teacher_server.batcher import (
 )
 from teacher_server.config import EngineConfig
 from teacher_server.encode_cache import CachedSample, EncodeCache, content_key
-from teacher_server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ResourceExhausted, ShuttingDown
+from teacher_server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    SampleTooLarge,
+    ShuttingDown,
+)
 from teacher_server.handles import HandleStore, KeptSample
 from teacher_server.images import decode_sample_images
 from teacher_server.request_limits import RequestLimits
@@ -369,8 +375,6 @@ class TeacherEngine:
         """Decode and format one sample (once); refuse it here if it is longer than a limit."""
         sample = decode_sample_images(sample, position, max_pixels=self.config.max_image_pixels,
                                       decodes=self._decodes)
-        if self.vlm is None:
-            self._check_open()
         with self._format_lock:  # (encode refuses text holding the family's control tokens first)
             if self.vlm is None:
                 self._check_open()
@@ -383,10 +387,11 @@ class TeacherEngine:
                 "sample or filter it out",
             )
         if length > self.config.max_batch_tokens:
-            raise ResourceExhausted(
-                f"sample {sample.sample_id!r}: {length} teacher tokens exceed the server's "
-                f"max_batch_tokens={self.config.max_batch_tokens}; shorten the sample (fewer or smaller "
-                "images, shorter text) or start the teacher with a larger max_batch_tokens"
+            raise SampleTooLarge(
+                sample.sample_id,
+                f"{length} teacher tokens exceed the server's max_batch_tokens={self.config.max_batch_tokens}; "
+                "shorten the sample (fewer or smaller images, shorter text) or start the teacher with a larger "
+                "max_batch_tokens",
             )
         return FormattedSample(sample, batch, length)
 

@@ -39,6 +39,15 @@ class ResourceExhausted(RuntimeError):
     """The request is too large for a server limit (token budget, request bytes). Maps to RESOURCE_EXHAUSTED."""
 
 
+class SampleTooLarge(ResourceExhausted):
+    """One sample alone exceeds a server budget (it cannot be split): RESOURCE_EXHAUSTED naming the sample, whose id
+    the refusal's trailer carries like an INVALID_ARGUMENT sample's (a trainer skips that record)."""
+
+    def __init__(self, sample_id: str, reason: str):
+        self.sample_id, self.reason = sample_id, reason
+        super().__init__(f"sample {sample_id!r}: {reason}")
+
+
 class IdentityMismatch(RuntimeError):
     """The client expects another teacher (model, revision, tokenizer). Maps to FAILED_PRECONDITION."""
 
