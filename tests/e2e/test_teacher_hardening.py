@@ -638,7 +638,7 @@ def test_a_gradient_that_overflows_its_wire_dtype_is_refused_not_sent_as_inf(ser
 
 def _fake_teacher(score) -> tuple[grpc.Server, int]:
     fake = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    fake.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("genrecal.teacher.v1.TeacherService", {
+    fake.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
         "Score": grpc.stream_stream_rpc_method_handler(
             score, request_deserializer=pb2.ScoreRequestFrame.FromString,
             response_serializer=pb2.ScoreResponseFrame.SerializeToString)}),))
@@ -677,13 +677,7 @@ def test_the_client_refuses_sizes_a_fake_server_announces():
             paths=[pb2.PathScore(path="L", ce=1.0, kl=1.0, num_tokens=1)], gradients=[0],
             tensors=[pb2.TensorSpec(dtype=pb2.DTYPE_FLOAT32, shape=[1 << 28, 1024])]))  # 1 TiB
 
-    fake = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    fake.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("genrecal.teacher.v1.TeacherService", {
-        "Score": grpc.stream_stream_rpc_method_handler(
-            score, request_deserializer=pb2.ScoreRequestFrame.FromString,
-            response_serializer=pb2.ScoreResponseFrame.SerializeToString)}),))
-    port = fake.add_insecure_port("127.0.0.1:0")
-    fake.start()
+    fake, port = _fake_teacher(score)
     try:
         victim = TeacherClient(f"127.0.0.1:{port}", retries=0)
         feature = type("F", (), {"handle": "h", "sample_id": "s"})()
