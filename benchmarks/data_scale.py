@@ -91,7 +91,7 @@ class PeakRss:
 def run_once(data: Path, student: Path, output: Path, env: dict, workers: int) -> dict:
     command = [sys.executable, "-m", "student_trainer", "--stages", "3", "--student", str(student),
                "--data", str(data), "--output", str(output), "--steps-per-stage", "1", "--grad-accum", "1",
-               "--micro-batch-size", "1", "--save-every", "1000000", "--no-tensorboard", "--precision", "fp32",
+               "--micro-batch-size", "1", "--save-every", "1000000", "--no-tensorboard", "--dtype", "float32",
                "--data-workers", str(workers)]
     start = time.time()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

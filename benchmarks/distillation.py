@@ -79,7 +79,7 @@ ROWS: dict[str, Row] = {
     "sft": Row("cross", "3", steps_factor=3, label="SFT (stage 3 only, 3N steps)"),
     "sft_n": Row("cross", "3", label="SFT (stage 3 only, N steps: GenRecal's stage 3 alone)"),
     # Every GenRecal row aligns the Recalibrator first: stage 1 gets 5N steps at 1e-3 (40 at 3e-4 left it unaligned,
-    # docs/benchmarks.md); the student itself trains N steps in stage 2 and N in stage 3.
+    # docs/notes/recalibrator-alignment.md); the student itself trains N steps in stage 2 and N in stage 3.
     "genrecal": Row("cross", "1,2,3", teacher="server", alignment_factor=5, alignment_lr=1e-3,
                     label="GenRecal 1->2->3 (stage 1 5N steps at 1e-3, then N + N)"),
     "genrecal_no_reg": Row("cross", "1,2,3", ("--no-regularisation",), teacher="server", alignment_factor=5,

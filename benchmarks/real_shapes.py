@@ -52,6 +52,7 @@ STUDENT = dict(family="idefics3", tokenizer="llama2", vocab_size=49280, mirrors=
 TEACHER_IMAGE_OPTIONS = "max_pixels=401408"  # Qwen-VL: at most 512 image tokens per photo
 STUDENT_IMAGE_OPTIONS = "do_image_splitting=true,longest_edge=1024"  # SmolVLM: 2 x 2 tiles of 512 px + a global view
 WIRE_BYTES = {"bf16": 2, "fp32": 4}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # this benchmark's labels -> the applications' --dtype
 
 # Long answers: sentences about the photo, varied by sample, 100-250 words.
 _SENTENCES = (
@@ -190,15 +191,14 @@ class PeakRss:
 def run_precision(name: str, *, teacher: Path, student: Path, data: Path, work: Path, args, env: dict,
                   regularisation: bool = True) -> dict:
     """One real server + one real trainer (stages 1-2) at ``name`` precision; the run's measurements."""
-    teacher_dtype = {"fp32": "float32", "bf16": "bfloat16"}[name]
-    server = TeacherProcess(teacher, "--dtype", teacher_dtype, "--image-options", TEACHER_IMAGE_OPTIONS,
+    server = TeacherProcess(teacher, "--dtype", DTYPE_NAMES[name], "--image-options", TEACHER_IMAGE_OPTIONS,
                             "--max-batch-tokens", "65536", timeout_s=1800)
     server_rss = PeakRss(server.proc.pid)
     output = work / f"run-{name}{'' if regularisation else '-noreg'}"
     command = [sys.executable, "-m", "student_trainer", "--teacher-addr", server.address, "--student", str(student),
                "--data", str(data), "--output", str(output), "--stages", "1,2", "--steps-per-stage", str(args.steps),
-               "--grad-accum", str(args.grad_accum), "--micro-batch-size", "1", "--precision", name,
-               "--teacher-wire-dtype", args.wire_dtype, "--image-options", STUDENT_IMAGE_OPTIONS,
+               "--grad-accum", str(args.grad_accum), "--micro-batch-size", "1", "--dtype", DTYPE_NAMES[name],
+               "--teacher-wire-dtype", DTYPE_NAMES[args.wire_dtype], "--image-options", STUDENT_IMAGE_OPTIONS,
                "--teacher-timeout-s", "1800", "--data-workers", "0", "--no-tensorboard", "--save-every", "1000000",
                "--log-sample-ids",
                *([] if regularisation else ["--no-regularisation"])]
@@ -257,7 +257,8 @@ def main() -> None:
                         help="samples per optimizer step (default 6: with 6 records, every format in every stage)")
     parser.add_argument("--records", type=int, default=6, help="records written, cycling the formats (default 6)")
     parser.add_argument("--precisions", default="fp32,bf16", help="runs to make (default fp32,bf16)")
-    parser.add_argument("--wire-dtype", default="bf16", help="the trainer's --teacher-wire-dtype (default bf16)")
+    parser.add_argument("--wire-dtype", default="bf16", choices=sorted(DTYPE_NAMES),
+                        help="the trainer's --teacher-wire-dtype (default bf16)")
     parser.add_argument("--no-regularisation-run", action=argparse.BooleanOptionalAction, default=True,
                         help="also one bf16 run without the regularisation path, to measure its wire volume")
     parser.add_argument("--work", help="keep checkpoints, data and runs here (default: a temporary folder)")

@@ -210,7 +210,7 @@ def main() -> None:
         server = TeacherProcess(teacher, "--batch-wait-ms", args.batch_wait_ms)
         common = ["--student", student, "--data", data, "--stages", "2", "--steps-per-stage", args.steps,
                   "--grad-accum", args.grad_accum, "--micro-batch-size", args.micro_batch_size, "--seed", 0,
-                  "--save-every", 10**6, "--no-tensorboard", "--precision", "fp32"]
+                  "--save-every", 10**6, "--no-tensorboard", "--dtype", "float32"]
         sides = {"remote": ["--teacher-addr", server.address], "in-process": ["--teacher-model", teacher]}
         proxy = None
         if args.delay_ms > 0:

@@ -11,7 +11,7 @@ pictures with 9,673 questions, 13 answers (3 shapes, 8 colours, yes / no). The c
     DIR/manifest.json                 options and counts, written last
 
 ``type`` is the kind of answer — ``shape``, ``colour`` or ``yes_no`` (the package gives no question types) —
-so ``python -m student_trainer.evaluate`` reports accuracy per type. Record ids are ``{split}-{index}``, the
+so ``python -m student_trainer eval`` reports its scores per type. Record ids are ``{split}-{index}``, the
 question's index in the package's list. ``--*-limit`` keeps a seeded random subset, stratified by type (every
 type keeps its share, and at least one question when the limit allows), in the package's order. Converting
 again with the same options and package version returns the manifest without touching anything.

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     rows = []
     for name, model in (("teacher", teacher), ("student before", student), ("student after", run / "final")):
-        report = evaluate(str(model), str(test), limit=args.test_limit, batch_size=16, max_new_tokens=6)
+        report = evaluate(str(model), str(test), limit=args.test_limit, batch_size=16, max_new_tokens=6,
+                          metric="exact_match")  # one-word answers
         report.write(work / f"eval_{name.replace(' ', '_')}.json")
         rows.append((name, report))
     timings["evaluation"] = time.perf_counter() - t

@@ -8,6 +8,6 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -c .ci/constraints.txt -e ".[dev]"
+python -m pip install -q -c .ci/constraints.txt -e ".[demo]"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m demo.run "$@"

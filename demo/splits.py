@@ -3,7 +3,7 @@
 - **Warm-up pool** (:func:`warmup_and_distillation`): the questions about every 4th training picture (9,756
   questions on 1,000 pictures). The base students are pre-trained on it, vision tower included. (A pool of
   yes/no questions only was tried first: students pre-trained on it never learnt to read the picture, and 300
-  SFT steps did not teach them to name a colour either — docs/benchmarks.md.)
+  SFT steps did not teach them to name a colour either — docs/notes/demo-models.md.)
 - **Distillation data**: every question about the other three quarters of the pictures (28,819); the
   distillation never sees a warm-up picture.
 - **Binding curriculum** (:func:`binding_records`): the teacher's continued pre-training on yes/no questions
@@ -55,7 +55,7 @@ def binding_records(records: list[dict], *, with_negated: bool, yes_no_share: fl
     "no", 82 % of the negated ones "yes", so a model that never compares the question with the picture scores 84 %
     and has little reason to look. Balancing both kinds at once does not help by itself: the answer is then the
     XOR of "the picture matches" and "the question is negated", neither of which predicts it alone, and teachers
-    trained so stayed at chance (docs/benchmarks.md). Hence two kinds of phase: ``with_negated=False``, the plain
+    trained so stayed at chance (docs/notes/binding-teacher.md). Hence two kinds of phase: ``with_negated=False``, the plain
     questions only, as many "yes" as "no" (the answer IS the match: learnt first); then ``with_negated=True``, both
     kinds, balanced per (negation, answer). Every group gives as many records (seeded draw) as the smallest one;
     the balanced set is repeated so that it makes up about ``yes_no_share`` of the result, and every colour and

@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -c .ci/constraints.txt -e ".[dev]"
+python -m pip install -q -c .ci/constraints.txt -e ".[demo]"
 export HF_HUB_OFFLINE=1
 python -m genrecal.tiny --family qwen2_vl --tokenizer gpt2 --hidden-size 96 --intermediate-size 192 --out "$RUN/teacher"
 python -m genrecal.tiny --family internvl --tokenizer llama2 --out "$RUN/student"

@@ -1,6 +1,6 @@
 """Teacher-head scoring: CE + KL of Recalibrator outputs under the teacher's frozen LM head, with the gradient.
 
-The teacher service runs this for L1 and L2 (see GENRECAL.md, "Losses"): the student sends the Recalibrator's
+The teacher service runs this for L1 and L2 (see docs/method.md, "Losses"): the student sends the Recalibrator's
 answer outputs ``r_al`` (N, D); the teacher scores them with its head ``W`` (V, D) against the ground-truth
 answer ids and against its own next-token distribution ``P = softmax(head(teacher_states))`` and returns the
 loss values and ``dL/dr_al``. With V ~ 152k, the full ``[N x V]`` fp32 logits (and autograd's copies of them)
@@ -248,7 +248,7 @@ def token_ce_with_head(
 
     ``states`` (N, D) in the head's dtype, ``labels`` (N,) integer ids. Scored in chunks of ``chunk_size`` rows,
     so at most two fp32 ``[chunk_size x V]`` buffers exist at a time. With the teacher's own prediction-position
-    states this is the teacher's CE on its own answers (the paper's reference curve, GENRECAL.md "Diagnostics").
+    states this is the teacher's CE on its own answers (the paper's reference curve, docs/method.md, "Diagnostics").
     """
     if states.dim() != 2 or labels.shape != states.shape[:1]:
         raise ValueError(f"states must be (N, D) and labels (N,), got {tuple(states.shape)} and {tuple(labels.shape)}")

@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from genrecal.distill import LossConfig, genrecal_objective
 from genrecal.families import LoadedVLM, load_vlm
-from genrecal.recalibrator import Recalibrator
+from genrecal.recalibrator import Recalibrator, load_recalibrator, save_recalibrator
 from genrecal.sample import Sample
 from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable
 from genrecal.teacher import InProcessTeacher
@@ -78,7 +77,7 @@ def save_stage(out: Path, student: LoadedVLM, recalibrator: Recalibrator | None,
     student.model.save_pretrained(out / "student", safe_serialization=True)
     student.processor.save_pretrained(out / "student")
     if recalibrator is not None:
-        save_file({k: v.contiguous() for k, v in recalibrator.state_dict().items()}, out / "recalibrator.safetensors")
+        save_recalibrator(out / "recalibrator.safetensors", recalibrator)
     with open(out / "metrics.jsonl", "w") as f:
         for row in history:
             f.write(json.dumps(row) + "\n")
@@ -109,10 +108,12 @@ def run_stages(
         student = load_vlm(current_student)
         recalibrator = None
         if STAGES[stage].needs_teacher:
-            recalibrator = Recalibrator(student.adapter.recalibrator_spec(student.model), teacher.hidden_size,
-                                        num_blocks=config.rec_blocks)
-            if current_recalibrator is not None:
-                recalibrator.load_state_dict(load_file(current_recalibrator), strict=True)
+            spec = student.adapter.recalibrator_spec(student.model)
+            if current_recalibrator is None:
+                recalibrator = Recalibrator(spec, teacher.hidden_size, num_blocks=config.rec_blocks)
+            else:  # the previous stage's, checked against this student, teacher and block count
+                recalibrator = load_recalibrator(current_recalibrator, spec, teacher.hidden_size,
+                                                 num_blocks=config.rec_blocks)
         student.model.train()
         params = set_trainable(stage, student.adapter.parameter_groups(student.model), recalibrator)
         frozen_modules_to_eval(student.model)

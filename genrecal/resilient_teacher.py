@@ -6,7 +6,7 @@ protocol, adding the seconds spent waiting on the teacher (``wait_s``) and, for 
 lost handles. :func:`open_teacher` builds one from an address or a checkpoint folder.
 
 **Asynchronous Score.** ``score_paths_async`` sends a Score and returns at once (a :class:`ScoreInFlight`), so the
-trainer computes the next micro-batch while the round trip runs (:mod:`student_trainer.accumulate`). The calls go
+trainer computes the next micro-batch while the round trip runs (:mod:`student_trainer.step`). The calls go
 to ONE worker thread, so they run and are answered in the order they were sent, each with the same retries and
 lost-handle recovery as ``score_paths``. Only a remote teacher gets the thread (``async_score=True``, what
 :func:`open_teacher` sets for an address): an in-process teacher would compute on the same device as the student,

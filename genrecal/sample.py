@@ -1,9 +1,9 @@
 """One training sample: images plus a conversation, independent of any model's chat format.
 
 A conversation is an optional leading ``system`` turn, then ``user`` and ``assistant`` turns alternating, ending
-with an assistant turn. Every assistant turn is an answer span (GENRECAL.md: ``a`` = the answer tokens including
-the end-of-turn token); everything else, the system turn included, is question. The system turn reaches the chat
-template as a system message (``{"role": "system", "content": [{"type": "text", ...}]}``).
+with an assistant turn. Every assistant turn is an answer span (docs/method.md, "Spans": ``a`` = the answer
+tokens including the end-of-turn token); everything else, the system turn included, is question. The system turn
+reaches the chat template as a system message (``{"role": "system", "content": [{"type": "text", ...}]}``).
 Images are placed where ``<image>`` appears in a user turn (LLaVA convention); when no turn carries the
 placeholder, all images go before the text of the first user turn.
 

@@ -1,4 +1,4 @@
-"""The three training stages (GENRECAL.md, "Stages"): which losses run, what trains, whether a teacher is needed.
+"""The three training stages (docs/method.md, "Stages"): which losses run, what trains, whether a teacher is needed.
 
 | stage          | losses       | trainable                          | teacher |
 |----------------|--------------|------------------------------------|---------|

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -140,28 +140,6 @@ class Teacher(Protocol):
 
 
 ScoredPaths = dict[str, tuple[HeadScore, list[Tensor]]]  # path -> (score, per-sample gradients (La_i, D_l))
-
-
-class PendingScore(Protocol):
-    """A Score call sent and maybe not answered yet: ``result()`` waits for it (re-raising its error)."""
-
-    def result(self) -> ScoredPaths: ...
-
-
-@runtime_checkable
-class AsyncScoring(Protocol):
-    """A teacher that can send a Score without waiting for its answer (the trainer's
-    :class:`genrecal.resilient_teacher.ResilientTeacher`); calls are answered in the order they were sent."""
-
-    def score_paths_async(
-        self,
-        features: Sequence[TeacherFeatures],
-        outputs_by_path: Mapping[str, Sequence[Tensor]],
-        *,
-        normalizer: float | None = None,
-        ce_weight: float = 1.0,
-        kl_weight: float = 1.0,
-    ) -> PendingScore: ...
 
 
 class InProcessTeacher:

@@ -1,9 +1,15 @@
-"""``python -m student_trainer [train|eval|align] ...``: the student trainer's command line.
+"""``genrecal-train`` (or ``python -m student_trainer``) ``[train|eval|align] ...``: the student trainer's CLI.
 
 - ``train`` (the default command): run or resume GenRecal's stages under DeepSpeed. Works as a plain single
   process, under ``torchrun --nproc_per_node N -m student_trainer ...`` and under the ``deepspeed`` launcher.
-- ``eval``: exact-match VQA evaluation of a checkpoint (:func:`student_trainer.evaluate.evaluate`).
+- ``eval`` (also ``genrecal-eval``): evaluate a checkpoint (:func:`student_trainer.evaluate.run_eval`).
 - ``align``: the paper's alignment check (Fig. 7) of a student and its Recalibrator against the teacher.
+
+Each command's flags are generated from its config dataclass (:mod:`genrecal.cli`): ``TrainConfig``,
+``EvalConfig``, ``AlignConfig``; each takes ``--config FILE`` with flags overriding it. With no command the
+arguments are train's: when the first argument is neither a command name nor ``-h``/``--help``, ``train`` is put
+in front, so ``torchrun -m student_trainer --config run.yaml`` and the deepspeed launcher's
+``--local_rank=0 ...`` train. Nothing here imports torch before the arguments are parsed (``--help`` is quick).
 """
 
 from __future__ import annotations
@@ -17,89 +23,98 @@ from pathlib import Path
 
 COMMANDS = ("train", "eval", "align")
 
+DESCRIPTION = """\
+Train a small VLM (the student) from a large one (the teacher) with GenRecal, evaluate checkpoints, and check
+the Recalibrator's alignment. Without a command the arguments are train's:
+  {prog} --config run.yaml        is        {prog} train --config run.yaml
+'{prog} COMMAND --help' lists a command's options.
+"""
 TRAIN_DESCRIPTION = """\
 Train a small VLM (the student) from a large one (the teacher) with GenRecal: stage 1 aligns a Recalibrator,
 stage 2 distils through it, stage 3 fine-tunes the student alone. Rerunning the same command resumes the run
-in --output. Other commands: 'python -m student_trainer eval --help', 'python -m student_trainer align --help'.
+in --output. Precedence: option defaults < --config FILE < flags.
 """
-
-EPILOG = """\
+TRAIN_EPILOG = """\
 examples:
-  python -m student_trainer --teacher-addr teacher:50051 --student ckpt/small --data train.json --output runs/a
-  torchrun --nproc_per_node 8 -m student_trainer --config run.yaml
-  python -m student_trainer eval --model runs/a/final --data test.json
-  python -m student_trainer align --student runs/a/stage1/student \\
+  genrecal-train --teacher-addr teacher:50051 --student ckpt/small --data train.json --output runs/a
+  torchrun --nproc_per_node 8 -m student_trainer --config run.yaml --lr 2e-4
+  genrecal-eval --model runs/a/final --data test.json
+  genrecal-train align --student runs/a/stage1/student \\
       --recalibrator runs/a/stage1/recalibrator.safetensors --teacher-addr teacher:50051 --data val.json --out fig7.png
 """
+EVAL_DESCRIPTION = "Evaluate a checkpoint (a trained student or a teacher) on a VQA-style set: greedy answers scored " \
+                   "by exact match, token F1 and ROUGE-L (docs/evaluate.md)."
+ALIGN_DESCRIPTION = ("Alignment check (paper Fig. 7): cosine similarities of the Recalibrator's mean-pooled outputs "
+                     "on the student path and the regularisation path for N question-answer pairs; an aligned "
+                     "student shows a clearly higher diagonal.")
 
 
-def build_train_parser() -> argparse.ArgumentParser:
-    from student_trainer.config import add_train_arguments
+def _prog(default: str) -> str:
+    """``genrecal-train`` when run as the console script, ``python -m student_trainer`` under ``-m``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return default if name in ("", "__main__.py", "-c") else name
 
-    parser = argparse.ArgumentParser(
-        prog="python -m student_trainer [train]", description=TRAIN_DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_train_arguments(parser)
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
-                        help="set by the deepspeed launcher (the rank is read from LOCAL_RANK); do not pass it")
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line: one subparser per command, its flags generated from its config dataclass."""
+    from genrecal.cli import USAGE, add_arguments
+    from student_trainer.config import AlignConfig, TrainConfig
+    from student_trainer.eval_config import EvalConfig
+
+    prog = prog or _prog("python -m student_trainer")
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION.format(prog=prog),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    train = commands.add_parser("train", help="run or resume GenRecal's stages (the default command)",
+                                usage=USAGE, description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(train, TrainConfig)
+    train.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)  # set by the deepspeed launcher; the rank is read from LOCAL_RANK
+    train.set_defaults(config_class=TrainConfig, run=run_train, command_parser=train)
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a VQA-style set (also genrecal-eval)",
+                                   usage=USAGE, description=EVAL_DESCRIPTION)
+    add_arguments(evaluate, EvalConfig)
+    evaluate.set_defaults(config_class=EvalConfig, run=run_eval, command_parser=evaluate)
+    align = commands.add_parser("align", help="the alignment check (paper Fig. 7) of a student and its "
+                                "Recalibrator", usage=USAGE, description=ALIGN_DESCRIPTION)
+    add_arguments(align, AlignConfig)
+    align.set_defaults(config_class=AlignConfig, run=run_align, command_parser=align)
     return parser
 
 
-def build_eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m student_trainer eval", description="Exact-match VQA evaluation of a checkpoint."
-    )
-    parser.add_argument("--model", required=True, help="checkpoint folder to evaluate, e.g. OUTPUT/final")
-    parser.add_argument("--data", required=True, help="evaluation data in any format of student_trainer/records.py "
-                        "(.json/.jsonl, .parquet/.arrow, a datasets save_to_disk folder or a Hub dataset id)")
-    parser.add_argument("--image-folder", help="folder image names are relative to (default: the data's folder)")
-    parser.add_argument("--split", default="train", help="split of a saved DatasetDict (default: %(default)s)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N usable samples")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per generate call (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=16,
-                        help="generation budget per answer (default: %(default)s)")
-    parser.add_argument("--image-options",
-                        help="the model's image resolution in its family's processor knobs, 'KNOB=VALUE,...' or "
-                             "JSON, e.g. 'max_pixels=802816' (docs/student_trainer.md, 'Image resolution'; default: "
-                             "the checkpoint's own settings, which a training run's exports already hold)")
-    parser.add_argument("--out", help="also write the JSON report (with every prediction) to this file")
-    return parser
+def with_command(argv: list[str]) -> list[str]:
+    """``argv`` with ``train`` in front unless it starts with a command name or -h/--help: the command lines of
+    torchrun and the deepspeed launcher (``--config run.yaml``, ``--local_rank=0 ...``) train."""
+    return argv if argv and argv[0] in (*COMMANDS, "-h", "--help") else ["train", *argv]
 
 
-def build_align_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m student_trainer align",
-        description="Alignment check (paper Fig. 7): cosine similarities of the Recalibrator's mean-pooled outputs "
-                    "on the student path and the regularisation path for N question-answer pairs; an aligned "
-                    "student shows a clearly higher diagonal.",
-    )
-    parser.add_argument("--student", required=True, help="student checkpoint folder, e.g. OUTPUT/stage1/student")
-    parser.add_argument("--recalibrator", required=True,
-                        help="the Recalibrator trained with it, e.g. OUTPUT/stage1/recalibrator.safetensors")
-    teacher = parser.add_mutually_exclusive_group(required=True)
-    teacher.add_argument("--teacher-addr", help="HOST:PORT of the teacher service; several comma-separated (or a "
-                         "name resolving to several) spread Encode over teacher replicas and survive losing one")
-    teacher.add_argument("--teacher-model", help="teacher checkpoint folder, run in this process")
-    parser.add_argument("--data", required=True, help="question-answer pairs (same formats as training data)")
-    parser.add_argument("--image-folder", help="folder image names are relative to (default: the data's folder)")
-    parser.add_argument("--limit", type=int, default=32, help="number of pairs N (default: %(default)s)")
-    parser.add_argument("--centre", action=argparse.BooleanOptionalAction, default=True,
-                        help="subtract each path's mean pooled output over the N pairs before the cosine, so the "
-                             "matrix shows what tells pairs apart (default: on)")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: %(default)s)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="auto = bf16 on GPUs that support it, else fp32 (default: %(default)s)")
-    parser.add_argument("--teacher-timeout-s", type=float, default=300.0,
-                        help="seconds one teacher call may take (default: %(default)s)")
-    parser.add_argument("--image-options",
-                        help="the student's image resolution in its family's processor knobs, 'KNOB=VALUE,...' or "
-                             "JSON (docs/student_trainer.md, 'Image resolution'; default: the checkpoint's own)")
-    parser.add_argument("--teacher-image-options",
-                        help="the same for an in-process teacher (--teacher-model); a teacher service uses its own "
-                             "--image-options")
-    parser.add_argument("--out", required=True, help="PNG file for the similarity matrix")
-    return parser
+def main(argv: list[str] | None = None) -> int:
+    """``genrecal-train`` / ``python -m student_trainer``; returns the exit status."""
+    argv = with_command(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    return _run(args, args.command_parser)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``genrecal-eval``: the ``eval`` command on its own."""
+    from genrecal.cli import USAGE, add_arguments
+    from student_trainer.eval_config import EvalConfig
+
+    parser = argparse.ArgumentParser(prog=_prog("genrecal-eval"), usage=USAGE, description=EVAL_DESCRIPTION)
+    add_arguments(parser, EvalConfig)
+    parser.set_defaults(config_class=EvalConfig, run=run_eval)
+    return _run(parser.parse_args(argv), parser)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from genrecal.cli import config_from_args
+
+    try:
+        config = config_from_args(args.config_class, args)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits 2 with the command's usage
+    return args.run(config)
 
 
 def _setup_logging(rank: int) -> None:
@@ -113,17 +128,8 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def train(argv: list[str]) -> int:
-    parser = build_train_parser()
-    args = parser.parse_args(argv)
-    from student_trainer.config import config_from_args
-
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+def run_train(config) -> int:
     _setup_logging(int(os.environ.get("RANK", 0)))
-
     import torch.distributed as dist
 
     from genrecal.resilient_teacher import TeacherMismatchError
@@ -146,62 +152,20 @@ def train(argv: list[str]) -> int:
     return 0
 
 
-def evaluate_command(argv: list[str]) -> int:
-    args = build_eval_parser().parse_args(argv)
+def run_eval(config) -> int:
     _setup_logging(0)
-    from student_trainer.evaluate import evaluate
+    from student_trainer.evaluate import run_eval as evaluate
 
-    report = evaluate(
-        args.model, args.data, image_folder=args.image_folder, limit=args.limit, split=args.split,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, image_options=args.image_options,
-    )
-    print(report.table())
-    if args.out:
-        print(f"report written to {report.write(args.out)}")
-    return 0
+    return evaluate(config)
 
 
-def align_command(argv: list[str]) -> int:
-    args = build_align_parser().parse_args(argv)
+def run_align(config) -> int:
     _setup_logging(0)
-    import torch
-    from safetensors.torch import load_file
+    from student_trainer.alignment import run_alignment
 
-    from genrecal.families import load_vlm
-    from genrecal.recalibrator import Recalibrator
-    from genrecal.resilient_teacher import open_teacher
-    from student_trainer.alignment import alignment_matrix, diagonal_gap, plot_alignment
-    from student_trainer.data import load_dataset_samples
-
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and bf16) else torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    samples, _ = load_dataset_samples(args.data, image_folder=args.image_folder, limit=args.limit)
-    teacher = open_teacher(addr=args.teacher_addr, model=args.teacher_model, device=device, dtype=dtype,
-                           timeout_s=args.teacher_timeout_s, image_options=args.teacher_image_options)
-    student = load_vlm(args.student, dtype=dtype, image_options=args.image_options)
-    student.model.to(device)
-    state = load_file(args.recalibrator)
-    blocks = len({key.split(".")[1] for key in state if key.startswith("rec_body.")})
-    recalibrator = Recalibrator(student.adapter.recalibrator_spec(student.model), teacher.hidden_size,
-                                num_blocks=blocks)
-    recalibrator.load_state_dict(state, strict=True)
-    recalibrator.to(device, dtype)
-    matrix = alignment_matrix(student, teacher, recalibrator, samples, batch_size=args.batch_size, centre=args.centre)
-    gap = diagonal_gap(matrix) if matrix.shape[0] >= 2 else float("nan")
-    name = "/".join(Path(os.path.normpath(args.student)).parts[-2:])  # e.g. stage2/student
-    title = f"Alignment (paper Fig. 7) of {name}, N={matrix.shape[0]}{', centred' if args.centre else ''}"
-    path = plot_alignment(matrix, args.out, title=title)
+    gap, path = run_alignment(config)
     print(f"diagonal gap (mean diagonal - mean off-diagonal): {gap:.4f}; plot written to {path}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = "train"
-    if argv and argv[0] in COMMANDS:
-        command, argv = argv[0], argv[1:]
-    return {"train": train, "eval": evaluate_command, "align": align_command}[command](argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ scale), so every entry is close to 1 and a real diagonal is hard to see (the dem
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,10 +23,37 @@ import torch
 from torch import Tensor, nn
 
 from genrecal.distill import regularisation_path_inputs, student_path_inputs
-from genrecal.families import LoadedVLM
-from genrecal.recalibrator import Recalibrator, alignment_similarity
+from genrecal.families import LoadedVLM, load_vlm
+from genrecal.recalibrator import Recalibrator, alignment_similarity, load_recalibrator
+from genrecal.resilient_teacher import open_teacher
 from genrecal.sample import Sample
 from genrecal.teacher import TeacherFeatures
+from student_trainer.config import AlignConfig
+from student_trainer.data import load_dataset_samples
+
+
+def run_alignment(config: AlignConfig) -> tuple[float, Path]:
+    """``python -m student_trainer align``: load the student, its Recalibrator and the teacher, compute the matrix
+    on ``config.limit`` pairs of ``config.data`` and plot it to ``config.out``. Returns (diagonal gap, PNG path);
+    the gap is NaN with fewer than 2 pairs."""
+    dtype = config.torch_dtype
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    samples, _ = load_dataset_samples(config.data, image_folder=config.image_folder, limit=config.limit)
+    teacher = open_teacher(addr=config.teacher_addr, model=config.teacher_model, device=device, dtype=dtype,
+                           timeout_s=config.teacher_timeout_s, token_file=config.teacher_token_file,
+                           tls_ca=config.teacher_tls_ca, image_options=config.teacher_image_options)
+    student = load_vlm(config.student, dtype=dtype, image_options=config.image_options)
+    student.model.to(device)
+    # The block count comes from the file's metadata (an older file: from its rec_body keys, with a warning).
+    recalibrator = load_recalibrator(config.recalibrator, student.adapter.recalibrator_spec(student.model),
+                                     teacher.hidden_size)
+    recalibrator.to(device, dtype)
+    matrix = alignment_matrix(student, teacher, recalibrator, samples, batch_size=config.batch_size,
+                              centre=config.centre)
+    gap = diagonal_gap(matrix) if matrix.shape[0] >= 2 else float("nan")
+    name = "/".join(Path(os.path.normpath(config.student)).parts[-2:])  # e.g. stage2/student
+    title = f"Alignment (paper Fig. 7) of {name}, N={matrix.shape[0]}{', centred' if config.centre else ''}"
+    return gap, plot_alignment(matrix, config.out, title=title)
 
 
 @torch.no_grad()

@@ -1,117 +1,203 @@
-"""The student trainer's configuration: one validated dataclass, a config file, command-line overrides.
+"""The student trainer's configuration: one validated dataclass per command, and their command lines.
 
-Precedence: the dataclass defaults < ``--config FILE`` (YAML or JSON, keys are the field names below, dashes or
-underscores) < command-line flags. The resolved configuration is written to ``OUTPUT/config.json`` with every
-run and into every checkpoint and stage export.
+Every field is also a flag of ``python -m student_trainer`` / ``genrecal-train`` (:mod:`genrecal.cli`: the help
+sits on the field, flags are listed by group). Precedence: the field defaults < ``--config FILE`` (YAML or JSON,
+keys are the field names, dashes or underscores) < command-line flags. The resolved configuration is written to
+``OUTPUT/config.json`` with every run and into every checkpoint and stage export.
 
 Training length is counted in **optimizer steps per stage** (``steps_per_stage``): each step consumes
 ``grad_accum`` micro-batches of ``micro_batch_size`` samples on every rank, so one step sees
 ``micro_batch_size * grad_accum * world_size`` samples; epochs wrap around with a fresh shuffle
 (:class:`student_trainer.data.ShardedBatches`).
+
+This module imports no torch at import time (``--help`` answers at once); validation and the dtype properties
+import what they need when a config is built.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-import torch
+from genrecal.cli import option, upgrade_old_names
+from student_trainer.metrics import resolve_report_to
 
-from genrecal.distill import LossConfig
-from genrecal.families.resolution import check_image_options, parse_image_options
-from genrecal.stages import STAGES, TIED_POLICIES, Stage, parse_stages
-from student_trainer.records import is_hub_id
+if TYPE_CHECKING:
+    import torch
+
+    from genrecal.distill import LossConfig
+    from genrecal.stages import Stage
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 DEFAULT_DEEPSPEED_CONFIG = CONFIGS_DIR / "zero3.json"
-PRECISIONS = ("auto", "bf16", "fp32")
-WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # teacher_wire_dtype -> torch dtype
+# torch / transformers / vLLM names. Earlier spellings (bf16, fp32; the key `precision`) are still read from a
+# --config file or a saved run config.json, so old run folders resume.
+Dtype = Literal["auto", "bfloat16", "float32"]
+WireDtype = Literal["bfloat16", "float32"]
+Tracker = Literal["tensorboard", "wandb", "none"]
+OLD_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 # Fields that decide the arithmetic or the data order of a run: a resumed run must keep them.
 RUN_DEFINING_FIELDS = (
     "student", "data", "image_folder", "data_limit", "stages", "lr", "lr_end", "warmup_steps", "weight_decay",
-    "grad_accum", "micro_batch_size", "steps_per_stage", "alignment_steps", "alignment_lr", "rec_blocks",
-    "precision", "seed", "max_length", "ce_weight", "kl_weight", "regularisation", "sft_weight", "grad_clip", "logit_distillation", "logit_distillation_weight",
-    "tied_embeddings", "teacher_wire_dtype", "image_options", "teacher_image_options",
+    "grad_accum", "micro_batch_size", "steps_per_stage", "alignment_steps", "alignment_lr", "rec_blocks", "dtype",
+    "seed", "max_length", "ce_weight", "kl_weight", "regularisation", "sft_weight", "grad_clip",
+    "logit_distillation", "logit_distillation_weight", "tied_embeddings", "teacher_wire_dtype", "image_options",
+    "teacher_image_options",
 )
+MODEL = "model and teacher"
+DATA = "data"
+SCHEDULE = "stages and schedule"
+LOSSES = "losses (docs/method.md)"
+MEMORY = "precision and memory"
+OUTPUT = "output and logging"
+RESOLUTION_HELP = ("'KNOB=VALUE,...' or a JSON object in the family's own processor knobs, e.g. "
+                   "'max_pixels=802816,min_pixels=3136' (Qwen2-VL), 'max_patches=6' (InternVL), "
+                   "'do_image_splitting=false' (Idefics3/SmolVLM); an unknown knob is refused with the family's list "
+                   "(docs/student_trainer.md, 'Image resolution')")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Everything one training run needs. Validated on construction; each message says how to fix the value."""
 
-    # ---- what to train, on what -------------------------------------------------------------------------
-    student: str  # student checkpoint folder (HF format, a supported family); stage 1's starting point
-    data: str  # training records (records.py): JSON/JSONL/parquet/arrow file, dataset folder or Hub id
-    output: str  # run folder: checkpoints, stage exports, metrics, final student
-    teacher_addr: str | None = None  # HOST:PORT of the teacher service (stages 1 and 2); comma-separated: replicas
-    teacher_model: str | None = None  # or: a teacher checkpoint folder run in this process (single machine)
-    teacher_token_file: str | None = None  # file holding this client's bearer token (else $GENRECAL_TEACHER_TOKEN)
-    teacher_tls_ca: str | None = None  # PEM CA of the teacher's TLS certificate: connect over TLS
-    image_folder: str | None = None  # where image names in the data resolve (default: the data file's folder)
-    data_limit: int | None = None  # use only the first N records (bad ones included)
-    eval_data: str | None = None  # evaluated with the final student when training ends (rank 0)
-    eval_limit: int | None = None  # evaluate on at most N samples
-    stages: str = "1,2,3"  # comma-separated stage numbers or names, increasing
+    # ---- model and teacher -----------------------------------------------------------------------------------
+    student: str = option(group=MODEL, metavar="PATH", help="student checkpoint folder (HF format, a supported "
+                          "family): the model stage 1 starts from")
+    teacher_addr: str | None = option(None, group=MODEL, metavar="HOST:PORT", help="the teacher service "
+                                      "(teacher_server), needed by stages 1 and 2; several comma-separated: replicas")
+    teacher_model: str | None = option(None, group=MODEL, metavar="PATH", help="instead of --teacher-addr: a "
+                                       "teacher checkpoint folder loaded in every training process (single-machine "
+                                       "runs, tests, benchmarks)")
+    teacher_token_file: str | None = option(None, group=MODEL, metavar="FILE", help="file holding the bearer "
+                                            "token the teacher service gave this training (its --auth-token-file); "
+                                            "without it $GENRECAL_TEACHER_TOKEN is used, if set")
+    teacher_tls_ca: str | None = option(None, group=MODEL, metavar="PEM", help="CA bundle that signed the "
+                                        "teacher's TLS certificate: connect over TLS and verify it")
+    teacher_timeout_s: float = option(300.0, group=MODEL, help="seconds one teacher call may take, and how long "
+                                      "to wait for a restarted teacher to be SERVING again before failing")
+    teacher_retries: int = option(5, group=MODEL, help="retries of a call the teacher answers UNAVAILABLE "
+                                  "(backoff 0.5 s doubling to 15 s) before waiting for its health check")
+    teacher_image_options: dict | None = option(None, group=MODEL, metavar="OPTIONS", help="an in-process "
+                                                "teacher's (--teacher-model) image resolution, as --image-options; a "
+                                                "teacher service takes its own --image-options (default: the "
+                                                "checkpoint's own settings)")
+    # ---- data ------------------------------------------------------------------------------------------------
+    data: str = option(group=DATA, help="training data: a .json/.jsonl file (LLaVA / ShareGPT or OpenAI-style "
+                       "messages records, mixed as you like), a .parquet/.arrow file, a datasets save_to_disk folder, "
+                       "or a Hugging Face Hub dataset id (owner/name or owner/name:split, through datasets; offline "
+                       "from its cache with HF_HUB_OFFLINE=1); docs/student_trainer.md, 'Data formats'")
+    image_folder: str | None = option(None, group=DATA, metavar="PATH", help="folder that image file names in "
+                                      "the data are relative to (default: the data file's folder)")
+    data_limit: int | None = option(None, group=DATA, metavar="N", help="use only the first N training records "
+                                    "(bad ones, skipped when met, included)")
+    max_length: int | None = option(8192, group=DATA, metavar="TOKENS", help="skip (and count, as bad records) "
+                                    "samples longer than this many tokens as the student formats them, instead of "
+                                    "truncating their answers or running out of memory; the teacher refuses samples "
+                                    "longer than this many of its own tokens; 'none' = no limit. Image tokens "
+                                    "count: lower the resolution (--image-options) rather than raising this")
+    image_options: dict | None = option(None, group=DATA, metavar="OPTIONS", help="the student's image "
+                                        f"resolution: {RESOLUTION_HELP} (default: the checkpoint's own settings)")
+    eval_data: str | None = option(None, group=DATA, metavar="DATA", help="evaluation data; the final student "
+                                   "is evaluated on it when training ends (OUTPUT/eval.json)")
+    eval_limit: int | None = option(None, group=DATA, metavar="N", help="evaluate on at most N samples")
+    data_workers: int = option(2, group=DATA, help="DataLoader worker processes that read records and decode "
+                               "their images off the training thread; 0 = read in the trainer's prefetch thread")
+    validate_data: bool = option(False, group=DATA, help="before training, read every record once in "
+                                 "data_workers processes and report the bad ones (they are skipped anyway when "
+                                 "met; this finds them up front)")
+    # ---- stages and schedule (paper defaults) ------------------------------------------------------------------
+    stages: str = option("1,2,3", group=SCHEDULE, help="stages to run, comma-separated and increasing: "
+                         "1=alignment, 2=distillation, 3=sft")
+    steps_per_stage: int = option(1000, group=SCHEDULE, help="optimizer steps of each stage; one step = "
+                                  "micro_batch_size x grad_accum x world size samples")
+    alignment_steps: int | None = option(None, group=SCHEDULE, metavar="STEPS", help="optimizer steps of stage 1 "
+                                         "(alignment) alone, where only the fresh Recalibrator trains (default: "
+                                         "--steps-per-stage). The Recalibrator must be aligned before stage 2: a "
+                                         "stage 1 that ends with its KL to the teacher above 1 nat/token logs a "
+                                         "warning")
+    lr: float = option(1e-4, group=SCHEDULE, help="AdamW learning rate at the first step of each stage")
+    lr_end: float = option(1e-5, group=SCHEDULE, help="learning rate at the last step of each stage, reached "
+                           "linearly")
+    alignment_lr: float | None = option(None, group=SCHEDULE, metavar="LR", help="peak learning rate of stage 1 "
+                                        "alone (decays by the same lr_end / lr ratio); a fresh Recalibrator may "
+                                        "take a higher rate than the pre-trained student (default: --lr)")
+    warmup_steps: int = option(0, group=SCHEDULE, help="steps of linear learning-rate warm-up at the start of "
+                               "each stage, then the linear decay; 0 is the paper's schedule")
+    weight_decay: float = option(0.0, group=SCHEDULE, help="AdamW weight decay")
+    grad_clip: float = option(1.0, group=SCHEDULE, help="clip the global gradient norm to this; 0 = off")
+    grad_accum: int = option(16, group=SCHEDULE, help="micro-batches per optimizer step on each rank")
+    micro_batch_size: int = option(1, group=SCHEDULE, help="samples per micro-batch on each rank")
+    rec_blocks: int = option(2, group=SCHEDULE, help="decoder blocks in the Recalibrator's body")
+    seed: int = option(0, group=SCHEDULE, help="seed for the data order and the Recalibrator's initialisation")
+    # ---- losses (genrecal.distill.LossConfig) ------------------------------------------------------------------
+    ce_weight: float = option(1.0, group=LOSSES, help="weight of the CE part of L1/L2 (0 = KL-only ablation)")
+    kl_weight: float = option(1.0, group=LOSSES, help="weight of the KL part of L1/L2 (0 = CE-only ablation)")
+    regularisation: bool = option(True, group=LOSSES, help="use L2, the regularisation path "
+                                  "(--no-regularisation for its ablation)")
+    sft_weight: float = option(1.0, group=LOSSES, help="weight of L3, the student's SFT loss")
+    logit_distillation: str | None = option(None, group=LOSSES, metavar="{kd,uld}", help="baseline instead of "
+                                            "GenRecal: add a logit-distillation term to L3 in every stage that has "
+                                            "L3: 'kd' (token-level KL to the teacher, same tokenizer only) or 'uld' "
+                                            "(Universal Logit Distillation, any tokenizers); needs an in-process "
+                                            "teacher (--teacher-model) (default: none)")
+    logit_distillation_weight: float = option(1.0, group=LOSSES, help="weight of the --logit-distillation term")
+    tied_embeddings: str = option("freeze", group=LOSSES, metavar="{freeze,train}", help="students with tied "
+                                  "input embeddings and LM head, in stage 2 (the body trains, the head does not): "
+                                  "'freeze' keeps the shared weight frozen, as the paper keeps the head; 'train' "
+                                  "lets L1 update it through the input side, which changes the head too")
+    # ---- precision and memory ------------------------------------------------------------------------------------
+    dtype: Dtype = option("auto", group=MEMORY, old_names=("precision",), old_values=OLD_DTYPE_NAMES,
+                          help="training dtype: auto = bfloat16 on GPUs that support it, else float32")
+    teacher_wire_dtype: WireDtype = option("bfloat16", group=MEMORY, old_values=OLD_DTYPE_NAMES, help="dtype "
+                                           "the teacher's features, the Recalibrator's outputs and their gradients "
+                                           "travel in between a remote teacher and this trainer, whatever either "
+                                           "computes in: bfloat16 halves the traffic of float32 "
+                                           "(docs/student_trainer.md, 'Wire volume')")
+    deepspeed: str = option(str(DEFAULT_DEEPSPEED_CONFIG), group=MEMORY, metavar="JSON",
+                            default_text="student_trainer/configs/zero3.json", help="DeepSpeed JSON: ZeRO stage, "
+                            "offload, communication ('auto' batch/precision entries are filled from these options; "
+                            "no optimizer/scheduler sections)")
+    chunk_size: int = option(512, group=MEMORY, help="tokens per head-scoring chunk of an in-process teacher")
+    prefetch_steps: int = option(1, group=MEMORY, help="optimizer steps whose inputs (data, student batches and "
+                                 "the teacher's Encode of all their micro-batches) are prepared in a background "
+                                 "thread while the current step computes, so the teacher's latency hides behind "
+                                 "the student's compute; 0 = off")
+    score_overlap: bool = option(True, group=MEMORY, help="send each micro-batch's Score to a remote teacher "
+                                 "without waiting and run the next micro-batch's forward while it travels (one "
+                                 "more micro-batch of activations in memory; same losses and gradients)")
+    # ---- output and logging --------------------------------------------------------------------------------------
+    output: str = option(group=OUTPUT, metavar="PATH", help="run folder for checkpoints, stage exports, metrics "
+                         "and the final student; rerunning the same command resumes from it")
+    save_every: int = option(100, group=OUTPUT, help="write a DeepSpeed checkpoint every N optimizer steps, "
+                             "besides each stage's end")
+    keep_checkpoints: int = option(2, group=OUTPUT, help="DeepSpeed checkpoints kept per stage; older ones are "
+                                   "deleted")
+    log_every: int = option(1, group=OUTPUT, help="update the progress bar's loss display every N steps; metrics "
+                            "are logged every step")
+    report_to: list[Tracker] = option(group=OUTPUT, default_factory=lambda: ["tensorboard"], help="where metrics "
+                                      "go besides metrics.jsonl: tensorboard, wandb (offline with "
+                                      "WANDB_MODE=offline), none")
+    log_sample_ids: bool = option(False, group=OUTPUT, help="auditing: every metrics row also lists the sample ids "
+                                  "of its step (rank 0's)")
+    tensorboard: bool = option(True, group=OUTPUT, hidden=True, help="the older switch: --no-tensorboard drops "
+                               "tensorboard from --report-to")
+    stop_after_steps: int | None = option(None, group=OUTPUT, hidden=True, help="testing: stop abruptly after N "
+                                          "optimizer steps of this invocation, without a checkpoint, as a crash "
+                                          "would (then rerun the command to resume)")
 
-    # ---- optimisation (paper defaults) -------------------------------------------------------------------
-    deepspeed: str = str(DEFAULT_DEEPSPEED_CONFIG)  # DeepSpeed JSON (ZeRO stage, offload, communication)
-    lr: float = 1e-4  # AdamW learning rate at each stage's first step
-    lr_end: float = 1e-5  # ... decayed linearly to this at the stage's last step
-    warmup_steps: int = 0  # per stage: linear warm-up to lr first (0 = the paper's schedule)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    grad_accum: int = 16  # micro-batches per optimizer step, per rank
-    micro_batch_size: int = 1  # samples per micro-batch, per rank
-    steps_per_stage: int = 1000  # optimizer steps of every stage
-    alignment_steps: int | None = None  # stage 1's own optimizer steps (None: steps_per_stage)
-    alignment_lr: float | None = None  # stage 1's own peak lr (only the fresh Recalibrator trains); None: lr
-    rec_blocks: int = 2  # Rec-body decoder blocks
-    precision: str = "auto"  # "auto" (bf16 on GPUs that support it, else fp32), "bf16" or "fp32"
-    seed: int = 0
-    max_length: int | None = 8192  # skip samples longer than this many tokens (student's, or the teacher's)
-    # The student's image-resolution knobs, e.g. {"max_pixels": 802816} (genrecal.families.resolution); None =
-    # the checkpoint's own. Flag / config text: "k=v,k=v" or a JSON object.
-    image_options: dict | None = None
-    teacher_image_options: dict | None = None  # the same for an in-process teacher (--teacher-model)
-
-    # ---- losses (genrecal.distill.LossConfig) ------------------------------------------------------------
-    ce_weight: float = 1.0  # CE part of L1/L2 (L_ar)
-    kl_weight: float = 1.0  # KL part of L1/L2
-    regularisation: bool = True  # L2, the regularisation path
-    sft_weight: float = 1.0  # L3
-    logit_distillation: str | None = None  # baselines: "kd" (same tokenizer) or "uld", added to L3
-    logit_distillation_weight: float = 1.0
-    # A tied input embedding / LM head in a stage that trains the body but not the head (stage 2): "freeze"
-    # keeps the head frozen, as the paper's stage 2 does; "train" lets L1 update it through the input side.
-    tied_embeddings: str = "freeze"
-
-    # ---- teacher connection --------------------------------------------------------------------------------
-    teacher_timeout_s: float = 300.0  # per teacher call
-    teacher_wire_dtype: str = "bf16"  # dtype of features, Recalibrator outputs and gradients on the wire (remote)
-    teacher_retries: int = 5  # connection attempts before giving up
-    chunk_size: int = 512  # head-scoring chunk of an in-process teacher
-    prefetch_steps: int = 1  # steps whose inputs (data, student batches, teacher Encode) are built ahead; 0 = off
-    score_overlap: bool = True  # a remote teacher's Score of micro-batch k travels during the forward of k+1
-    data_workers: int = 2  # DataLoader worker processes that read and decode records; 0 = in the trainer
-    validate_data: bool = False  # check every record up front (in data_workers processes) before training
-    log_sample_ids: bool = False  # auditing: each metrics row lists rank 0's sample ids of the step
-
-    # ---- bookkeeping ------------------------------------------------------------------------------------------
-    save_every: int = 100  # DeepSpeed checkpoint every N optimizer steps (and at each stage's end)
-    keep_checkpoints: int = 2  # DeepSpeed checkpoints kept per stage (older ones are deleted)
-    log_every: int = 1  # progress-bar postfix every N steps (metrics are logged every step)
-    tensorboard: bool = True
-    stop_after_steps: int | None = None  # testing: stop as if killed after N optimizer steps of this invocation
+    saved_only_keys = ("resolved_dtype",)  # written by to_dict beside the fields; ignored when read back
 
     def __post_init__(self) -> None:
-        for name in ("student", "data", "output"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is required: pass --{name.replace('_', '-')} (or set it in --config)")
+        from genrecal.families.resolution import check_image_options, parse_image_options
+        from genrecal.stages import TIED_POLICIES, Stage, parse_stages
+        from student_trainer.records import is_hub_id
+
         self.student, self.data, self.output = str(self.student), str(self.data), str(self.output)
         if not (Path(self.student) / "config.json").is_file():
             raise ValueError(
@@ -204,19 +290,19 @@ class TrainConfig:
                 f"weight_decay and grad_clip must be >= 0 (grad_clip 0 = off), got {self.weight_decay}, "
                 f"{self.grad_clip}"
             )
-        if self.teacher_wire_dtype not in WIRE_DTYPES:
-            raise ValueError(
-                f"teacher_wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.teacher_wire_dtype!r}"
-            )
+        _check_choice("teacher_wire_dtype", self.teacher_wire_dtype, WireDtype)
+        _check_choice("dtype", self.dtype, Dtype)
         if not self.teacher_timeout_s > 0:
             raise ValueError(f"teacher_timeout_s must be > 0 seconds, got {self.teacher_timeout_s}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        resolve_report_to(self.report_to)  # a missing wandb stops the run here, before any model loads
         _ = self.losses  # validates the loss weights (LossConfig raises with its own message)
 
     # ---- derived ------------------------------------------------------------------------------------------
     @property
     def stage_list(self) -> list[Stage]:
+        from genrecal.stages import parse_stages
+
         return parse_stages(self.stages)
 
     @property
@@ -226,10 +312,14 @@ class TrainConfig:
     def stage_needs_teacher(self, stage: Stage) -> bool:
         """Stages 1 and 2 need the teacher's features; a stage with L3 needs its distributions when a
         logit-distillation baseline is on."""
+        from genrecal.stages import STAGES
+
         return STAGES[stage].needs_teacher or self.uses_logit_distillation(stage)
 
     def steps_for(self, stage: Stage) -> int:
         """Optimizer steps of ``stage``: ``alignment_steps`` for stage 1 when set, else ``steps_per_stage``."""
+        from genrecal.stages import Stage
+
         if Stage(stage) == Stage.ALIGNMENT and self.alignment_steps is not None:
             return self.alignment_steps
         return self.steps_per_stage
@@ -237,15 +327,21 @@ class TrainConfig:
     def lr_for(self, stage: Stage) -> tuple[float, float]:
         """(peak, end) learning rate of ``stage``: stage 1 with ``alignment_lr`` decays to ``alignment_lr x
         lr_end / lr`` (the same 10x-style ratio as every stage)."""
+        from genrecal.stages import Stage
+
         if Stage(stage) == Stage.ALIGNMENT and self.alignment_lr is not None:
             return self.alignment_lr, self.alignment_lr * self.lr_end / self.lr
         return self.lr, self.lr_end
 
     def uses_logit_distillation(self, stage: Stage) -> bool:
+        from genrecal.stages import STAGES
+
         return self.logit_distillation is not None and "L3" in STAGES[stage].losses
 
     @property
     def losses(self) -> LossConfig:
+        from genrecal.distill import LossConfig
+
         return LossConfig(
             ce_weight=self.ce_weight, kl_weight=self.kl_weight, regularisation=self.regularisation,
             sft_weight=self.sft_weight, logit_distillation=self.logit_distillation,
@@ -254,16 +350,15 @@ class TrainConfig:
 
     @property
     def wire_dtype(self) -> torch.dtype:
-        """The dtype teacher features, Recalibrator outputs and their gradients travel in (a remote teacher)."""
-        return WIRE_DTYPES[self.teacher_wire_dtype]
+        """The torch dtype teacher features, Recalibrator outputs and their gradients travel in (remote teacher)."""
+        import torch
+
+        return getattr(torch, self.teacher_wire_dtype)
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        """The training dtype: ``auto`` is bf16 on a GPU that supports it and fp32 otherwise (CPU)."""
-        if self.precision == "auto":
-            bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            return torch.bfloat16 if bf16 else torch.float32
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+        """The training dtype: ``auto`` is bfloat16 on a GPU that supports it and float32 otherwise (CPU)."""
+        return resolve_dtype(self.dtype)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -278,171 +373,87 @@ class TrainConfig:
         tmp.replace(path)
 
     def run_differences(self, saved: dict) -> dict[str, tuple]:
-        """``{field: (saved, now)}`` for the run-defining fields that differ from a saved config."""
+        """``{field: (saved, now)}`` for the run-defining fields that differ from a saved config (one written by an
+        earlier version too: ``precision: bf16`` is ``dtype: bfloat16``)."""
+        saved = upgrade_old_names(TrainConfig, saved)
         now = asdict(self)
         return {k: (saved.get(k), now[k]) for k in RUN_DEFINING_FIELDS if k in saved and saved.get(k) != now[k]}
 
 
-# ---- the command line ----------------------------------------------------------------------------------------
-_HELP = {
-    "config": "YAML or JSON file with any of the options below (keys: option names, '_' or '-'); flags given on "
-              "the command line override it",
-    "student": "student checkpoint folder (HF format, a supported family): the model stage 1 starts from",
-    "data": "training data: a .json/.jsonl file (LLaVA / ShareGPT or OpenAI-style messages records, mixed as you "
-            "like), a .parquet/.arrow file, a datasets save_to_disk folder, or a Hugging Face Hub dataset id "
-            "(owner/name or owner/name:split, through datasets; offline from its cache with HF_HUB_OFFLINE=1); docs/student_trainer.md, "
-            "'Data formats'",
-    "output": "run folder for checkpoints, stage exports, metrics and the final student; rerunning the same "
-              "command resumes from it",
-    "teacher_addr": "HOST:PORT of the teacher service (teacher_server), needed by stages 1 and 2",
-    "teacher_model": "instead of --teacher-addr: a teacher checkpoint folder loaded in every training process "
-                     "(single-machine runs, tests, benchmarks)",
-    "teacher_token_file": "file holding the bearer token the teacher service gave this training (its "
-                          "--auth-token-file); without it $GENRECAL_TEACHER_TOKEN is used, if set",
-    "teacher_tls_ca": "PEM CA bundle that signed the teacher's TLS certificate: connect over TLS and verify it",
-    "image_folder": "folder that image file names in the data are relative to (default: the data file's folder)",
-    "data_limit": "use only the first N training records (bad ones, skipped when met, included)",
-    "eval_data": "evaluation data; the final student is evaluated on it when training ends (eval.json)",
-    "eval_limit": "evaluate on at most N samples",
-    "stages": "stages to run, comma-separated and increasing: 1=alignment, 2=distillation, 3=sft "
-              "(default %(default)s)",
-    "deepspeed": "DeepSpeed JSON: ZeRO stage, offload, communication ('auto' batch/precision entries are filled "
-                 "from these options; no optimizer/scheduler sections) (default: the shipped ZeRO-3 config)",
-    "lr": "AdamW learning rate at the first step of each stage (default %(default)s)",
-    "lr_end": "learning rate at the last step of each stage, reached linearly (default %(default)s)",
-    "warmup_steps": "steps of linear learning-rate warm-up at the start of each stage, then the linear decay; 0 is "
-                    "the paper's schedule (default %(default)s)",
-    "weight_decay": "AdamW weight decay (default %(default)s)",
-    "grad_clip": "clip the global gradient norm to this; 0 = off (default %(default)s)",
-    "grad_accum": "micro-batches per optimizer step on each rank (default %(default)s)",
-    "micro_batch_size": "samples per micro-batch on each rank (default %(default)s)",
-    "steps_per_stage": "optimizer steps of each stage; one step = micro_batch_size x grad_accum x world size "
-                       "samples (default %(default)s)",
-    "alignment_steps": "optimizer steps of stage 1 (alignment) alone, where only the fresh Recalibrator trains "
-                       "(default: --steps-per-stage). The Recalibrator must be aligned before stage 2: a stage 1 "
-                       "that ends with its KL to the teacher above 1 nat/token logs a warning",
-    "alignment_lr": "peak learning rate of stage 1 alone (decays by the same lr_end / lr ratio); a fresh "
-                    "Recalibrator may take a higher rate than the pre-trained student (default: --lr)",
-    "rec_blocks": "decoder blocks in the Recalibrator's body (default %(default)s)",
-    "precision": "training precision: auto = bf16 on GPUs that support it, else fp32 (default %(default)s)",
-    "seed": "seed for the data order and the Recalibrator's initialisation (default %(default)s)",
-    "max_length": "skip (and count, as bad records) samples longer than this many tokens as the student formats "
-                  "them, instead of truncating their answers or running out of memory; the teacher refuses samples "
-                  "longer than this many of its own tokens. Image tokens count: lower the resolution "
-                  "(--image-options) rather than raising it blindly (default %(default)s)",
-    "image_options": "the student's image resolution, in its family's own processor knobs: 'KNOB=VALUE,...' or a "
-                     "JSON object, e.g. 'max_pixels=802816,min_pixels=3136' (Qwen2-VL), 'max_patches=6' "
-                     "(InternVL), 'do_image_splitting=false' (Idefics3/SmolVLM); an unknown knob is refused with "
-                     "the family's list (docs/student_trainer.md, 'Image resolution') (default: the checkpoint's "
-                     "own settings)",
-    "teacher_image_options": "the same for an in-process teacher (--teacher-model); a teacher service takes "
-                             "its own --image-options (default: the checkpoint's own settings)",
-    "ce_weight": "weight of the CE part of L1/L2 (0 = KL-only ablation) (default %(default)s)",
-    "kl_weight": "weight of the KL part of L1/L2 (0 = CE-only ablation) (default %(default)s)",
-    "regularisation": "use L2, the regularisation path (--no-regularisation for its ablation) (default on)",
-    "sft_weight": "weight of L3, the student's SFT loss (default %(default)s)",
-    "logit_distillation": "baseline instead of GenRecal: add a logit-distillation term to L3 in every stage that "
-                          "has L3 -- 'kd' (token-level KL to the teacher, same tokenizer only) or 'uld' (Universal "
-                          "Logit Distillation, any tokenizers); needs an in-process teacher (--teacher-model) "
-                          "(default: none)",
-    "logit_distillation_weight": "weight of the --logit-distillation term (default %(default)s)",
-    "tied_embeddings": "students with tied input embeddings and LM head, in stage 2 (the body trains, the head "
-                       "does not): 'freeze' keeps the shared weight frozen, as the paper keeps the head; 'train' "
-                       "lets L1 update it through the input side, which changes the head too (default %(default)s)",
-    "teacher_timeout_s": "seconds one teacher call may take, and how long to wait for a restarted teacher to be "
-                         "SERVING again before failing (default %(default)s)",
-    "teacher_wire_dtype": "dtype the teacher's features, the Recalibrator's outputs and their gradients travel "
-                          "in between a remote teacher and this trainer, whatever either computes in: bf16 halves "
-                          "the traffic of fp32 (docs/student_trainer.md, 'Wire volume') (default %(default)s)",
-    "teacher_retries": "retries of a call the teacher answers UNAVAILABLE (backoff 0.5 s doubling to 15 s) before "
-                       "waiting for its health check (default %(default)s)",
-    "chunk_size": "tokens per head-scoring chunk of an in-process teacher (default %(default)s)",
-    "data_workers": "DataLoader worker processes that read records and decode their images off the training "
-                    "thread; 0 = read in the trainer's prefetch thread (default %(default)s)",
-    "validate_data": "before training, read every record once in data_workers processes and report the bad "
-                     "ones (they are skipped anyway when met; this finds them up front)",
-    "log_sample_ids": "auditing: every metrics row also lists the sample ids of its step (rank 0's)",
-    "prefetch_steps": "optimizer steps whose inputs (data, student batches and the teacher's Encode of all their "
-                      "micro-batches) are prepared in a background thread while the current step computes, so "
-                      "the teacher's latency hides behind the student's compute; 0 = off (default %(default)s)",
-    "score_overlap": "send each micro-batch's Score to a remote teacher without waiting and run the next "
-                     "micro-batch's forward while it travels (one more micro-batch of activations in memory; same "
-                     "losses and gradients); --no-score-overlap waits for each Score (default on)",
-    "save_every": "write a DeepSpeed checkpoint every N optimizer steps, besides each stage's end "
-                  "(default %(default)s)",
-    "keep_checkpoints": "DeepSpeed checkpoints kept per stage; older ones are deleted (default %(default)s)",
-    "log_every": "update the progress bar's loss display every N steps; metrics are logged every step "
-                 "(default %(default)s)",
-    "tensorboard": "also write TensorBoard scalars under OUTPUT/tensorboard (default on)",
-    "stop_after_steps": "testing: stop abruptly after N optimizer steps of this invocation, without a "
-                        "checkpoint, as a crash would (then rerun the command to resume)",
-}
+@dataclass(kw_only=True)
+class AlignConfig:
+    """``python -m student_trainer align``: the paper's alignment check (Fig. 7), :func:`alignment.run_alignment`."""
+
+    student: str = option(group=MODEL, metavar="PATH", help="student checkpoint folder, e.g. OUTPUT/stage1/student")
+    recalibrator: str = option(group=MODEL, metavar="FILE", help="the Recalibrator trained with it, e.g. "
+                               "OUTPUT/stage1/recalibrator.safetensors")
+    teacher_addr: str | None = option(None, group=MODEL, metavar="HOST:PORT", help="the teacher service; several "
+                                      "comma-separated (or a name resolving to several) spread Encode over teacher "
+                                      "replicas")
+    teacher_model: str | None = option(None, group=MODEL, metavar="PATH", help="instead of --teacher-addr: a "
+                                       "teacher checkpoint folder, run in this process")
+    teacher_token_file: str | None = option(None, group=MODEL, metavar="FILE", help="file holding the bearer "
+                                            "token for the teacher service (else $GENRECAL_TEACHER_TOKEN, if set)")
+    teacher_tls_ca: str | None = option(None, group=MODEL, metavar="PEM", help="CA bundle of the teacher's TLS "
+                                        "certificate: connect over TLS")
+    teacher_timeout_s: float = option(300.0, group=MODEL, help="seconds one teacher call may take")
+    dtype: Dtype = option("auto", group=MODEL, old_names=("precision",), old_values=OLD_DTYPE_NAMES,
+                          help="auto = bfloat16 on GPUs that support it, else float32")
+    image_options: dict | None = option(None, group=MODEL, metavar="OPTIONS", help="the student's image "
+                                        f"resolution: {RESOLUTION_HELP} (default: the checkpoint's own)")
+    teacher_image_options: dict | None = option(None, group=MODEL, metavar="OPTIONS", help="the same for an "
+                                                "in-process teacher (--teacher-model); a teacher service uses its "
+                                                "own --image-options")
+    data: str = option(group=DATA, help="question-answer pairs (same formats as training data)")
+    image_folder: str | None = option(None, group=DATA, metavar="PATH", help="folder image names are relative to "
+                                      "(default: the data's folder)")
+    limit: int = option(32, group=DATA, help="number of pairs N")
+    batch_size: int = option(8, group=DATA, help="samples per forward pass")
+    centre: bool = option(True, group=OUTPUT, help="subtract each path's mean pooled output over the N pairs "
+                          "before the cosine, so the matrix shows what tells pairs apart")
+    out: str = option(group=OUTPUT, metavar="PNG", help="PNG file for the similarity matrix")
+
+    def __post_init__(self) -> None:
+        if (self.teacher_addr is None) == (self.teacher_model is None):
+            raise ValueError("pass exactly one of --teacher-addr HOST:PORT (a teacher service) and --teacher-model "
+                             "PATH (a teacher checkpoint run in this process)")
+        for name in ("student", "teacher_model"):
+            path = getattr(self, name)
+            if path is not None and not (Path(path) / "config.json").is_file():
+                raise ValueError(f"{name} {path!r} is not a checkpoint folder (no config.json)")
+        if not Path(self.recalibrator).is_file():
+            raise ValueError(f"recalibrator {self.recalibrator!r} does not exist; pass a run's "
+                             "stage{1,2}/recalibrator.safetensors")
+        if self.teacher_image_options and self.teacher_model is None:
+            raise ValueError("teacher_image_options apply to an in-process teacher (--teacher-model); a teacher "
+                             "service sets its own resolution")
+        for name in ("limit", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.teacher_timeout_s > 0:
+            raise ValueError(f"teacher_timeout_s must be > 0 seconds, got {self.teacher_timeout_s}")
+        _check_choice("dtype", self.dtype, Dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--snake-case``), with no defaults of its own: an unset flag leaves the
-    config file's value, or the field default, in place."""
-    parser.add_argument("--config", help=_HELP["config"])
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f)
-        text = _HELP[f.name]
-        if "%(default)s" in text:
-            text = text.replace("%(default)s", str(defaults[f.name]))
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-        else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text,
-                                metavar=f.name.upper() if kind is not str else None)
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` -> torch.bfloat16 on a GPU that supports it, else torch.float32; other names as torch's."""
+    import torch
+
+    if name == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Field defaults < ``--config`` file < flags given on the command line."""
-    values: dict = {}
-    if getattr(args, "config", None):
-        values.update(load_config_file(args.config))
-    names = {f.name for f in fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    missing = [n for n in ("student", "data", "output") if values.get(n) in (None, "")]
-    if missing:
-        flags = ", ".join("--" + n for n in missing)
-        raise ValueError(f"missing {flags}: give them on the command line or in the --config file")
-    return TrainConfig(**values)
+def _check_choice(name: str, value, choices) -> None:
+    allowed = typing.get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def load_config_file(path: str | Path) -> dict:
-    """A YAML (``.yaml``/``.yml``) or JSON config as ``{field: value}``; unknown keys are an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); use .yaml/.yml for a YAML file") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of option names to values, got {type(data).__name__}")
-    names = {f.name for f in fields(TrainConfig)}
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    data.pop("resolved_dtype", None)  # present in a saved OUTPUT/config.json
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{path}: unknown options {unknown}; known: {', '.join(sorted(names))}")
-    return data
-
-
-def _field_type(f) -> type:
-    text = str(f.type)
-    for name, kind in (("bool", bool), ("int", int), ("float", float)):
-        if text.startswith(name):
-            return kind
-    return str
-
-
-__all__ = ["DEFAULT_DEEPSPEED_CONFIG", "TrainConfig", "add_train_arguments", "config_from_args"]
+__all__ = ["DEFAULT_DEEPSPEED_CONFIG", "RUN_DEFINING_FIELDS", "AlignConfig", "TrainConfig", "resolve_dtype"]

@@ -32,7 +32,7 @@ def resolve_deepspeed_config(config: TrainConfig, world_size: int) -> dict:
                 "schedule (--lr, --lr-end, --weight-decay): remove that section"
             )
     if ds.get("fp16", {}).get("enabled") is True:
-        raise ValueError(f"DeepSpeed config {path} enables fp16; use bf16 (--precision bf16) or fp32")
+        raise ValueError(f"DeepSpeed config {path} enables fp16; use bfloat16 (--dtype bfloat16) or float32")
     bf16 = config.torch_dtype == torch.bfloat16
     wanted = {
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
@@ -56,7 +56,7 @@ def resolve_deepspeed_config(config: TrainConfig, world_size: int) -> dict:
     elif bool(section["enabled"]) != bf16:
         raise ValueError(
             f"DeepSpeed config {path} sets bf16.enabled={section['enabled']} but the precision is "
-            f"{config.precision!r} ({config.torch_dtype}); set it to \"auto\" or pass a matching --precision"
+            f"{config.dtype!r} ({config.torch_dtype}); set it to \"auto\" or pass a matching --dtype"
         )
     ds.pop("fp16", None)
     # With the optimizer offloaded the trainer passes DeepSpeedCPUAdam (recipe.make_optimizer), so DeepSpeed's check

@@ -1,32 +1,44 @@
-"""Exact-match evaluation of any supported checkpoint (a trained student or a teacher) on a VQA-style set.
+"""Evaluation of any supported checkpoint (a trained student or a teacher) on a VQA-style set.
 
 For each sample the prompt is the conversation up to its *last* assistant turn (earlier answers stay in the
-context), rendered with the checkpoint's own chat template and generation prompt; the model generates greedily
-and the decoded new tokens are compared with the last assistant turn after :func:`normalize_answer`
-(exact match). Records carrying a ``"type"`` or ``"question_type"`` key get a per-type breakdown.
+context), rendered with the checkpoint's own chat template and generation prompt; the model generates greedily,
+in left-padded batches, until the family's end-of-turn token (or EOS, or ``max_new_tokens``). The answer is
+scored against the last assistant turn with three metrics, all on :func:`normalize_answer`'d text:
 
-``python -m student_trainer.evaluate MODEL_DIR DATA [--image-folder DIR] [--limit N] [--out report.json]``
+- ``exact_match``: the whole normalised answer equals the reference (one-word VQA answers: "circle", "2").
+- ``f1``: SQuAD's token F1, the harmonic mean of token precision and recall over the bag of words shared with
+  the reference; partial credit for a phrase answer ("a red circle" vs "red circle on the left").
+- ``rouge_l``: the F-measure of the longest common subsequence of tokens (Lin, 2004; beta = 1 as in Google's
+  ``rouge-score``), which also rewards word order; the usual choice for sentence-long answers and captions.
+
+Every report holds all three, overall and per question type (records with a ``"type"`` or ``"question_type"``
+key); one of them is the *headline* (``EvalConfig.metric``; ``auto`` = exact match when every reference has at
+most :data:`~student_trainer.eval_config.SHORT_ANSWER_WORDS` words, else ROUGE-L). ``python -m student_trainer
+eval`` and ``genrecal-eval`` run :func:`run_eval`; docs/evaluate.md describes the JSON report.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from genrecal.families import LoadedVLM, load_vlm
 from genrecal.sample import Sample
 from student_trainer.data import load_dataset_samples, load_question_types
+from student_trainer.eval_config import METRICS, SHORT_ANSWER_WORDS, EvalConfig
 
 logger = logging.getLogger(__name__)
 
+TORCH_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
@@ -48,87 +60,196 @@ def normalize_answer(text: str) -> str:
     return " ".join(_NUMBER_WORDS.get(word, word) for word in text.split())
 
 
-def exact_match_accuracy(
-    predictions: Sequence[str],
-    references: Sequence[str | Sequence[str]],
-    types: Sequence[str | None] | None = None,
-) -> tuple[float, dict[str, tuple[float, int]]]:
-    """Exact-match accuracy of normalised predictions, overall and per question type.
-
-    Args:
-        predictions: N generated answers.
-        references: N reference answers; an entry may list several acceptable answers (any one matches).
-        types: N question types or None (untyped samples count only in the overall accuracy).
-
-    Returns:
-        ``(accuracy, {type: (accuracy, count)})``.
-    """
-    if len(predictions) != len(references) or (types is not None and len(types) != len(predictions)):
-        raise ValueError(
-            f"got {len(predictions)} predictions, {len(references)} references"
-            + (f" and {len(types)} types" if types is not None else "")
-            + "; they must pair up"
-        )
-    if not predictions:
-        raise ValueError("exact_match_accuracy needs at least one prediction")
-    correct = [is_correct(p, r) for p, r in zip(predictions, references, strict=True)]
-    per_type: dict[str, list[bool]] = {}
-    for question_type, hit in zip(types or [None] * len(correct), correct, strict=True):
-        if question_type is not None:
-            per_type.setdefault(question_type, []).append(hit)
-    breakdown = {t: (sum(hits) / len(hits), len(hits)) for t, hits in sorted(per_type.items())}
-    return sum(correct) / len(correct), breakdown
-
-
-def is_correct(prediction: str, reference: str | Sequence[str]) -> bool:
-    references = [reference] if isinstance(reference, str) else list(reference)
+# ---- metrics: each takes one prediction and one reference or several acceptable ones (the best counts) ---------
+def exact_match(prediction: str, reference: str | Sequence[str]) -> bool:
     normalized = normalize_answer(prediction)
-    return any(normalized == normalize_answer(r) for r in references)
+    return any(normalized == normalize_answer(r) for r in _references(reference))
 
 
+def token_f1(prediction: str, reference: str | Sequence[str]) -> float:
+    """SQuAD v1.1's token F1 on normalised words; two empty answers score 1, one empty answer scores 0."""
+    predicted = normalize_answer(prediction).split()
+    best = 0.0
+    for ref in _references(reference):
+        expected = normalize_answer(ref).split()
+        if not predicted or not expected:
+            best = max(best, float(predicted == expected))
+            continue
+        shared = sum((Counter(predicted) & Counter(expected)).values())
+        if shared:
+            precision, recall = shared / len(predicted), shared / len(expected)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def rouge_l(prediction: str, reference: str | Sequence[str]) -> float:
+    """ROUGE-L F-measure (beta = 1) on normalised words: with ``lcs`` the longest common subsequence,
+    ``P = lcs / len(prediction)``, ``R = lcs / len(reference)``, ``F = 2PR / (P + R)``. Empty answers as in
+    :func:`token_f1`. O(len(prediction) * len(reference)) time; 256 x 256 words take milliseconds.
+    """
+    predicted = normalize_answer(prediction).split()
+    best = 0.0
+    for ref in _references(reference):
+        expected = normalize_answer(ref).split()
+        if not predicted or not expected:
+            best = max(best, float(predicted == expected))
+            continue
+        lcs = _lcs_length(predicted, expected)
+        if lcs:
+            precision, recall = lcs / len(predicted), lcs / len(expected)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    previous = [0] * (len(b) + 1)  # previous[j]: LCS of a[:i-1] and b[:j]
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def _references(reference: str | Sequence[str]) -> list[str]:
+    return [reference] if isinstance(reference, str) else list(reference)
+
+
+def headline_metric(metric: str, references: Sequence[str | Sequence[str]]) -> str:
+    """``metric``, or for ``"auto"``: exact match when every reference is short (at most SHORT_ANSWER_WORDS
+    normalised words), else ROUGE-L."""
+    if metric != "auto":
+        return metric
+    short = all(len(normalize_answer(r).split()) <= SHORT_ANSWER_WORDS for ref in references for r in _references(ref))
+    return "exact_match" if short else "rouge_l"
+
+
+# ---- the report ---------------------------------------------------------------------------------------------------
 @dataclass
 class Prediction:
     sample_id: str
     prediction: str
     reference: str
-    correct: bool
-    question_type: str | None = None
+    question_type: str | None
+    exact_match: bool
+    f1: float
+    rouge_l: float
+
+    @classmethod
+    def score(cls, sample_id: str, prediction: str, reference: str, question_type: str | None = None) -> Prediction:
+        return cls(sample_id, prediction, reference, question_type, exact_match(prediction, reference),
+                   token_f1(prediction, reference), rouge_l(prediction, reference))
 
 
 @dataclass
 class EvalReport:
-    accuracy: float
-    count: int
-    per_type: dict[str, tuple[float, int]] = field(default_factory=dict)  # {type: (accuracy, count)}
-    predictions: list[Prediction] = field(default_factory=list)
+    """Scored predictions; every score is derived from them. ``metric`` names the headline metric."""
+
+    predictions: list[Prediction]
+    metric: str = "exact_match"
     model: str | None = None
     data: str | None = None
+    generation: dict = field(default_factory=dict)  # the settings the answers were generated with
 
-    def write(self, path: str | Path) -> Path:
-        """The report as JSON: accuracy, count, per_type {type: {accuracy, count}}, predictions."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        content = {
+    def __post_init__(self) -> None:
+        if not self.predictions:
+            raise ValueError("an evaluation report needs at least one prediction")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+
+    @property
+    def count(self) -> int:
+        return len(self.predictions)
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """``{metric: mean over every prediction}``."""
+        return _means(self.predictions)
+
+    @property
+    def score(self) -> float:
+        return self.scores[self.metric]
+
+    @property
+    def accuracy(self) -> float:
+        """Exact-match accuracy (the demo's one-word answers)."""
+        return self.scores["exact_match"]
+
+    @property
+    def per_type_scores(self) -> dict[str, dict[str, float]]:
+        """``{question type: {metric: mean}}`` in type order; untyped predictions count only overall."""
+        groups: dict[str, list[Prediction]] = {}
+        for p in self.predictions:
+            if p.question_type is not None:
+                groups.setdefault(p.question_type, []).append(p)
+        return {t: _means(group) for t, group in sorted(groups.items())}
+
+    @property
+    def per_type(self) -> dict[str, tuple[float, int]]:
+        """``{question type: (exact-match accuracy, count)}``."""
+        counts = Counter(p.question_type for p in self.predictions)
+        return {t: (scores["exact_match"], counts[t]) for t, scores in self.per_type_scores.items()}
+
+    def to_json(self) -> dict:
+        per_type = self.per_type
+        return {
             "model": self.model,
             "data": self.data,
-            "accuracy": self.accuracy,
             "count": self.count,
-            "per_type": {t: {"accuracy": acc, "count": n} for t, (acc, n) in self.per_type.items()},
+            "metric": self.metric,
+            "score": self.score,
+            "scores": self.scores,
+            "accuracy": self.accuracy,  # = scores["exact_match"]
+            "per_type": {t: {"count": per_type[t][1], **scores, "accuracy": scores["exact_match"]}
+                         for t, scores in self.per_type_scores.items()},
+            "generation": self.generation,
             "predictions": [asdict(p) for p in self.predictions],
         }
-        path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    def write(self, path: str | Path) -> Path:
+        """The report as JSON (docs/evaluate.md, "The JSON report")."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
     def table(self) -> str:
-        """A plain-text table: one row per question type, then the overall accuracy."""
-        rows = [(t, acc, n) for t, (acc, n) in self.per_type.items()] + [("overall", self.accuracy, self.count)]
+        """A plain-text table: one row per question type, then overall; every metric in %, the headline one
+        marked with ``*``."""
+        rows = [(t, s, self.per_type[t][1]) for t, s in self.per_type_scores.items()]
+        rows.append(("overall", self.scores, self.count))
         width = max(len("type"), *(len(name) for name, _, _ in rows))
-        lines = [f"{'type':<{width}}  {'accuracy':>8}  {'count':>6}", "-" * (width + 18)]
-        lines += [f"{name:<{width}}  {100 * acc:>7.2f}%  {n:>6}" for name, acc, n in rows]
+        names = [m + ("*" if m == self.metric else "") for m in METRICS]
+        columns = [max(len(name), 8) for name in names]
+        lines = [f"{'type':<{width}}" + "".join(f"  {n:>{c}}" for n, c in zip(names, columns, strict=True))
+                 + f"  {'count':>6}"]
+        lines.append("-" * len(lines[0]))
+        for name, scores, n in rows:
+            cells = "".join(f"  {100 * scores[m]:>{c - 1}.2f}%" for m, c in zip(METRICS, columns, strict=True))
+            lines.append(f"{name:<{width}}{cells}  {n:>6}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _means(predictions: Sequence[Prediction]) -> dict[str, float]:
+    return {m: sum(float(getattr(p, m)) for p in predictions) / len(predictions) for m in METRICS}
+
+
+# ---- running it ---------------------------------------------------------------------------------------------------
+def run_eval(config: EvalConfig) -> int:
+    """The ``eval`` command: evaluate, print the table, write the JSON report if asked. Returns the exit status."""
+    report = evaluate(
+        config.model, config.data, image_folder=config.image_folder, limit=config.limit, split=config.split,
+        batch_size=config.batch_size, max_new_tokens=config.max_new_tokens, metric=config.metric,
+        device=config.device, dtype=TORCH_DTYPES[config.dtype], image_options=config.image_options,
+    )
+    print(report.table())
+    print(f"headline metric: {report.metric} = {100 * report.score:.2f}% over {report.count} samples")
+    if config.output:
+        print(f"report written to {report.write(config.output)}")
+    return 0
 
 
 def evaluate(
@@ -138,11 +259,13 @@ def evaluate(
     image_folder: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 256,
+    metric: str = "auto",
     split: str = "train",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     image_options: dict | str | None = None,
+    progress: bool = True,
 ) -> EvalReport:
     """Generate an answer for each sample of ``data_path`` with the checkpoint in ``model_dir`` and score it.
 
@@ -150,57 +273,84 @@ def evaluate(
         model_dir: any checkpoint :func:`genrecal.families.load_vlm` supports.
         data_path, image_folder, split, limit: as for :func:`student_trainer.data.load_dataset_samples` (bad
             records are skipped and counted in the log).
-        batch_size: samples per ``generate`` call (left-padded).
-        max_new_tokens: generation budget per answer (greedy decoding).
+        batch_size, max_new_tokens: as for :func:`generate_answers`.
+        metric: the report's headline metric, ``"auto"`` or one of :data:`METRICS` (all are computed).
         device: default CUDA when available, else CPU. dtype: the model's dtype (default: the checkpoint's).
         image_options: the family's resolution knobs (:mod:`genrecal.families.resolution`); default: the
             checkpoint's own settings (a training run's exports hold the options it trained with).
+        progress: show a tqdm bar over the samples.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    if metric != "auto" and metric not in METRICS:
+        raise ValueError(f"metric must be 'auto' or one of {', '.join(METRICS)}, got {metric!r}")
     samples, _ = load_dataset_samples(data_path, image_folder=image_folder, split=split, limit=limit)
     types = load_question_types(data_path, split=split)
     vlm = load_vlm(model_dir, dtype=dtype, image_options=image_options)
     vlm.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    generated = generate_answers(vlm, samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    generated = generate_answers(vlm, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 progress=progress)
     references = [s.turns[-1].text for s in samples]
-    sample_types = [types.get(s.sample_id) for s in samples]
-    accuracy, per_type = exact_match_accuracy(generated, references, sample_types)
-    predictions = [
-        Prediction(s.sample_id, p, r, is_correct(p, r), t)
-        for s, p, r, t in zip(samples, generated, references, sample_types, strict=True)
-    ]
-    return EvalReport(accuracy, len(samples), per_type, predictions, model=str(model_dir), data=str(data_path))
+    predictions = [Prediction.score(s.sample_id, answer, reference, types.get(s.sample_id))
+                   for s, answer, reference in zip(samples, generated, references, strict=True)]
+    return EvalReport(predictions, headline_metric(metric, references), model=str(model_dir), data=str(data_path),
+                      generation={"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True})
 
 
 @torch.no_grad()
 def generate_answers(
-    vlm: LoadedVLM, samples: Sequence[Sample], *, batch_size: int = 8, max_new_tokens: int = 16
+    vlm: LoadedVLM, samples: Sequence[Sample], *, batch_size: int = 8, max_new_tokens: int = 256,
+    progress: bool = False,
 ) -> list[str]:
-    """Greedy answers to each sample's last question, in order (the last assistant turn is left out)."""
+    """Greedy answers to each sample's last question, in order (the last assistant turn is left out).
+
+    Rows of a batch are left-padded, so every row continues from its own last prompt token; a row stops at the
+    family's end-of-turn token or the generation config's EOS (the rest of the batch goes on, up to
+    ``max_new_tokens``), and the answer is the text before that token.
+    """
     processor, model = vlm.processor, vlm.model
     tokenizer = processor.tokenizer
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues every row from its last real token
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = _stop_token_ids(vlm)
+    # Finished rows are filled with the pad id (cut off again below); without any stop id no row finishes early.
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_ids), 0)
     was_training = model.training
     model.eval()
     answers: dict[int, str] = {}
+    bar = tqdm(total=len(samples), desc="generating answers", unit="sample", disable=not progress)
     try:
         for start in range(0, len(samples), batch_size):
             indices = range(start, min(start + batch_size, len(samples)))
             # A processor call takes images for all rows or none: batch samples with and without images apart.
             for group in ([i for i in indices if samples[i].images], [i for i in indices if not samples[i].images]):
                 if group:
-                    texts = _generate(vlm, [samples[i] for i in group], max_new_tokens, pad_token_id)
+                    texts = _generate(vlm, [samples[i] for i in group], max_new_tokens, pad_token_id, stop_ids)
                     answers.update(zip(group, texts, strict=True))
+            bar.update(len(indices))
     finally:
+        bar.close()
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return [answers[i] for i in range(len(samples))]
 
 
-def _generate(vlm: LoadedVLM, samples: list[Sample], max_new_tokens: int, pad_token_id: int | None) -> list[str]:
+def _stop_token_ids(vlm: LoadedVLM) -> list[int]:
+    """The family's end-of-turn token (what training taught the model to end an answer with), then the generation
+    config's EOS ids."""
+    token = vlm.adapter.end_of_turn_token(vlm.processor)
+    end_of_turn = vlm.processor.tokenizer.encode(token, add_special_tokens=False)
+    if len(end_of_turn) != 1:  # not a token of this vocabulary: only EOS can stop an answer early
+        logger.warning("%s: the end-of-turn text %r is %d tokens here, not one; answers stop only at EOS",
+                       vlm.adapter.model_type, token, len(end_of_turn))
+        end_of_turn = []
+    eos = vlm.model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return list(dict.fromkeys(end_of_turn + eos))
+
+
+def _generate(vlm: LoadedVLM, samples: list[Sample], max_new_tokens: int, pad_token_id: int,
+              stop_ids: list[int]) -> list[str]:
     processor, model = vlm.processor, vlm.model
     prompts = [
         processor.apply_chat_template(s.messages()[:-1], add_generation_prompt=True, tokenize=False) for s in samples
@@ -216,37 +366,9 @@ def _generate(vlm: LoadedVLM, samples: list[Sample], max_new_tokens: int, pad_to
     inputs = processor(**kwargs).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]  # left padding: every row's prompt ends here
-    return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m student_trainer.evaluate", description="Exact-match VQA evaluation of a checkpoint."
-    )
-    parser.add_argument("model_dir", help="checkpoint folder (student or teacher; any supported family)")
-    parser.add_argument("data", help="evaluation data in any format of student_trainer/records.py: a .json/.jsonl "
-                        "file (LLaVA / ShareGPT or OpenAI-style messages), .parquet/.arrow, a datasets save_to_disk "
-                        "folder or a Hub dataset id (owner/name[:split], from the cache offline)")
-    parser.add_argument("--image-folder", help="folder image names are relative to (default: the data's folder)")
-    parser.add_argument("--split", default="train", help="split of a saved DatasetDict (default: train)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N usable samples")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per generate call (default: 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per answer (default: 16)")
-    parser.add_argument("--image-options", help="the model's resolution knobs, 'KNOB=VALUE,...' or JSON (default: "
-                                                "the checkpoint's own; docs/student_trainer.md, 'Image resolution')")
-    parser.add_argument("--out", help="write the JSON report (with every prediction) here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = evaluate(
-        args.model_dir, args.data, image_folder=args.image_folder, limit=args.limit, split=args.split,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, image_options=args.image_options,
-    )
-    print(report.table())
-    if args.out:
-        print(f"report written to {report.write(args.out)}")
-
-
-if __name__ == "__main__":
-    main()
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids or None,
+                            pad_token_id=pad_token_id)
+    new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()  # (B, <= max_new_tokens); prompts end here
+    stops = set(stop_ids)
+    answers = [next((row[:k] for k, token in enumerate(row) if token in stops), row) for row in new_tokens]
+    return [text.strip() for text in processor.tokenizer.batch_decode(answers, skip_special_tokens=True)]

@@ -1,26 +1,38 @@
-"""Per-step training metrics: a JSONL file per stage, TensorBoard scalars, and the paper's loss-curve plot.
+"""Per-step training metrics: a JSONL file per stage, experiment trackers, and the paper's loss-curve plot.
 
 Rows are one JSON object per optimizer step: whatever the trainer measured (``lr``, ``L1_ce``, ``L1_kl``,
 ``L2_ce``, ``L2_kl``, ``L3``, ``teacher_ce`` (the teacher's own CE on its answers, in the stages that use the
 teacher), ``tokens_per_s``, ``teacher_wait_share``, ...) plus ``stage``, ``step`` and ``time`` (Unix seconds). Only
 rank 0 writes; other ranks' loggers do nothing.
 
+Trackers (``report_to``): the numeric columns also go, as ``stage{n}/<column>``, to TensorBoard
+(``output_dir/tensorboard``) and / or Weights & Biases, through accelerate's maintained tracker classes
+(``accelerate.tracking``); ``none`` keeps the JSONL only. The run's resolved configuration is stored with each
+tracker as hyperparameters.
+
 Resuming: a step that is not after the last one already in the file (a run resumed from an earlier checkpoint)
-first drops every row with ``step >=`` it, so no step appears twice; TensorBoard gets the same cut through
-``SummaryWriter(purge_step=...)``.
+first drops every row with ``step >=`` it, so no step appears twice. The trackers restart from there: TensorBoard
+through ``SummaryWriter(purge_step=...)`` (the older points from that step on are hidden), W&B as a new run in the
+same group (a W&B run only accepts increasing steps).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import numbers
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+# What ``report_to`` accepts; ``none`` alone means the JSONL file only.
+TRACKERS = ("tensorboard", "wandb")
+REPORT_TO_CHOICES = (*TRACKERS, "none")
 
 # The paper's Appendix D curves: the Recalibrator's CE on both paths against the student's CE on its own answers
 # and the teacher's CE on its own answers (logged in the stages that use the teacher).
@@ -33,13 +45,19 @@ LOSS_CURVES = {
 
 
 class MetricsLogger:
-    """Writes ``output_dir/metrics/stage{n}.jsonl`` and TensorBoard scalars under ``output_dir/tensorboard``.
+    """Writes ``output_dir/metrics/stage{n}.jsonl`` and reports the numeric columns to experiment trackers.
 
     Args:
         output_dir: the run's output folder.
-        stage: the training stage (1, 2 or 3); names the JSONL file and prefixes the TensorBoard tags.
+        stage: the training stage (1, 2 or 3); names the JSONL file and prefixes the tracker tags.
         rank: the process's global rank; only rank 0 writes anything.
-        tensorboard: also write TensorBoard event files.
+        report_to: trackers among ``tensorboard`` (event files under ``output_dir/tensorboard``), ``wandb``
+            (Weights & Biases: ``pip install wandb``; its local files under ``output_dir/wandb``; the project is
+            ``$WANDB_PROJECT``, default ``genrecal``; ``WANDB_MODE=offline`` works without a network), or
+            ``none`` alone (the JSONL only). Checked on every rank (:func:`resolve_report_to`).
+        tensorboard: False drops ``tensorboard`` from ``report_to`` (the ``--no-tensorboard`` flag).
+        run_config: the run's resolved configuration, stored with each tracker as hyperparameters (nested
+            mappings flattened to ``a.b`` keys, lists as JSON text); TensorBoard keeps one copy per output folder.
         resume_step: the first step this run will log, when resuming; rows with ``step >= resume_step`` are
             dropped at once (the same happens anyway on the first :meth:`log` of an earlier-or-equal step).
     """
@@ -50,15 +68,19 @@ class MetricsLogger:
         *,
         stage: int,
         rank: int = 0,
+        report_to: str | Sequence[str] = ("tensorboard",),
         tensorboard: bool = True,
+        run_config: Mapping[str, object] | None = None,
         resume_step: int | None = None,
     ):
         self.stage = int(stage)
         self.enabled = rank == 0
-        self.path = Path(output_dir) / "metrics" / f"stage{self.stage}.jsonl"
-        self.tensorboard_dir = Path(output_dir) / "tensorboard"
-        self._tensorboard = tensorboard
-        self._writer = None
+        self.report_to = tuple(name for name in resolve_report_to(report_to) if tensorboard or name != "tensorboard")
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "metrics" / f"stage{self.stage}.jsonl"
+        self.tensorboard_dir = self.output_dir / "tensorboard"
+        self._hparams = flatten_config(run_config) if run_config is not None else None
+        self._trackers: list = []  # accelerate GeneralTrackers, started at the first log
         self._file = None
         self._last_step: int | None = None
         self._purge_step: int | None = None
@@ -85,21 +107,20 @@ class MetricsLogger:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         self._last_step = step
-        writer = self._tensorboard_writer()
-        if writer is not None:
-            for key, value in row.items():
-                if key not in ("stage", "step", "time") and _is_number(value):
-                    writer.add_scalar(f"stage{self.stage}/{key}", value, global_step=step)
-            writer.flush()
+        scalars = {
+            f"stage{self.stage}/{key}": value
+            for key, value in row.items()
+            if key not in ("stage", "step", "time") and _is_number(value)
+        }
+        for tracker in self._started_trackers():
+            tracker.log(scalars, step=step)  # TensorBoard flushes after each call
         return row
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._finish_trackers()
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -124,22 +145,111 @@ class MetricsLogger:
             self._purge_step = step if self._purge_step is None else min(self._purge_step, step)
         self._last_step = max((int(r["step"]) for r in kept), default=None)
 
-    def _tensorboard_writer(self):
-        if not self._tensorboard:
-            return None
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+    def _started_trackers(self) -> list:
+        """The trackers, started at the first log and restarted after a rewind (``_purge_step`` set)."""
+        if self._purge_step is not None:
+            self._finish_trackers()
+        if not self._trackers and self.report_to:
+            # accelerate's trackers log through accelerate's logger, which needs its process state. With the
+            # process group already up (DeepSpeed) it only reads rank and world size; this logger is rank 0's.
+            from accelerate import PartialState
 
-            # purge_step hides the older event files' points from that step on (a resumed run).
-            self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=self._purge_step)
-        elif self._purge_step is not None:
-            # A rewind after the writer started: a fresh writer purges from there (a new event file).
-            self._writer.close()
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=self._purge_step)
+            PartialState()
+            self._trackers = [self._start_tracker(name) for name in self.report_to]
         self._purge_step = None
-        return self._writer
+        return self._trackers
+
+    def _start_tracker(self, name: str):
+        from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+        if name == "tensorboard":
+            # Writes to logging_dir/run_name = output_dir/tensorboard. purge_step hides the older event files'
+            # points from that step on (a resumed run).
+            if self._purge_step is not None:
+                self._wait_past_event_files()
+            tracker = TensorBoardTracker("tensorboard", self.output_dir, purge_step=self._purge_step)
+        else:
+            # One W&B run per stage (and per restart: a W&B run only accepts increasing steps), grouped by output.
+            run = self.output_dir.resolve().name
+            tracker = WandBTracker(os.environ.get("WANDB_PROJECT", "genrecal"), name=f"{run}-stage{self.stage}",
+                                   group=run, job_type=f"stage{self.stage}", dir=str(self.output_dir))
+        tracker.main_process_only = False  # only rank 0's logger gets here: no need to ask accelerate's state
+        tracker.start()
+        if self._hparams is not None and not (name == "tensorboard" and self._tensorboard_has_hparams()):
+            tracker.store_init_configuration(self._hparams)
+        return tracker
+
+    def _wait_past_event_files(self) -> None:
+        """TensorBoard reads a folder's event files in name order: the second a file was opened, then host, pid and
+        a per-process counter compared as text (``...10`` sorts before ``...9``). A purging writer must come after
+        the files it purges, so it opens in a later second than any of them (a wait under a second, on a rewind)."""
+        stamps = [int(p.name.split(".")[3]) for p in self.tensorboard_dir.glob("events.out.tfevents.*")
+                  if p.name.split(".")[3].isdigit()]
+        delay = max(stamps, default=0) + 1 - time.time()
+        if delay > 0:
+            time.sleep(delay)
+
+    def _tensorboard_has_hparams(self) -> bool:
+        """Whether an earlier stage or attempt of this run stored the same configuration already."""
+        import yaml
+
+        for path in self.tensorboard_dir.glob("*/hparams.yml"):
+            try:
+                if yaml.safe_load(path.read_text(encoding="utf-8")) == self._hparams:
+                    return True
+            except (OSError, yaml.YAMLError):
+                continue
+        return False
+
+    def _finish_trackers(self) -> None:
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            tracker.finish()
+
+
+def resolve_report_to(report_to: str | Sequence[str]) -> tuple[str, ...]:
+    """The trackers ``report_to`` names, in a fixed order (``()`` for ``none``); a clear error for bad input.
+
+    Raises ValueError for an unknown name, ``none`` beside a tracker, an empty list, or ``wandb`` when the
+    ``wandb`` package is not installed.
+    """
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    unknown = [n for n in names if n not in REPORT_TO_CHOICES]
+    if unknown:
+        raise ValueError(
+            f"report_to: unknown {unknown}; choose among {', '.join(REPORT_TO_CHOICES)} "
+            "(e.g. --report-to tensorboard wandb)"
+        )
+    if not names:
+        raise ValueError("report_to is empty: pass 'none' for the metrics JSONL only")
+    if "none" in names:
+        if len(set(names)) > 1:
+            raise ValueError(f"report_to {names}: 'none' means no tracker; pass it alone or leave it out")
+        return ()
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            "report_to includes 'wandb' but the wandb package is not installed: pip install wandb "
+            "(or pip install 'genrecal[wandb]'), or drop wandb from --report-to"
+        )
+    return tuple(name for name in TRACKERS if name in names)
+
+
+def flatten_config(config: Mapping[str, object], prefix: str = "") -> dict[str, bool | int | float | str | None]:
+    """Hyperparameters from a (nested) config: ``a.b`` keys; lists, paths and other values as text.
+
+    TensorBoard's hparams take only numbers, strings and booleans (None is skipped); W&B takes the same.
+    """
+    flat: dict[str, bool | int | float | str | None] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        value = _plain(value)
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        elif value is None or isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value, default=str) if isinstance(value, list | tuple) else str(value)
+    return flat
 
 
 def read_metrics(path: str | Path) -> list[dict]:

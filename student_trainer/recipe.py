@@ -5,11 +5,10 @@ A stage trains ONE module, :class:`DistillationModule` (the student VLM and, in 
 with a client ``torch.optim.AdamW`` over the stage's trainable parameters (:func:`genrecal.stages.set_trainable`)
 and a linear ``lr -> lr_end`` schedule (:func:`linear_schedule`); the DeepSpeed JSON decides ZeRO 0-3, offload and
 communication. Stages hand off through checkpoints only (:class:`student_trainer.layout.RunLayout`), exactly as
-:mod:`genrecal.inprocess` (the plain-PyTorch reference loop). The loss of one micro-batch is
-:meth:`student_trainer.module.DistillationModule.forward`: the one place a loss option changes.
+:mod:`genrecal.inprocess` (the plain-PyTorch reference loop).
 
-**The micro-batches of a step** (loss normalisation over accumulation and ranks, the Score round trips overlapped
-with compute): :class:`student_trainer.accumulate.GradientAccumulator`.
+**One optimizer step** (forward to the Recalibrator outputs, the Score, loss normalisation over accumulation and
+ranks, backward, the optimizer step, the metrics): :class:`student_trainer.step.TrainStep`.
 
 **Resume.** A finished stage has its export and a ``DONE`` marker and is skipped. An unfinished stage restarts
 from its latest DeepSpeed checkpoint: module, optimizer and scheduler states, and the client state (optimizer
@@ -30,14 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from genrecal.distill import LossParts
 from genrecal.families import load_vlm
-from genrecal.recalibrator import Recalibrator
+from genrecal.recalibrator import Recalibrator, load_recalibrator, save_recalibrator
 from genrecal.resilient_teacher import ResilientTeacher
 from genrecal.sample import Sample
 from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable
-from student_trainer.accumulate import GradientAccumulator
 from student_trainer.config import TrainConfig
 from student_trainer.data import ShardedBatches
 from student_trainer.dataset import BadRecord, MicroBatchLoader
@@ -51,8 +49,9 @@ from student_trainer.distributed import (
 )
 from student_trainer.layout import RunLayout, RunRefusedError, write_json
 from student_trainer.metrics import MetricsLogger, plot_loss_curves
-from student_trainer.module import DistillationModule, split_state_dict
+from student_trainer.module import DistillationModule, full_state_dict, split_state_dict
 from student_trainer.prefetch import StepPrefetcher
+from student_trainer.step import StepMetrics, TrainStep
 from student_trainer.step_inputs import StepBuilder
 
 logger = logging.getLogger(__name__)
@@ -89,14 +88,15 @@ def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, lr_
 
 # KL of a Recalibrator path to the teacher (nats per answer token) above which stage 1 has not aligned it: an
 # aligned one sits at ~0.1-0.2 in the distillation benchmark, an unaligned one (predicting the end of turn
-# everywhere) at 3-6 (docs/benchmarks.md, "The Recalibrator was not aligned").
+# everywhere) at 3-6 (docs/notes/recalibrator-alignment.md).
 ALIGNED_KL = 1.0
 
 
-def check_alignment(ctx: DistContext, row: dict) -> None:
-    """At the end of stage 1: warn when a Recalibrator path's KL to the teacher is still above ``ALIGNED_KL``,
-    i.e. stage 2 would train the student through a mapping that does not yet carry the teacher's predictions."""
-    kls = {path: row[f"{path}_kl"] for path in ("L1", "L2") if f"{path}_kl" in row}
+def check_alignment(ctx: DistContext, parts: LossParts) -> None:
+    """At the end of stage 1: warn when a Recalibrator path's KL to the teacher (``parts``: the last step's) is
+    still above ``ALIGNED_KL``, i.e. stage 2 would train the student through a mapping that does not yet carry the
+    teacher's predictions."""
+    kls = {path: kl for path, kl in (("L1", parts.l1_kl), ("L2", parts.l2_kl)) if kl is not None}
     if not kls or not ctx.is_main:
         return
     shown = ", ".join(f"{path} {kl:.2f}" for path, kl in kls.items())
@@ -160,9 +160,10 @@ class StageRecipe:
         self.steps = config.steps_for(self.stage)  # this stage's optimizer steps
         self.lr, self.lr_end = config.lr_for(self.stage)
         self.engine = None
+        self.recalibrator: Recalibrator | None = None
         self.metrics: MetricsLogger | None = None
         self.inputs: StepPrefetcher | None = None
-        self.accumulator: GradientAccumulator | None = None
+        self.train_step: TrainStep | None = None
         self._hf_ds_config = None
 
     # ---- setup ---------------------------------------------------------------------------------------------
@@ -180,15 +181,15 @@ class StageRecipe:
         self.student = load_vlm(self.student_path, dtype=dtype, image_options=config.image_options)
         recalibrator = None
         if self.spec.needs_teacher:
-            seed_everything(config.seed + int(self.stage))  # the same fresh Recalibrator on every rank
-            recalibrator = Recalibrator(
-                self.student.adapter.recalibrator_spec(self.student.model), self.teacher.hidden_size,
-                num_blocks=config.rec_blocks,
-            )
-            if self.recalibrator_path is not None:
-                recalibrator.load_state_dict(load_file(self.recalibrator_path), strict=True)
+            spec = self.student.adapter.recalibrator_spec(self.student.model)
+            if self.recalibrator_path is None:
+                seed_everything(config.seed + int(self.stage))  # the same fresh Recalibrator on every rank
+                recalibrator = Recalibrator(spec, self.teacher.hidden_size, num_blocks=config.rec_blocks)
+            else:  # the previous stage's, checked against this student, teacher and block count
+                recalibrator = load_recalibrator(self.recalibrator_path, spec, self.teacher.hidden_size,
+                                                 num_blocks=config.rec_blocks)
             recalibrator.to(dtype)  # built outside zero.Init: cast like the student
-        self.recalibrator_keys = list(recalibrator.state_dict()) if recalibrator is not None else []
+        self.recalibrator = recalibrator
         self.student.model.train()
         params = set_trainable(self.stage, self.student.adapter.parameter_groups(self.student.model), recalibrator,
                                tied=config.tied_embeddings)
@@ -214,10 +215,11 @@ class StageRecipe:
                                    encode_options=self._encode_options())
         self.inputs = StepPrefetcher(self.builder.build, self.builder.release, start=self.step,
                                      stop=self.steps, depth=config.prefetch_steps)
-        self.accumulator = GradientAccumulator(self.engine, ctx, config, self.stage, self.teacher, self.inputs,
-                                               self.builder, self.bad_records, self.dp_world_size)
+        self.train_step = TrainStep(self.engine, ctx, config, self.stage, self.teacher, self.inputs, self.builder,
+                                    self.bad_records, self.dp_world_size)
         self.metrics = MetricsLogger(
-            self.layout.root, stage=int(self.stage), rank=ctx.rank, tensorboard=config.tensorboard,
+            self.layout.root, stage=int(self.stage), rank=ctx.rank, report_to=config.report_to,
+            tensorboard=config.tensorboard, run_config=config.to_dict(),
             resume_step=self.step,  # rows of steps after the checkpoint are logged again
         )
         log_rank0(
@@ -225,7 +227,7 @@ class StageRecipe:
             int(self.stage), self.stage.name.lower(), "resuming at step" if resumed else "starting,",
             self.step, self.steps, sum(getattr(p, "ds_numel", p.numel()) for p in params),
             zero_stage(self.ds_config), type(optimizer).__name__, str(dtype).removeprefix("torch."), ctx.world_size,
-            "; each Score overlaps the next micro-batch's forward" if self.accumulator.overlap else "",
+            "; each Score overlaps the next micro-batch's forward" if self.train_step.overlap else "",
         )
 
     def _load_latest_checkpoint(self) -> bool:
@@ -263,47 +265,29 @@ class StageRecipe:
             total=self.steps, initial=self.step, disable=not ctx.is_main,
             desc=f"stage {int(self.stage)} ({self.stage.name.lower()})", unit="step", dynamic_ncols=True,
         )
-        row = None  # the last step's metrics (the alignment check)
-        traffic = self.teacher.traffic if self.teacher is not None else None  # a remote teacher's byte counts
-        traffic_seen = traffic.snapshot() if traffic is not None else {}
+        last: StepMetrics | None = None  # the alignment check reads the last step's
         try:
             while self.step < self.steps:
                 if self.budget.exhausted:
                     log_rank0(ctx, "stopping at stage %d step %d (--stop-after-steps)", int(self.stage), self.step)
                     return False
-                start = time.perf_counter()
-                lr = self.engine.lr_scheduler.get_last_lr()[0]  # the rate this step uses
-                row = self.accumulate_gradients(self.step)
-                self.engine.step()  # the accumulation boundary: reduce, clip, AdamW, schedule
-                step_time = time.perf_counter() - start
-                row.update(lr=lr, step_time_s=step_time, tokens_per_s=row.pop("sequence_tokens") / step_time)
-                wait = ctx.all_reduce_sum([row.pop("teacher_wait_s") / step_time])[0] / ctx.world_size
-                if self.spec.needs_teacher:
-                    row["teacher_wait_share"] = wait  # mean over ranks
-                if traffic is not None:  # this rank's bytes to and from the teacher during the step (a prefetched
-                    now = traffic.snapshot()  # Encode counts in the step it ran in)
-                    row.update({f"wire_{key.lower()}_bytes": n - traffic_seen.get(key, 0) for key, n in now.items()})
-                    traffic_seen = now
-                self.metrics.log(self.step, row)
+                last = self.train_step.run(self.step)
+                self.metrics.log(self.step, last.to_row())
                 self.step += 1
                 self.budget.take()
                 progress.update(1)
                 if self.step % config.log_every == 0:
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                    progress.set_postfix(loss=f"{last.loss:.4f}", lr=f"{last.lr:.2e}")
                 if self.step % config.save_every == 0 or self.step == self.steps:
                     self.save_checkpoint()
         finally:
             progress.close()
-        if self.stage == Stage.ALIGNMENT and row is not None:
-            check_alignment(ctx, row)
+        if self.stage == Stage.ALIGNMENT and last is not None:
+            check_alignment(ctx, last.parts)
         return True
 
     def _encode_options(self) -> dict:
         return {"answer_log_probs": True} if self.config.uses_logit_distillation(self.stage) else {}
-
-    def accumulate_gradients(self, step: int) -> dict:
-        """Forward and backward of step ``step``'s micro-batches (:class:`GradientAccumulator`); its metrics."""
-        return self.accumulator.run(step)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -328,7 +312,7 @@ class StageRecipe:
     def export(self) -> None:
         """``stage{n}/student`` (plain checkpoint of the family), ``recalibrator.safetensors``, then ``DONE``."""
         ctx = self.ctx
-        state = self._full_state_dict()  # every rank takes part (ZeRO-3 gathers); a dict on rank 0
+        state = full_state_dict(self.engine.module, is_main=ctx.is_main)  # every rank takes part (ZeRO-3 gathers)
         if ctx.is_main:
             student_state, recalibrator_state = split_state_dict(state)
             target = self.files.student
@@ -338,10 +322,8 @@ class StageRecipe:
             self.student.processor.save_pretrained(tmp)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
-            if self.recalibrator_keys:
-                if sorted(recalibrator_state) != sorted(self.recalibrator_keys):
-                    raise AssertionError("the exported Recalibrator's keys differ from the trained one's")
-                save_file(recalibrator_state, self.files.recalibrator)
+            if self.recalibrator is not None:
+                save_recalibrator(self.files.recalibrator, self.recalibrator, state_dict=recalibrator_state)
             self.config.save(self.files.config)
             jsonl = self.metrics.path
             if jsonl.is_file():
@@ -352,15 +334,6 @@ class StageRecipe:
                     logger.warning("no loss curves for stage %d: %s", int(self.stage), exc)
             write_json(self.files.done, {"steps": self.step, "time": time.time()})
         ctx.barrier()
-
-    def _full_state_dict(self) -> dict | None:
-        if zero_stage(self.ds_config) == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
-            state = self.engine.module.state_dict() if self.ctx.is_main else None
-        if state is None:
-            return None
-        return {k: v.detach().cpu() for k, v in state.items()}
 
     def cleanup(self) -> None:
         if self.inputs is not None:

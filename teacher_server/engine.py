@@ -1,7 +1,7 @@
 """The teacher engine: the service's work, without gRPC.
 
 One frozen teacher VLM serves many student trainings. ``encode`` formats samples with the teacher's own
-processor, runs its body and returns ``z_al`` / ``z_ql`` (GENRECAL.md, "One training sample") and the teacher's
+processor, runs its body and returns ``z_al`` / ``z_ql`` (docs/method.md, "Spans") and the teacher's
 own CE on its answers (``teacher_ce``, its head on its prediction states, on the device thread), keeping the
 teacher's prediction-position states and answer ids under a handle (``teacher_server.handles``); ``score``
 scores Recalibrator answer outputs for those handles with the teacher's head (CE + KL,

@@ -37,7 +37,10 @@ OPEN_CALLS_PER_PEER = 4  # health / reflection calls one peer address may have o
 
 @dataclass(frozen=True)
 class CallLimits:
-    """Per-service limits; every one has a flag in ``python -m teacher_server --help``."""
+    """Per-service limits; every one has a flag in ``python -m teacher_server --help``.
+
+    The image limits (``--max-image-pixels``, ``--max-concurrent-decodes``) are the engine's, where images are
+    decoded: ``EngineConfig`` and ``teacher_server.images``."""
 
     call_timeout_s: float = 600.0  # server-side deadline of one call (queueing, device time and streaming)
     stream_idle_s: float = 30.0  # a stream that moves no frame for this long is cancelled
@@ -47,8 +50,6 @@ class CallLimits:
     max_calls_per_client: int = 64
     max_open_calls: int = 16  # health and reflection calls at once (they need no token)
     max_inflight_bytes: int = 2048 * MIB  # request + response payload bytes held by the calls in flight
-    max_image_pixels: int = 36_000_000  # width * height of one image, checked from its header before decoding
-    max_concurrent_decodes: int = 4  # images decoded at once, across calls
     max_connection_idle_s: float = 600.0  # close a connection without calls for this long (clients reconnect)
     max_connection_age_s: float = 0.0  # close connections older than this (0: never); in-flight calls finish
     reaper_interval_s: float = 0.5
@@ -57,8 +58,7 @@ class CallLimits:
         for name in ("call_timeout_s", "stream_idle_s", "reaper_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
-        for name in ("max_calls", "max_calls_per_client", "max_open_calls", "max_inflight_bytes",
-                     "max_image_pixels", "max_concurrent_decodes"):
+        for name in ("max_calls", "max_calls_per_client", "max_open_calls", "max_inflight_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -29,7 +29,7 @@ STUDENT_OPTIONS = "do_image_splitting=true,longest_edge=1024"  # SmolVLM-style: 
 ANSWER = " ".join(["The astronaut wears a white suit with patches on the sleeves and stands in front of a flag,"
                    " smiling at the camera while the light comes from the left."] * 5)  # ~150 teacher tokens
 FLAGS = ["--stages", "1,2", "--steps-per-stage", "1", "--grad-accum", "1", "--micro-batch-size", "1",
-         "--precision", "fp32", "--save-every", "100", "--no-tensorboard", "--data-workers", "0",
+         "--dtype", "float32", "--save-every", "100", "--no-tensorboard", "--data-workers", "0",
          "--image-options", STUDENT_OPTIONS]
 LOSS_KEYS = ("loss", "L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3")
 
@@ -76,7 +76,7 @@ def test_real_widths_remote_equals_in_process_and_the_wire_carries_what_the_loss
             lambda: train(subprocess_env, tmp_path / "inprocess", [*common, "--teacher-model", str(teacher)],
                           "--teacher-image-options", TEACHER_OPTIONS),
             lambda: train(subprocess_env, tmp_path / "remote", [*common, "--teacher-addr", server.address],
-                          "--teacher-wire-dtype", "fp32"),
+                          "--teacher-wire-dtype", "float32"),
             lambda: train(subprocess_env, tmp_path / "bf16", [*common, "--teacher-addr", server.address]),
         )
     finally:

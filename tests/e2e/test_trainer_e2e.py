@@ -36,7 +36,7 @@ STEPS = 3
 # A high learning rate so that stage 1's L1_ce falls clearly within 3 steps; a checkpoint only at a stage's end.
 FLAGS = ["--steps-per-stage", str(STEPS), "--grad-accum", "2", "--micro-batch-size", "1", "--lr", "1e-2",
          "--lr-end", "2e-3", "--save-every", "100", "--no-tensorboard",
-         "--teacher-wire-dtype", "fp32"]  # remote runs are compared with in-process ones: no bf16 rounding between
+         "--teacher-wire-dtype", "float32"]  # remote runs are compared with in-process ones: no bf16 rounding between
 LOSS_KEYS = ("loss", "L1_ce", "L1_kl", "L2_ce", "L2_kl", "L3")
 
 

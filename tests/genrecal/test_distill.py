@@ -116,3 +116,34 @@ def test_mismatched_teacher_features_are_refused(pair, rng):
     batch = student.encode(samples)
     with pytest.raises(ValueError, match="teacher features are for sample"):
         student_path_inputs(student.body_hidden_states(batch), batch, features)
+
+
+def test_loss_parts_add_reduce_and_name_their_metric_columns():
+    from genrecal.distill import LossParts
+
+    a, b = LossParts(l1_ce=1.0, l1_kl=0.5, l3=2.0), LossParts(l1_ce=0.25, l1_kl=0.125, l3=1.0)
+    total = a + b
+    assert total == LossParts(l1_ce=1.25, l1_kl=0.625, l3=3.0)  # the parts not computed stay None
+    assert total.to_row() == {"L1_ce": 1.25, "L1_kl": 0.625, "L3": 3.0}
+    assert LossParts(kd=0.1).to_row() == {"KD": 0.1} and LossParts(uld=0.2).to_row() == {"ULD": 0.2}
+    assert total.with_values([2 * v for v in total.values()]) == LossParts(l1_ce=2.5, l1_kl=1.25, l3=6.0)
+    with pytest.raises(AssertionError, match="l2_ce is computed on one side"):
+        _ = a + LossParts(l1_ce=1.0, l1_kl=0.5, l2_ce=1.0, l3=2.0)
+
+
+@pytest.mark.parametrize("stage", [Stage.ALIGNMENT, Stage.DISTILLATION, Stage.SFT])
+def test_objective_parts_are_the_stage_losses(pair, rng, stage):
+    """Each stage's objective reports exactly its own loss parts (the metric columns of its rows)."""
+    teacher, student = pair
+    samples = make_samples(rng, 2)
+    torch.manual_seed(2)
+    recalibrator = Recalibrator(student.adapter.recalibrator_spec(student.model), teacher.hidden_size)
+    objective = genrecal_objective(stage, student, student.encode(samples), recalibrator=recalibrator,
+                                   teacher=teacher, features=teacher.encode(samples),
+                                   losses=LossConfig(regularisation=stage != Stage.DISTILLATION))
+    expected = {Stage.ALIGNMENT: {"L1_ce", "L1_kl", "L2_ce", "L2_kl"}, Stage.DISTILLATION: {"L1_ce", "L1_kl", "L3"},
+                Stage.SFT: {"L3"}}[stage]
+    assert set(objective.parts.to_row()) == expected
+    assert all(v > 0 for v in objective.parts.to_row().values())
+    assert (objective.student_tokens is not None) == (stage != Stage.ALIGNMENT)
+    assert (objective.teacher_tokens is not None) == (stage != Stage.SFT)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
@@ -21,8 +25,10 @@ from genrecal.recalibrator import (
     RecalibratorInput,
     RecalibratorSpec,
     alignment_similarity,
+    load_recalibrator,
     mean_pool,
     mrope_position_ids,
+    save_recalibrator,
 )
 
 D_S = 32  # student hidden size
@@ -292,3 +298,75 @@ def test_mean_pooling_and_alignment_similarity(recalibrator):
         alignment_similarity(student, regularisation[:3])
     with pytest.raises(ValueError):
         mean_pool([])
+
+
+# ---- saving and loading ------------------------------------------------------------------------------------
+
+
+def test_a_saved_recalibrator_loads_with_its_own_block_count_and_gives_the_same_outputs(tmp_path):
+    spec = make_spec("qwen2_vl")
+    torch.manual_seed(0)
+    trained = Recalibrator(spec, teacher_hidden_size=D_L, num_blocks=3).eval()
+    path = save_recalibrator(tmp_path / "stage1" / "recalibrator.safetensors", trained)
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    assert {k: metadata[k] for k in ("num_blocks", "teacher_hidden_size", "student_hidden_size")} == {
+        "num_blocks": "3", "teacher_hidden_size": str(D_L), "student_hidden_size": str(D_S)}
+
+    torch.manual_seed(1)  # another fresh initialisation underneath: the file's weights must replace all of it
+    loaded = load_recalibrator(path, spec, D_L).eval()
+    assert len(loaded.rec_body) == 3
+    batch = make_batch(D_S)
+    with torch.no_grad():
+        for got, want in zip(loaded(batch, False), trained(batch, False), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(load_recalibrator(path, spec, D_L, num_blocks=3).rec_body) == 3  # the run's count agrees
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_blocks=2), r"num_blocks=3, but 2 was asked for \(set the run's Recalibrator block count"),
+        (dict(teacher_hidden_size=D_L + 8), rf"teacher_hidden_size={D_L}, but {D_L + 8} .*another teacher"),
+        (dict(student_hidden_size=D_S * 2), rf"student_hidden_size={D_S}, but {2 * D_S} .*another student"),
+    ],
+)
+def test_loading_into_another_student_teacher_or_block_count_is_refused(tmp_path, change, message):
+    path = save_recalibrator(tmp_path / "r.safetensors", Recalibrator(make_spec("qwen2"), D_L, num_blocks=3))
+    spec = make_spec("qwen2")
+    if "student_hidden_size" in change:
+        spec = RecalibratorSpec(Qwen2DecoderLayer, Qwen2Config(**{**TEXT_KWARGS, "hidden_size": 2 * D_S}),
+                                Qwen2RotaryEmbedding, Qwen2RMSNorm)
+    with pytest.raises(ValueError, match=message):
+        load_recalibrator(path, spec, change.get("teacher_hidden_size", D_L), num_blocks=change.get("num_blocks"))
+
+
+def test_a_file_without_metadata_loads_by_counting_its_blocks_and_says_so(tmp_path, caplog):
+    spec = make_spec("llama")
+    old = Recalibrator(spec, D_L, num_blocks=3)
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, path)  # as runs before the metadata did
+    with caplog.at_level(logging.WARNING, logger="genrecal.recalibrator"):
+        loaded = load_recalibrator(path, spec, D_L)
+    assert len(loaded.rec_body) == 3
+    torch.testing.assert_close(loaded.proj_post.weight, old.proj_post.weight, rtol=0, atol=0)
+    assert "no Recalibrator metadata" in caplog.text and "num_blocks=3" in caplog.text
+    # The teacher width is still checked, by the strict load: proj_pre's shape does not fit.
+    with pytest.raises(RuntimeError, match="proj_pre.weight"):
+        load_recalibrator(path, spec, D_L + 8)
+
+
+def test_bad_files_and_states_are_refused_with_a_fix(tmp_path):
+    spec = make_spec("qwen2")
+    recalibrator = Recalibrator(spec, D_L)
+    with pytest.raises(ValueError, match="no Recalibrator file at .*recalibrator.safetensors"):
+        load_recalibrator(tmp_path / "missing.safetensors", spec, D_L)
+    partial = dict(recalibrator.state_dict())
+    del partial["proj_post.bias"]
+    with pytest.raises(ValueError, match=r"exactly the Recalibrator's keys .*proj_post.bias"):
+        save_recalibrator(tmp_path / "partial.safetensors", recalibrator, state_dict=partial)
+    future = tmp_path / "future.safetensors"
+    save_file({k: v.contiguous() for k, v in recalibrator.state_dict().items()}, future,
+              metadata={"genrecal.recalibrator": "9"})
+    with pytest.raises(ValueError, match="format '9'; this genrecal reads format '1'"):
+        load_recalibrator(future, spec, D_L)

@@ -47,7 +47,7 @@ def main() -> None:
         recipe = StageRecipe(config, Stage.DISTILLATION, ctx, samples, resilient, student, None)
         try:
             recipe.setup()
-            row = recipe.accumulate_gradients(0)
+            metrics = recipe.train_step.run(0, update=False)  # the gradients reduced over ranks, not yet applied
             grads = {}
             for param_name, param in recipe.engine.module.named_parameters():
                 if param.requires_grad:
@@ -55,8 +55,8 @@ def main() -> None:
                     grads[param_name] = grad.detach().float().cpu().clone()
             used = [samples[i].sample_id for m in range(config.grad_accum) for i in recipe.batches.batch(m)]
             results[name] = {
-                "grads": grads, "sample_ids": ctx.all_gather_object(used), "row": row,
-                "world_size": ctx.world_size, "overlap": recipe.accumulator.overlap,
+                "grads": grads, "sample_ids": ctx.all_gather_object(used), "row": metrics.to_row(),
+                "world_size": ctx.world_size, "overlap": recipe.train_step.overlap,
             }
         finally:
             recipe.cleanup()

@@ -1,4 +1,4 @@
-"""Metrics JSONL + TensorBoard, resume truncation, and the loss-curve PNG."""
+"""Metrics JSONL + TensorBoard, resume truncation, and the loss-curve PNG (checked from the drawn lines)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from student_trainer.metrics import MetricsLogger, plot_loss_curves, read_metrics
+from student_trainer.metrics import LOSS_CURVES, MetricsLogger, plot_loss_curves, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -70,18 +70,32 @@ def test_resume_purges_tensorboard_points(tmp_path):
     assert scalar_events(tmp_path / "tensorboard")["stage1/L3"] == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0)]
 
 
-def curve_pixels(png, colour) -> int:
-    """How many pixels of the PNG have (about) ``colour`` (RGB, 0-255)."""
-    with Image.open(png) as image:
-        pixels = torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.int16)  # (H * W, 3)
-    return int(((pixels - torch.tensor(colour)).abs().max(dim=1).values <= 8).sum())
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """Every matplotlib Figure saved during the test, as it was saved (the real ``savefig`` still writes)."""
+    from matplotlib.figure import Figure
+
+    figures, savefig = [], Figure.savefig
+
+    def record(figure, *args, **kwargs):
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures
 
 
-TEACHER_RED = (214, 39, 40)  # matplotlib's fourth default colour ("C3"): the teacher's line, after L1, L2, L3
+def plotted_lines(figure) -> dict[str, tuple[list, list]]:
+    """{legend label: (steps, values)} of the figure's one axes; the legend must list exactly these lines."""
+    (axes,) = figure.axes
+    lines = {line.get_label(): ([float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()])
+             for line in axes.get_lines()}
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == list(lines)
+    return lines
 
 
 @pytest.mark.parametrize("with_teacher", [False, True])
-def test_loss_curve_png(tmp_path, with_teacher):
+def test_loss_curve_png(tmp_path, with_teacher, saved_figures):
     jsonl = tmp_path / "metrics" / "stage2.jsonl"
     with MetricsLogger(tmp_path, stage=2, tensorboard=False) as metrics:
         for step in range(5):
@@ -90,18 +104,33 @@ def test_loss_curve_png(tmp_path, with_teacher):
                 row["teacher_ce"] = 0.8 + 0.01 * step
             metrics.log(step, row)
     png = plot_loss_curves(jsonl, tmp_path / "plots" / "stage2.png")
-    data = png.read_bytes()
-    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
     with Image.open(png) as image:
-        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
-    # The teacher's line (and its legend entry) is drawn exactly when the rows carry teacher_ce.
-    assert (curve_pixels(png, TEACHER_RED) > 100) == with_teacher
+        assert image.format == "PNG" and image.size == (700, 450)  # figsize (7, 4.5) at 100 dpi
+    # One line per loss column the rows carry, drawn from the rows' values (the teacher's exactly when logged).
+    steps = [0.0, 1.0, 2.0, 3.0, 4.0]
+    want = {
+        LOSS_CURVES["L1_ce"]: (steps, [4.0, 3.5, 3.0, 2.5, 2.0]),
+        LOSS_CURVES["L2_ce"]: (steps, pytest.approx([3.0, 2.6, 2.2, 1.8, 1.4])),
+        LOSS_CURVES["L3"]: (steps, [5.0, 4.0, 3.0, 2.0, 1.0]),
+    }
+    if with_teacher:
+        want[LOSS_CURVES["teacher_ce"]] = (steps, pytest.approx([0.8, 0.81, 0.82, 0.83, 0.84]))
+    (figure,) = saved_figures
+    assert plotted_lines(figure) == want
+    assert figure.axes[0].get_title() == "Stage 2 losses"
 
-    # A stage-1 file with only L1/L2 and the teacher's CE plots too (stage 3 has no teacher: no such line).
+    # A stage-1 file with only L1/L2 and the teacher's CE, steps out of order: plotted in step order.
     stage1 = tmp_path / "stage1.jsonl"
     stage1.write_text("".join(json.dumps({"step": s, "L1_ce": 3.0 - s, "L2_ce": 2.5 - s, "teacher_ce": 0.9}) + "\n"
-                              for s in range(3)))
-    assert plot_loss_curves(stage1, tmp_path / "stage1.png").stat().st_size > 1000
+                              for s in (2, 0, 1)))
+    plot_loss_curves(stage1, tmp_path / "stage1.png", title="Stage 1 (alignment) losses")
+    assert (tmp_path / "stage1.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert plotted_lines(saved_figures[-1]) == {
+        LOSS_CURVES["L1_ce"]: ([0.0, 1.0, 2.0], [3.0, 2.0, 1.0]),
+        LOSS_CURVES["L2_ce"]: ([0.0, 1.0, 2.0], [2.5, 1.5, 0.5]),
+        LOSS_CURVES["teacher_ce"]: ([0.0, 1.0, 2.0], [0.9, 0.9, 0.9]),
+    }
+    assert saved_figures[-1].axes[0].get_title() == "Stage 1 (alignment) losses"
 
     (tmp_path / "no_losses.jsonl").write_text(json.dumps({"step": 0, "lr": 1e-4}) + "\n")
     with pytest.raises(ValueError, match="no loss columns"):

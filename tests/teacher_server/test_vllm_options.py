@@ -1,7 +1,9 @@
-"""The vLLM backend's configuration and token check, without vLLM (they run in the main venv)."""
+"""The vLLM backend's configuration and token check (in the main venv; vLLM's own EngineArgs in the vLLM venv)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -11,14 +13,38 @@ from teacher_server.backends.vllm_body import TokenMismatch, _check_tokens
 from teacher_server.config import EngineConfig, VllmOptions
 from teacher_server.errors import status_for
 
+ENGINE_ARGS_SCRIPT = """
+import dataclasses, json, sys
+from vllm.engine.arg_utils import EngineArgs
 
-def test_options_become_vllm_engine_arguments():
-    options = VllmOptions(tensor_parallel_size=4, pipeline_parallel_size=2, gpu_memory_utilization=0.7,
-                          max_model_len=8192, distributed_executor_backend="ray", max_images_per_sample=2)
-    assert options.engine_kwargs() == dict(
-        tensor_parallel_size=4, pipeline_parallel_size=2, gpu_memory_utilization=0.7,
-        limit_mm_per_prompt={"image": 2}, max_model_len=8192, distributed_executor_backend="ray")
-    assert "max_model_len" not in VllmOptions().engine_kwargs()  # unset: vLLM takes the checkpoint's limit
+out = []
+for kwargs in json.load(sys.stdin):
+    args = EngineArgs(model=sys.argv[1], **kwargs)  # what vllm.LLM(**kwargs) builds: unknown names are a TypeError
+    out.append({field.name: getattr(args, field.name) for field in dataclasses.fields(args)
+                if isinstance(getattr(args, field.name), (int, float, str, dict, type(None)))})
+json.dump(out, sys.stdout)
+"""
+
+
+def test_options_reach_vllm_engine_args(vllm_python, tiny_checkpoint):
+    """``engine_kwargs()`` goes to ``vllm.LLM``: vLLM's own ``EngineArgs`` takes every key, and each option lands on
+    vLLM's argument of the same name (the image count on ``limit_mm_per_prompt``); unset ones keep vLLM's default."""
+    options = [
+        VllmOptions(tensor_parallel_size=4, pipeline_parallel_size=2, gpu_memory_utilization=0.7,
+                    max_model_len=8192, distributed_executor_backend="ray", max_images_per_sample=2),
+        VllmOptions(),
+    ]
+    result = subprocess.run([vllm_python, "-c", ENGINE_ARGS_SCRIPT, str(tiny_checkpoint("qwen2_vl"))],
+                            input=json.dumps([o.engine_kwargs() for o in options]), capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    full, defaults = json.loads(result.stdout)
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_model_len",
+                 "distributed_executor_backend"):
+        assert full[name] == getattr(options[0], name), name
+        assert defaults[name] == (getattr(options[1], name) or defaults[name]), name  # None: vLLM's own default
+    assert full["limit_mm_per_prompt"]["image"] == 2 and defaults["limit_mm_per_prompt"]["image"] == 4
+    assert defaults["max_model_len"] is None and defaults["distributed_executor_backend"] is None  # vLLM decides
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -38,10 +38,20 @@ def test_generated_files_are_current(tmp_path: Path):
 
 
 def test_flattened_import():
+    """The stubs import the messages from ``genrecal.rpc`` (not the proto's package path) and serve every rpc."""
+    import grpc
+
     from genrecal.rpc import pb2, pb2_grpc
 
     text = (generate.DEFAULT_OUT / "teacher_pb2_grpc.py").read_text()
     assert "from genrecal.rpc import teacher_pb2 as" in text and "genrecal.teacher.v1 import" not in text
-    assert pb2_grpc.TeacherServiceStub is not None
+    assert pb2_grpc.genrecal_dot_teacher_dot_v1_dot_teacher__pb2 is pb2  # one module, not a second copy
     assert pb2.DESCRIPTOR.name == "genrecal/teacher/v1/teacher.proto"
     assert pb2.DESCRIPTOR.package == "genrecal.teacher.v1"
+    service = pb2.DESCRIPTOR.services_by_name["TeacherService"]
+    rpcs = {method.name for method in service.methods}
+    assert {"Info", "Encode", "Score", "Release"} <= rpcs
+    with grpc.insecure_channel("127.0.0.1:1") as channel:  # nothing listens: building the stub needs no server
+        stub = pb2_grpc.TeacherServiceStub(channel)
+        assert all(callable(getattr(stub, name)) for name in rpcs)
+    assert {name for name in rpcs if hasattr(pb2_grpc.TeacherServiceServicer, name)} == rpcs
