@@ -20,7 +20,8 @@ import torch
 
 from genrecal.distill import LossConfig, genrecal_objective
 from genrecal.families import LoadedVLM, load_vlm
-from genrecal.recalibrator import Recalibrator, load_recalibrator, save_recalibrator
+from genrecal.recalibrator import Recalibrator
+from genrecal.recalibrator_file import load_recalibrator, save_recalibrator
 from genrecal.sample import Sample
 from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable
 from genrecal.teacher import InProcessTeacher

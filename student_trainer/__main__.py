@@ -58,7 +58,8 @@ def _prog(default: str) -> str:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The whole command line: one subparser per command, its flags generated from its config dataclass."""
     from genrecal.cli import USAGE, add_arguments
-    from student_trainer.config import AlignConfig, TrainConfig
+    from student_trainer.align_config import AlignConfig
+    from student_trainer.config import TrainConfig
     from student_trainer.eval_config import EvalConfig
 
     prog = prog or _prog("python -m student_trainer")

@@ -24,11 +24,12 @@ from torch import Tensor, nn
 
 from genrecal.distill import regularisation_path_inputs, student_path_inputs
 from genrecal.families import LoadedVLM, load_vlm
-from genrecal.recalibrator import Recalibrator, alignment_similarity, load_recalibrator
+from genrecal.recalibrator import Recalibrator, alignment_similarity
+from genrecal.recalibrator_file import load_recalibrator
 from genrecal.resilient_teacher import open_teacher
 from genrecal.sample import Sample
 from genrecal.teacher import TeacherFeatures
-from student_trainer.config import AlignConfig
+from student_trainer.align_config import AlignConfig
 from student_trainer.data import load_dataset_samples
 
 

@@ -24,7 +24,7 @@ import logging
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,18 +68,7 @@ def exact_match(prediction: str, reference: str | Sequence[str]) -> bool:
 
 def token_f1(prediction: str, reference: str | Sequence[str]) -> float:
     """SQuAD v1.1's token F1 on normalised words; two empty answers score 1, one empty answer scores 0."""
-    predicted = normalize_answer(prediction).split()
-    best = 0.0
-    for ref in _references(reference):
-        expected = normalize_answer(ref).split()
-        if not predicted or not expected:
-            best = max(best, float(predicted == expected))
-            continue
-        shared = sum((Counter(predicted) & Counter(expected)).values())
-        if shared:
-            precision, recall = shared / len(predicted), shared / len(expected)
-            best = max(best, 2 * precision * recall / (precision + recall))
-    return best
+    return _best_f_measure(prediction, reference, lambda p, r: sum((Counter(p) & Counter(r)).values()))
 
 
 def rouge_l(prediction: str, reference: str | Sequence[str]) -> float:
@@ -87,6 +76,13 @@ def rouge_l(prediction: str, reference: str | Sequence[str]) -> float:
     ``P = lcs / len(prediction)``, ``R = lcs / len(reference)``, ``F = 2PR / (P + R)``. Empty answers as in
     :func:`token_f1`. O(len(prediction) * len(reference)) time; 256 x 256 words take milliseconds.
     """
+    return _best_f_measure(prediction, reference, _lcs_length)
+
+
+def _best_f_measure(prediction: str, reference: str | Sequence[str],
+                    overlap: Callable[[list[str], list[str]], int]) -> float:
+    """The best F-measure over the references, with precision ``overlap / len(prediction)`` and recall
+    ``overlap / len(reference)`` in normalised words."""
     predicted = normalize_answer(prediction).split()
     best = 0.0
     for ref in _references(reference):
@@ -94,9 +90,9 @@ def rouge_l(prediction: str, reference: str | Sequence[str]) -> float:
         if not predicted or not expected:
             best = max(best, float(predicted == expected))
             continue
-        lcs = _lcs_length(predicted, expected)
-        if lcs:
-            precision, recall = lcs / len(predicted), lcs / len(expected)
+        shared = overlap(predicted, expected)
+        if shared:
+            precision, recall = shared / len(predicted), shared / len(expected)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
 

@@ -32,7 +32,8 @@ import torch
 
 from genrecal.distill import LossParts
 from genrecal.families import load_vlm
-from genrecal.recalibrator import Recalibrator, load_recalibrator, save_recalibrator
+from genrecal.recalibrator import Recalibrator
+from genrecal.recalibrator_file import load_recalibrator, save_recalibrator
 from genrecal.resilient_teacher import ResilientTeacher
 from genrecal.sample import Sample
 from genrecal.stages import STAGES, Stage, frozen_modules_to_eval, set_trainable

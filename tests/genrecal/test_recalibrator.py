@@ -25,11 +25,10 @@ from genrecal.recalibrator import (
     RecalibratorInput,
     RecalibratorSpec,
     alignment_similarity,
-    load_recalibrator,
     mean_pool,
     mrope_position_ids,
-    save_recalibrator,
 )
+from genrecal.recalibrator_file import load_recalibrator, save_recalibrator
 
 D_S = 32  # student hidden size
 D_L = 48  # teacher hidden size
