@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         _run([sys.executable, "-m", "student_trainer", "align", "--student", str(run / "stage2" / "student"),
               "--recalibrator", str(run / "stage2" / "recalibrator.safetensors"), "--teacher-addr", server.address,
               "--data", str(alignment_pairs(test, work / "data" / "alignment_pairs.json")),
-              "--out", str(work / "alignment.png")], logs / "align.log")
+              "--output", str(work / "alignment.png")], logs / "align.log")
         timings["alignment plot"] = time.perf_counter() - t
     finally:
         server.terminate()

@@ -40,7 +40,7 @@ examples:
   torchrun --nproc_per_node 8 -m student_trainer --config run.yaml --lr 2e-4
   genrecal-eval --model runs/a/final --data test.json
   genrecal-train align --student runs/a/stage1/student \\
-      --recalibrator runs/a/stage1/recalibrator.safetensors --teacher-addr teacher:50051 --data val.json --out fig7.png
+      --recalibrator runs/a/stage1/recalibrator.safetensors --teacher-addr teacher:50051 --data val.json --output fig7.png
 """
 EVAL_DESCRIPTION = "Evaluate a checkpoint (a trained student or a teacher) on a VQA-style set: greedy answers scored " \
                    "by exact match, token F1 and ROUGE-L (docs/evaluate.md)."

@@ -55,7 +55,7 @@ class AlignConfig:
     batch_size: int = option(8, group=DATA, help="samples per forward pass")
     centre: bool = option(True, group=OUTPUT, help="subtract each path's mean pooled output over the N pairs "
                           "before the cosine, so the matrix shows what tells pairs apart")
-    out: str = option(group=OUTPUT, metavar="PNG", help="PNG file for the similarity matrix")
+    output: str = option(group=OUTPUT, metavar="PNG", old_names=("out",), help="PNG file for the similarity matrix")
 
     def __post_init__(self) -> None:
         if (self.teacher_addr is None) == (self.teacher_model is None):

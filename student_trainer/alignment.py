@@ -35,7 +35,7 @@ from student_trainer.data import load_dataset_samples
 
 def run_alignment(config: AlignConfig) -> tuple[float, Path]:
     """``python -m student_trainer align``: load the student, its Recalibrator and the teacher, compute the matrix
-    on ``config.limit`` pairs of ``config.data`` and plot it to ``config.out``. Returns (diagonal gap, PNG path);
+    on ``config.limit`` pairs of ``config.data`` and plot it to ``config.output``. Returns (diagonal gap, PNG path);
     the gap is NaN with fewer than 2 pairs."""
     dtype = config.torch_dtype
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,7 +54,7 @@ def run_alignment(config: AlignConfig) -> tuple[float, Path]:
     gap = diagonal_gap(matrix) if matrix.shape[0] >= 2 else float("nan")
     name = "/".join(Path(os.path.normpath(config.student)).parts[-2:])  # e.g. stage2/student
     title = f"Alignment (paper Fig. 7) of {name}, N={matrix.shape[0]}{', centred' if config.centre else ''}"
-    return gap, plot_alignment(matrix, config.out, title=title)
+    return gap, plot_alignment(matrix, config.output, title=title)
 
 
 @torch.no_grad()

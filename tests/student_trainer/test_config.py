@@ -59,12 +59,12 @@ def test_subcommands_and_the_default_command(base, tmp_path):
     recalibrator = tmp_path / "recalibrator.safetensors"
     recalibrator.write_bytes(b"")
     command, config = parse(["align", "--student", base["student"], "--recalibrator", str(recalibrator),
-                             "--teacher-model", base["teacher_model"], "--data", base["data"], "--out", "fig7.png",
+                             "--teacher-model", base["teacher_model"], "--data", base["data"], "--output", "fig7.png",
                              "--no-centre", "--dtype", "float32"])
     assert command == "align" and (config.limit, config.centre, config.dtype) == (32, False, "float32")
     with pytest.raises(ValueError, match="pass exactly one of --teacher-addr"):
         parse(["align", "--student", base["student"], "--recalibrator", str(recalibrator), "--data", base["data"],
-               "--out", "x.png"])
+               "--output", "x.png"])
     with pytest.raises(ValueError, match="missing --student, --data, --output"):
         parse([])
 

@@ -438,7 +438,7 @@ def test_eval_and_align_commands(uninterrupted_run, models, vqa_data, tmp_path, 
     png = tmp_path / "fig7.png"
     assert main(["align", "--student", str(stage1 / "student"), "--recalibrator",
                  str(stage1 / "recalibrator.safetensors"), "--teacher-model", str(teacher_path), "--data",
-                 str(vqa_data), "--limit", "4", "--out", str(png)]) == 0
+                 str(vqa_data), "--limit", "4", "--output", str(png)]) == 0
     assert "diagonal gap" in capsys.readouterr().out and png.stat().st_size > 0
 
 
