@@ -187,7 +187,7 @@ class EvalReport:
         return {t: (scores["exact_match"], counts[t]) for t, scores in self.per_type_scores.items()}
 
     def to_json(self) -> dict:
-        per_type = self.per_type
+        counts = Counter(p.question_type for p in self.predictions)
         return {
             "model": self.model,
             "data": self.data,
@@ -196,7 +196,7 @@ class EvalReport:
             "score": self.score,
             "scores": self.scores,
             "accuracy": self.accuracy,  # = scores["exact_match"]
-            "per_type": {t: {"count": per_type[t][1], **scores, "accuracy": scores["exact_match"]}
+            "per_type": {t: {"count": counts[t], **scores, "accuracy": scores["exact_match"]}
                          for t, scores in self.per_type_scores.items()},
             "generation": self.generation,
             "predictions": [asdict(p) for p in self.predictions],
@@ -212,7 +212,8 @@ class EvalReport:
     def table(self) -> str:
         """A plain-text table: one row per question type, then overall; every metric in %, the headline one
         marked with ``*``."""
-        rows = [(t, s, self.per_type[t][1]) for t, s in self.per_type_scores.items()]
+        counts = Counter(p.question_type for p in self.predictions)
+        rows = [(t, s, counts[t]) for t, s in self.per_type_scores.items()]
         rows.append(("overall", self.scores, self.count))
         width = max(len("type"), *(len(name) for name, _, _ in rows))
         names = [m + ("*" if m == self.metric else "") for m in METRICS]
