@@ -376,6 +376,9 @@ class TrainConfig:
         """``{field: (saved, now)}`` for the run-defining fields that differ from a saved config (one written by an
         earlier version too: ``precision: bf16`` is ``dtype: bfloat16``)."""
         saved = upgrade_old_names(TrainConfig, saved)
+        if "teacher_wire_dtype" not in saved and "resolved_dtype" in saved:
+            # Written before --teacher-wire-dtype existed: Score's tensors travelled in the training dtype.
+            saved["teacher_wire_dtype"] = saved["resolved_dtype"]
         now = asdict(self)
         return {k: (saved.get(k), now[k]) for k in RUN_DEFINING_FIELDS if k in saved and saved.get(k) != now[k]}
 

@@ -94,6 +94,16 @@ def test_a_run_saved_with_the_old_dtype_names_resumes(base, tmp_path):
     assert TrainConfig(**load_config_file(tmp_path / "config.json", TrainConfig)) == config
 
 
+def test_a_run_saved_before_the_wire_dtype_option_resumes_only_on_its_old_wire(base):
+    """Runs written before --teacher-wire-dtype sent Score's tensors in the training dtype: resuming an fp32 run on
+    today's default (bf16 wire) is refused and names the setting, instead of changing the arithmetic silently."""
+    saved = TrainConfig(**base, dtype="float32").to_dict()
+    del saved["teacher_wire_dtype"]
+    assert TrainConfig(**base, dtype="float32").run_differences(saved) == {
+        "teacher_wire_dtype": ("float32", "bfloat16")}
+    assert TrainConfig(**base, dtype="float32", teacher_wire_dtype="float32").run_differences(saved) == {}
+
+
 def test_test_only_flags_are_hidden_but_accepted(base, capsys):
     with pytest.raises(SystemExit):
         build_parser("genrecal-train").parse_args(["train", "--help"])
