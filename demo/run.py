@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,13 +40,31 @@ def alignment_pairs(test_json: Path, out: Path) -> Path:
     return out
 
 
+# The trainer's per-stage tqdm bars ("stage 1 (alignment):  40%|...| 40/100 [...]"): shown on the terminal.
+PROGRESS_BAR = re.compile(rb"^stage \d+ \([a-z]+\): +\d+%\|")
+
+
 def _run(cmd: list[str], log: Path) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    with open(log, "w") as f:
-        result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    if result.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-        raise SystemExit(f"command failed ({result.returncode}); last lines of {log}:\n{tail}")
+    """Run ``cmd`` with its whole output in ``log``; its progress bars also go to stderr, one line per stage."""
+    print("$ " + " ".join(cmd) + f"   (log: {log})", flush=True)
+    shown, rest = None, b""
+    with open(log, "wb") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                env=dict(os.environ, HF_HUB_OFFLINE="1")) as proc:
+        for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
+            f.write(chunk)
+            *segments, rest = re.split(rb"[\r\n]", rest + chunk)  # tqdm redraws a line with \r
+            for segment in filter(PROGRESS_BAR.match, segments):
+                stage = segment.split(b":", 1)[0]
+                if shown is not None and stage != shown:
+                    sys.stderr.write("\n")  # the next stage's bar on a line of its own
+                sys.stderr.write("\r" + segment.decode(errors="replace"))
+                sys.stderr.flush()
+                shown = stage
+    if shown is not None:
+        sys.stderr.write("\n")
+    if proc.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        raise SystemExit(f"command failed ({proc.returncode}); last lines of {log}:\n{tail}")
 
 
 def main(argv: list[str] | None = None) -> None:

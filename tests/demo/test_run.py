@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,9 @@ def test_a_shortened_demo_runs_end_to_end_and_prints_the_table(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The trainer's output goes to its log; its progress bars also reach the terminal, each stage finished.
+    for stage in ("1 (alignment)", "2 (distillation)", "3 (sft)"):
+        assert re.search(rf"stage {re.escape(stage)}: +100%\|", result.stderr), result.stderr[-3000:]
 
     # The table: one row per model, with the overall and per-type accuracy over the 6 test questions.
     lines = result.stdout.splitlines()
