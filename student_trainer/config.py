@@ -44,7 +44,7 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 # Fields that decide the arithmetic or the data order of a run: a resumed run must keep them.
 RUN_DEFINING_FIELDS = (
-    "student", "data", "image_folder", "data_limit", "stages", "lr", "lr_end", "warmup_steps", "weight_decay",
+    "student", "data", "data_split", "data_config", "image_folder", "data_limit", "stages", "lr", "lr_end", "warmup_steps", "weight_decay",
     "grad_accum", "micro_batch_size", "steps_per_stage", "alignment_steps", "alignment_lr", "rec_blocks", "dtype",
     "seed", "max_length", "ce_weight", "kl_weight", "regularisation", "sft_weight", "grad_clip",
     "logit_distillation", "logit_distillation_weight", "tied_embeddings", "teacher_wire_dtype", "image_options",
@@ -92,6 +92,11 @@ class TrainConfig:
                        "messages records, mixed as you like), a .parquet/.arrow file, a datasets save_to_disk folder, "
                        "or a Hugging Face Hub dataset id (owner/name or owner/name:split, through datasets; offline "
                        "from its cache with HF_HUB_OFFLINE=1); docs/student_trainer.md, 'Data formats'")
+    data_split: str = option("train", group=DATA, metavar="SPLIT", help="split of a datasets save_to_disk folder "
+                             "or a Hub dataset (a Hub id's ':SPLIT' wins)")
+    data_config: str | None = option(None, group=DATA, metavar="NAME", help="configuration (subset) of a Hub "
+                                     "dataset that has several, e.g. one of lmms-lab/LLaVA-OneVision-Data's "
+                                     "(datasets.load_dataset's name)")
     image_folder: str | None = option(None, group=DATA, metavar="PATH", help="folder that image file names in "
                                       "the data are relative to (default: the data file's folder)")
     data_limit: int | None = option(None, group=DATA, metavar="N", help="use only the first N training records "
@@ -207,6 +212,9 @@ class TrainConfig:
         if not Path(self.data).exists() and not is_hub_id(self.data):
             raise ValueError(f"data {self.data!r} does not exist; pass a .json/.jsonl file, a .parquet/.arrow file, a "
                              "datasets save_to_disk folder or a Hugging Face Hub dataset id (owner/name[:split])")
+        if not self.data_split or self.data_config == "":
+            raise ValueError("data_split must name a split (default train) and data_config a configuration or be "
+                             "left out")
         if self.image_folder is not None and not Path(self.image_folder).is_dir():
             raise ValueError(f"image_folder {self.image_folder!r} is not a folder")
         if self.eval_data is not None and not Path(self.eval_data).exists() and not is_hub_id(self.eval_data):

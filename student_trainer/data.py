@@ -60,6 +60,7 @@ def load_dataset_samples(
     *,
     image_folder: str | Path | None = None,
     split: str = "train",
+    config_name: str | None = None,
     limit: int | None = None,
     skip_bad: bool = True,
 ) -> tuple[list[Sample], SkipReport]:
@@ -71,6 +72,7 @@ def load_dataset_samples(
         image_folder: where image file names are resolved; default the data file's folder (or the dataset folder;
             the working directory for a Hub id).
         split: the split of a saved ``DatasetDict`` or Hub dataset (ignored for single-split sources).
+        config_name: the configuration of a Hub dataset that has several (``datasets.load_dataset``'s ``name``).
         limit: return at most this many samples (reading stops once that many usable ones are found).
         skip_bad: skip records that raise :class:`SampleError` (counted in the report, with a warning); when
             False the first bad record's error propagates, naming the sample.
@@ -86,7 +88,7 @@ def load_dataset_samples(
     root = Path(image_folder) if image_folder is not None else default_image_folder(path)
     samples: list[Sample] = []
     report = SkipReport()
-    for index, record in _records(path, split):
+    for index, record in _records(path, split, config_name):
         if limit is not None and len(samples) >= limit:
             break
         report.total += 1
@@ -106,14 +108,14 @@ def load_dataset_samples(
     return samples, report
 
 
-def load_question_types(path: str | Path, *, split: str = "train") -> dict[str, str]:
+def load_question_types(path: str | Path, *, split: str = "train", config_name: str | None = None) -> dict[str, str]:
     """``{sample_id: question type}`` for the records that carry a ``"type"`` or ``"question_type"`` key.
 
     Reads only the id and type columns of a dataset (images are not decoded); sample ids match
     :func:`load_dataset_samples`.
     """
     types = {}
-    for index, record in _records(path, split, columns=("id", *QUESTION_TYPE_KEYS)):
+    for index, record in _records(path, split, config_name, columns=("id", *QUESTION_TYPE_KEYS)):
         if not isinstance(record, dict):
             continue
         value = next((record[key] for key in QUESTION_TYPE_KEYS if record.get(key) is not None), None)
@@ -122,8 +124,9 @@ def load_question_types(path: str | Path, *, split: str = "train") -> dict[str, 
     return types
 
 
-def _records(path: str | Path, split: str, columns: tuple[str, ...] | None = None) -> Iterator[tuple[int, object]]:
-    index = open_index(path, split, columns=columns)
+def _records(path: str | Path, split: str, config_name: str | None,
+             columns: tuple[str, ...] | None = None) -> Iterator[tuple[int, object]]:
+    index = open_index(path, split, config_name=config_name, columns=columns)
     for i in range(len(index)):
         yield i, index.record(i)
 

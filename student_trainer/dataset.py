@@ -39,12 +39,12 @@ class LazySamples(torch.utils.data.Dataset):
     """``dataset[i]``: record ``i`` as a :class:`Sample` (images decoded now), or a :class:`BadRecord`."""
 
     def __init__(self, path: str | Path, *, image_folder: str | Path | None = None, split: str = "train",
-                 limit: int | None = None):
+                 config_name: str | None = None, limit: int | None = None):
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be a positive number of records or None, got {limit}")
         self.path = path  # a local path or a Hub dataset id
         self.image_folder = Path(image_folder) if image_folder is not None else default_image_folder(path)
-        self.index = open_index(path, split)
+        self.index = open_index(path, split, config_name=config_name)
         self.size = len(self.index) if limit is None else min(limit, len(self.index))
         if self.size == 0:
             raise ValueError(f"{self.path}: no records; check the data path and split")

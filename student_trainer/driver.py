@@ -40,7 +40,8 @@ def connect_teacher(config: TrainConfig, ctx: DistContext) -> ResilientTeacher:
 def run_training(config: TrainConfig, ctx: DistContext) -> Path | None:
     """Run (or resume) the configured stages; return ``OUT/final``, or None when stopped early."""
     layout = prepare_output(config, ctx)
-    samples = LazySamples(config.data, image_folder=config.image_folder, limit=config.data_limit)
+    samples = LazySamples(config.data, image_folder=config.image_folder, split=config.data_split,
+                          config_name=config.data_config, limit=config.data_limit)
     log_rank0(ctx, "training data: %d records in %s (read lazily, %d worker processes per rank)", len(samples),
               config.data, config.data_workers)
     if config.validate_data:  # each rank checks every world_size-th record

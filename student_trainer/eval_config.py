@@ -35,6 +35,8 @@ class EvalConfig:
     image_folder: str | None = field(default=None, metadata={
         "help": "folder image names are relative to (default: the data's folder)"})
     split: str = field(default="train", metadata={"help": "split of a saved DatasetDict or a Hub dataset"})
+    data_config: str | None = field(default=None, metadata={"help": (
+        "configuration (subset) of a Hub dataset that has several (datasets.load_dataset's name)")})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N usable samples"})
     batch_size: int = field(default=8, metadata={"help": "samples per generate call, left-padded"})
     max_new_tokens: int = field(default=256, metadata={

@@ -239,6 +239,7 @@ def run_eval(config: EvalConfig) -> int:
     """The ``eval`` command: evaluate, print the table, write the JSON report if asked. Returns the exit status."""
     report = evaluate(
         config.model, config.data, image_folder=config.image_folder, limit=config.limit, split=config.split,
+        config_name=config.data_config,
         batch_size=config.batch_size, max_new_tokens=config.max_new_tokens, metric=config.metric,
         device=config.device, dtype=TORCH_DTYPES[config.dtype], image_options=config.image_options,
     )
@@ -259,6 +260,7 @@ def evaluate(
     max_new_tokens: int = 256,
     metric: str = "auto",
     split: str = "train",
+    config_name: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     image_options: dict | str | None = None,
@@ -268,7 +270,7 @@ def evaluate(
 
     Args:
         model_dir: any checkpoint :func:`genrecal.families.load_vlm` supports.
-        data_path, image_folder, split, limit: as for :func:`student_trainer.data.load_dataset_samples` (bad
+        data_path, image_folder, split, config_name, limit: as for :func:`student_trainer.data.load_dataset_samples` (bad
             records are skipped and counted in the log).
         batch_size, max_new_tokens: as for :func:`generate_answers`.
         metric: the report's headline metric, ``"auto"`` or one of :data:`METRICS` (all are computed).
@@ -281,8 +283,9 @@ def evaluate(
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     if metric != "auto" and metric not in METRICS:
         raise ValueError(f"metric must be 'auto' or one of {', '.join(METRICS)}, got {metric!r}")
-    samples, _ = load_dataset_samples(data_path, image_folder=image_folder, split=split, limit=limit)
-    types = load_question_types(data_path, split=split)
+    samples, _ = load_dataset_samples(data_path, image_folder=image_folder, split=split, config_name=config_name,
+                                      limit=limit)
+    types = load_question_types(data_path, split=split, config_name=config_name)
     vlm = load_vlm(model_dir, dtype=dtype, image_options=image_options)
     vlm.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generated = generate_answers(vlm, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,

@@ -36,7 +36,8 @@ reads offline, so download the pictures first. A record without an ``id`` gets i
 
 **Sources** (:func:`open_index`): a ``.json`` array or JSON Lines file (``.jsonl``, or a ``.json`` written one record
 a line); a Hugging Face dataset by local path (a ``save_to_disk`` folder, whose ``split`` picks a split of a
-``DatasetDict``; a ``.parquet`` / ``.arrow`` file); or by Hub id (``owner/name``, or ``owner/name:split``) through
+``DatasetDict``; a ``.parquet`` / ``.arrow`` file); or by Hub id (``owner/name``, or ``owner/name:split``; a set of
+several configurations, such as ``lmms-lab/LLaVA-OneVision-Data``, also needs ``config_name``) through
 ``datasets.load_dataset``, which reads its cache offline (``HF_HUB_OFFLINE=1``): a set not in the cache is refused
 with an error saying so. Start-up cost and memory per rank (N records):
 
@@ -397,20 +398,25 @@ class ArrowIndex:
         return self.table[i : i + 1].to_pylist()[0]
 
 
-def open_index(source: str | Path, split: str = "train", *, columns: tuple[str, ...] | None = None) -> RecordIndex:
+def open_index(source: str | Path, split: str = "train", *, config_name: str | None = None,
+               columns: tuple[str, ...] | None = None) -> RecordIndex:
     """The record index of ``source`` (see the module docstring), its format checked on the first records.
 
+    ``config_name`` picks a configuration (subset) of a Hub dataset that has several (``load_dataset(id, name)``).
     ``columns`` restricts dataset rows to those columns (when present) and skips the format check.
-    Raises ``ValueError`` naming the fix: a missing path, an uncached Hub id offline, an unknown split, a source in
-    no known format.
+    Raises ``ValueError`` naming the fix: a missing path, an uncached Hub id offline, an unknown split or
+    configuration, a source in no known format.
     """
     path = Path(source)
+    if config_name is not None and (path.exists() or not is_hub_id(str(source))):
+        raise ValueError(f"a dataset configuration ({config_name!r}) applies to a Hugging Face Hub dataset id "
+                         f"only, and {str(source)!r} is not one; leave the configuration out")
     if path.is_file() and path.suffix in JSON_SUFFIXES:
         index = _open_json(path)
     elif path.exists():
         index = ArrowIndex(_open_local_dataset(path, split), columns)
     elif is_hub_id(str(source)):
-        index = ArrowIndex(_open_hub_dataset(str(source), split), columns)
+        index = ArrowIndex(_open_hub_dataset(str(source), split, config_name), columns)
     else:
         raise ValueError(f"data path {str(source)!r} does not exist; pass a .json/.jsonl file, a .parquet/.arrow "
                          "file, a datasets save_to_disk folder or a Hugging Face Hub dataset id (owner/name)")
@@ -499,24 +505,30 @@ def _open_local_dataset(path: Path, split: str):
     return _pick_split(loaded, split, str(path))
 
 
-def _open_hub_dataset(source: str, split: str):
-    """``owner/name[:split]`` through ``datasets.load_dataset`` (its cache when offline)."""
+def _open_hub_dataset(source: str, split: str, config_name: str | None):
+    """``owner/name[:split]`` through ``datasets.load_dataset`` (its cache when offline), one split of it."""
     import datasets
 
     name, _, pinned = source.partition(":")
+    split = pinned or split
+    config = f", {config_name!r}" if config_name else ""
     try:
-        loaded = datasets.load_dataset(name)
+        return datasets.load_dataset(name, config_name, split=split)
     except OSError as exc:  # ConnectionError (offline, unreachable), FileNotFoundError (no such set), HTTP errors
         if datasets.config.HF_HUB_OFFLINE:
             raise ValueError(
-                f"{source!r} is not a local path, and the Hugging Face Hub dataset {name!r} is not in the datasets "
-                f"cache ({datasets.config.HF_DATASETS_CACHE}) while this machine is offline (HF_HUB_OFFLINE / "
-                f"HF_DATASETS_OFFLINE): load it once where the Hub is reachable, with the same HF_HOME "
-                f"(python -c \"import datasets; datasets.load_dataset('{name}')\"), or pass a local path"
+                f"{source!r} is not a local path, and the Hugging Face Hub dataset {name!r}{config} is not in the "
+                f"datasets cache ({datasets.config.HF_DATASETS_CACHE}) while this machine is offline "
+                f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): load it once where the Hub is reachable, with the same "
+                f"HF_HOME (python -c \"import datasets; datasets.load_dataset('{name}'{config})\"), or pass a "
+                "local path"
             ) from exc
         raise ValueError(f"{source!r} is not a local path, and loading it as a Hugging Face Hub dataset failed "
                          f"({exc}); check the path or the dataset id") from exc
-    return _pick_split(loaded, pinned or split, source)
+    except ValueError as exc:  # a configuration missing or unknown (several in the set or the cache), a split unknown
+        reason = str(exc).rstrip(".")
+        raise ValueError(f"Hugging Face Hub dataset {name!r}{config}, split {split!r}: {reason}. Pick the "
+                         f"configuration with --data-config NAME and the split with '{name}:SPLIT'") from exc
 
 
 def _pick_split(loaded, split: str, source: str):

@@ -54,8 +54,10 @@ def test_subcommands_and_the_default_command(base, tmp_path):
     assert with_command([]) == ["train"] and with_command(["-h"]) == ["-h"]
     command, config = parse(["train", *flags(base), "--stages", "sft"])
     assert command == "train" and config.stages == "3"
+    command, config = parse(["train", *flags(base), "--data-config", "shapes", "--data-split", "validation"])
+    assert (config.data_config, config.data_split) == ("shapes", "validation")  # what the run opens the data with
     command, config = parse(["eval", "--model", base["student"], "--data", base["data"], "--limit", "2"])
-    assert command == "eval" and (config.model, config.limit) == (base["student"], 2)
+    assert command == "eval" and (config.model, config.limit, config.data_config) == (base["student"], 2, None)
     recalibrator = tmp_path / "recalibrator.safetensors"
     recalibrator.write_bytes(b"")
     command, config = parse(["align", "--student", base["student"], "--recalibrator", str(recalibrator),

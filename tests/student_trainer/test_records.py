@@ -22,7 +22,7 @@ from genrecal.sample import Turn, source_bytes
 from student_trainer.config import TrainConfig
 from student_trainer.data import load_dataset_samples
 from student_trainer.dataset import BadRecord, LazySamples
-from student_trainer.records import JsonlIndex, is_hub_id, record_to_sample
+from student_trainer.records import JsonlIndex, is_hub_id, open_index, record_to_sample
 from tests.conftest import REPO, random_image
 
 SYSTEM = "You answer in one word."
@@ -344,3 +344,68 @@ def test_a_hub_id_loads_offline_from_the_datasets_cache(tmp_path, rng, subproces
     assert "'tiny-org/not-downloaded' is not a local path" in refusal
     assert "not in the datasets cache" in refusal and str(hf_home / "datasets") in refusal
     assert "offline (HF_HUB_OFFLINE" in refusal
+
+
+MULTI_CONFIG_CHECK = textwrap.dedent("""
+    import json
+    from student_trainer.data import load_dataset_samples
+    from student_trainer.dataset import LazySamples
+    refusals = {}
+    for name, kwargs in {"missing": {}, "unknown": {"config_name": "sizes"},
+                         "split": {"split": "test", "config_name": "shapes"}}.items():
+        try:
+            LazySamples("tiny-org/multi", **kwargs)
+        except ValueError as exc:
+            refusals[name] = str(exc)
+    shapes = LazySamples("tiny-org/multi", config_name="shapes")
+    colours, _ = load_dataset_samples("tiny-org/multi:train", config_name="colours")
+    print(json.dumps({"shapes": shapes[0].answers, "colours": colours[0].answers, "refusals": refusals}))
+""")
+
+
+def test_a_hub_dataset_of_several_configurations_needs_one_named(tmp_path, subprocess_env):
+    """A Hub set of several configurations (as lmms-lab/LLaVA-OneVision-Data) in the offline cache: each loads
+    with its name (--data-config); without one, or with one not cached, or with an unknown split, the error says
+    which configurations there are and how to pick one."""
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.parquet.parquet import Parquet, ParquetConfig
+
+    configs = []
+    for name, answer in (("colours", "Red."), ("shapes", "Circle.")):
+        row = {"messages": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": answer}]}
+        datasets.Dataset.from_list([row]).to_parquet(str(tmp_path / f"{name}.parquet"))
+        configs.append(ParquetConfig(name=name, data_files=DataFilesDict.from_patterns(
+            {"train": [f"{name}.parquet"]}, base_path=str(tmp_path))))
+
+    class HubParquet(Parquet):
+        BUILDER_CONFIGS = configs
+
+    hf_home = tmp_path / "hf"
+    for config in configs:
+        builder = HubParquet(cache_dir=str(hf_home / "datasets"), config_name=config.name,
+                             dataset_name="tiny-org___multi", hash="0" * 16)
+        builder.dataset_name = "multi"
+        builder.download_and_prepare()
+
+    env = {**subprocess_env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_DATASETS_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", MULTI_CONFIG_CHECK], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shapes"] == ["Circle."] and result["colours"] == ["Red."]
+    refusals = result["refusals"]
+    assert set(refusals) == {"missing", "unknown", "split"}
+    for refusal in refusals.values():
+        assert "Pick the configuration with --data-config NAME" in refusal
+    assert "colours" in refusals["missing"] and "shapes" in refusals["missing"]
+    assert "'sizes'" in refusals["unknown"] and "['colours', 'shapes']" in refusals["unknown"]
+    assert "split 'test'" in refusals["split"] and "['train']" in refusals["split"]
+
+
+def test_a_dataset_configuration_is_for_hub_ids_only(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "content": "4"}]}) + "\n")
+    with pytest.raises(ValueError, match="applies to a Hugging Face Hub dataset id only"):
+        open_index(data, config_name="shapes")
