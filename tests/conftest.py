@@ -76,22 +76,33 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 VLLM_PYTHON_ENV = "GENRECAL_VLLM_PYTHON"
+LMMS_EVAL_PYTHON_ENV = "GENRECAL_LMMS_EVAL_PYTHON"
+
+
+def _other_venv_python(variable: str, script: str, venv: str) -> str:
+    """The python of a tool's own venv, from ``$variable``: ``.ci/run`` always creates the venv and sets the
+    variable; without it the tests that need the tool skip, and a path that is set but wrong fails them."""
+    python = os.environ.get(variable)
+    if not python:
+        pytest.skip(f"${variable} is unset: create the venv with `{script}` and set {variable}={venv}/bin/python "
+                    "(.ci/run does both)")
+    if not Path(python).is_file():
+        pytest.fail(f"${variable}={python!r} is not a file; run {script} or fix the path")
+    return python
 
 
 @pytest.fixture(scope="session")
 def vllm_python() -> str:
     """The python of the vLLM venv (``.ci/vllm-venv``; vLLM cannot share the main venv), from $GENRECAL_VLLM_PYTHON.
+    Tests of the vLLM backend start the teacher server with it."""
+    return _other_venv_python(VLLM_PYTHON_ENV, ".ci/vllm-venv", ".venv-vllm")
 
-    Tests of the vLLM backend start the teacher server with it. ``.ci/run`` always sets the variable; without
-    it those tests skip, and a path that is set but wrong fails them.
-    """
-    python = os.environ.get(VLLM_PYTHON_ENV)
-    if not python:
-        pytest.skip(f"${VLLM_PYTHON_ENV} is unset: create the vLLM venv with `.ci/vllm-venv` and set "
-                    f"{VLLM_PYTHON_ENV}=.venv-vllm/bin/python (.ci/run does both)")
-    if not Path(python).is_file():
-        pytest.fail(f"${VLLM_PYTHON_ENV}={python!r} is not a file; run .ci/vllm-venv or fix the path")
-    return python
+
+@pytest.fixture(scope="session")
+def lmms_eval_python() -> str:
+    """The python of the lmms-eval venv (``.ci/lmms-eval-venv``; lmms-eval needs filelock < 4, which the main
+    venv's libraries do not accept), from $GENRECAL_LMMS_EVAL_PYTHON."""
+    return _other_venv_python(LMMS_EVAL_PYTHON_ENV, ".ci/lmms-eval-venv", ".venv-lmms-eval")
 
 
 @pytest.fixture(scope="session")

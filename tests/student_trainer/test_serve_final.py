@@ -57,10 +57,10 @@ json.dump([{"prompt_token_ids": list(o.prompt_token_ids), "token_ids": list(o.ou
 """
 
 
-def train_final_student(student, vqa_data, env, output) -> Path:
-    """``OUTPUT/final`` of a two-step stage-3 run of the trainer CLI (no teacher needed)."""
-    flags = ["--stages", "3", "--student", student, "--data", vqa_data, "--output", output, "--steps-per-stage", "2",
-             "--grad-accum", "1", "--micro-batch-size", "2", "--lr", "2e-3", "--lr-end", "2e-3", "--seed", "0",
+def train_final_student(student, vqa_data, env, output, *, steps: int = 2, lr: float = 2e-3) -> Path:
+    """``OUTPUT/final`` of a short stage-3 run of the trainer CLI (no teacher needed)."""
+    flags = ["--stages", "3", "--student", student, "--data", vqa_data, "--output", output, "--steps-per-stage", steps,
+             "--grad-accum", "1", "--micro-batch-size", "2", "--lr", lr, "--lr-end", lr, "--seed", "0",
              "--no-tensorboard", "--data-workers", "0"]
     result = subprocess.run([sys.executable, "-m", "student_trainer", *map(str, flags)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=420)
