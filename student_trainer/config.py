@@ -201,7 +201,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from genrecal.families.resolution import check_image_options, parse_image_options
         from genrecal.stages import TIED_POLICIES, Stage, parse_stages
-        from student_trainer.records import is_hub_id
+        from student_trainer.sources import is_hub_id
 
         self.student, self.data, self.output = str(self.student), str(self.data), str(self.output)
         if not (Path(self.student) / "config.json").is_file():

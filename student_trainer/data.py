@@ -1,9 +1,9 @@
 """Training and evaluation data loaded eagerly, and the order in which each rank sees it.
 
 :func:`load_dataset_samples` reads every record of a source into memory as a :class:`~genrecal.sample.Sample`
-(for evaluation and scripts; training reads lazily, :mod:`student_trainer.dataset`). The record formats and
-sources are :mod:`student_trainer.records`' (LLaVA / ShareGPT, OpenAI / HF messages; JSON, JSONL, datasets by
-path or Hub id), read through the same index and parser. Bad records raise :class:`genrecal.errors.SampleError`;
+(for evaluation and scripts; training reads lazily, :mod:`student_trainer.dataset`). The record formats are
+:mod:`student_trainer.records`' (LLaVA / ShareGPT, OpenAI / HF messages), the sources
+:mod:`student_trainer.sources`' (JSON, JSONL, datasets by path or Hub id), read through the same index and parser. Bad records raise :class:`genrecal.errors.SampleError`;
 by default they are skipped and counted in a :class:`SkipReport`.
 
 :class:`ShardedBatches` gives the deterministic, resumable micro-batch order for distributed training.
@@ -21,13 +21,8 @@ import numpy as np
 
 from genrecal.errors import SampleError
 from genrecal.sample import Sample
-from student_trainer.records import (
-    QUESTION_TYPE_KEYS,
-    default_image_folder,
-    open_index,
-    record_to_sample,
-    sample_id_of,
-)
+from student_trainer.records import QUESTION_TYPE_KEYS, record_to_sample, sample_id_of
+from student_trainer.sources import default_image_folder, open_index
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +59,7 @@ def load_dataset_samples(
     limit: int | None = None,
     skip_bad: bool = True,
 ) -> tuple[list[Sample], SkipReport]:
-    """Load the samples of any source :mod:`student_trainer.records` reads.
+    """Load the samples of any source :mod:`student_trainer.sources` opens.
 
     Args:
         path: a ``.json`` / ``.jsonl`` file, a ``.parquet`` / ``.arrow`` file, a ``save_to_disk`` folder or a

@@ -1,9 +1,9 @@
 """The training data as a lazy, map-style ``torch.utils.data.Dataset``: a record is read and its images decoded
 only when a step uses it, in ``DataLoader`` worker processes.
 
-Before step 0 a rank only opens the source's index (:func:`student_trainer.records.open_index`: JSONL byte offsets,
+Before step 0 a rank only opens the source's index (:func:`student_trainer.sources.open_index`: JSONL byte offsets,
 one JSON array re-serialised into a buffer, or Arrow rows of a local or Hub dataset; the cost of each is in
-:mod:`student_trainer.records`), which also refuses a source in no known record format. ``dataset[i]`` then parses
+:mod:`student_trainer.sources`), which also refuses a source in no known record format. ``dataset[i]`` then parses
 record ``i`` with :func:`student_trainer.records.record_to_sample`, whatever its format.
 
 A record that cannot become a sample (missing or corrupt image, malformed conversation, bad JSON line, no known
@@ -21,7 +21,8 @@ import torch.utils.data
 
 from genrecal.errors import SampleError
 from genrecal.sample import Sample
-from student_trainer.records import default_image_folder, open_index, record_to_sample
+from student_trainer.records import record_to_sample
+from student_trainer.sources import default_image_folder, open_index
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from student_trainer.records import is_hub_id
+from student_trainer.sources import is_hub_id
 
 Metric = Literal["exact_match", "f1", "rouge_l"]
 HeadlineMetric = Literal["auto", "exact_match", "f1", "rouge_l"]
