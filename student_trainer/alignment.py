@@ -41,8 +41,9 @@ def run_alignment(config: AlignConfig) -> tuple[float, Path]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     samples, _ = load_dataset_samples(config.data, image_folder=config.image_folder, limit=config.limit)
     teacher = open_teacher(addr=config.teacher_addr, model=config.teacher_model, device=device, dtype=dtype,
-                           timeout_s=config.teacher_timeout_s, token_file=config.teacher_token_file,
-                           tls_ca=config.teacher_tls_ca, image_options=config.teacher_image_options)
+                           timeout_s=config.teacher_timeout_s, retries=config.teacher_retries,
+                           token_file=config.teacher_token_file, tls_ca=config.teacher_tls_ca,
+                           image_options=config.teacher_image_options)
     student = load_vlm(config.student, dtype=dtype, image_options=config.image_options)
     student.model.to(device)
     # The block count comes from the file's metadata (an older file: from its rec_body keys, with a warning).

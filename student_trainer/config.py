@@ -17,7 +17,6 @@ import what they need when a config is built.
 from __future__ import annotations
 
 import json
-import re
 import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from genrecal.cli import option, upgrade_old_names
 from student_trainer.metrics import resolve_report_to
+from student_trainer.teacher_options import MODEL, TeacherOptions
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,6 @@ Dtype = Literal["auto", "bfloat16", "float32"]
 WireDtype = Literal["bfloat16", "float32"]
 Tracker = Literal["tensorboard", "wandb", "none"]
 OLD_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
 # Fields that decide the arithmetic or the data order of a run: a resumed run must keep them.
 RUN_DEFINING_FIELDS = (
@@ -50,7 +49,6 @@ RUN_DEFINING_FIELDS = (
     "logit_distillation", "logit_distillation_weight", "tied_embeddings", "teacher_wire_dtype", "image_options",
     "teacher_image_options",
 )
-MODEL = "model and teacher"
 DATA = "data"
 SCHEDULE = "stages and schedule"
 LOSSES = "losses (docs/method.md)"
@@ -63,26 +61,12 @@ RESOLUTION_HELP = ("'KNOB=VALUE,...' or a JSON object in the family's own proces
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(TeacherOptions):
     """Everything one training run needs. Validated on construction; each message says how to fix the value."""
 
     # ---- model and teacher -----------------------------------------------------------------------------------
     student: str = option(group=MODEL, metavar="PATH", help="student checkpoint folder (HF format, a supported "
                           "family): the model stage 1 starts from")
-    teacher_addr: str | None = option(None, group=MODEL, metavar="HOST:PORT", help="the teacher service "
-                                      "(teacher_server), needed by stages 1 and 2; several comma-separated: replicas")
-    teacher_model: str | None = option(None, group=MODEL, metavar="PATH", help="instead of --teacher-addr: a "
-                                       "teacher checkpoint folder loaded in every training process (single-machine "
-                                       "runs, tests, benchmarks)")
-    teacher_token_file: str | None = option(None, group=MODEL, metavar="FILE", help="file holding the bearer "
-                                            "token the teacher service gave this training (its --auth-token-file); "
-                                            "without it $GENRECAL_TEACHER_TOKEN is used, if set")
-    teacher_tls_ca: str | None = option(None, group=MODEL, metavar="PEM", help="CA bundle that signed the "
-                                        "teacher's TLS certificate: connect over TLS and verify it")
-    teacher_timeout_s: float = option(300.0, group=MODEL, help="seconds one teacher call may take, and how long "
-                                      "to wait for a restarted teacher to be SERVING again before failing")
-    teacher_retries: int = option(5, group=MODEL, help="retries of a call the teacher answers UNAVAILABLE "
-                                  "(backoff 0.5 s doubling to 15 s) before waiting for its health check")
     teacher_image_options: dict | None = option(None, group=MODEL, metavar="OPTIONS", help="an in-process "
                                                 "teacher's (--teacher-model) image resolution, as --image-options; a "
                                                 "teacher service takes its own --image-options (default: the "
@@ -223,34 +207,15 @@ class TrainConfig:
         if isinstance(self.stages, list | tuple):
             self.stages = ",".join(str(int(Stage(s))) for s in self.stages)
         self.stages = ",".join(str(int(s)) for s in parse_stages(str(self.stages)))
-        if self.teacher_addr is not None and self.teacher_model is not None:
-            raise ValueError(
-                "give either teacher_addr (a teacher service, HOST:PORT) or teacher_model (a checkpoint run in "
-                "this process), not both"
-            )
         if self.tied_embeddings not in TIED_POLICIES:
             raise ValueError(f"tied_embeddings must be one of {', '.join(TIED_POLICIES)}, got {self.tied_embeddings!r}")
         if self.logit_distillation in ("", "none"):
             self.logit_distillation = None
-        if self.needs_teacher and self.teacher_addr is None and self.teacher_model is None:
+        why = None
+        if self.needs_teacher:
             why = ("--logit-distillation needs the teacher's distributions" if self.logit_distillation else
                    f"stages {self.stages} include stage 1 or 2, which need the teacher")
-            raise ValueError(
-                f"{why}: pass --teacher-addr HOST:PORT (a running teacher_server) or --teacher-model PATH (an "
-                "in-process teacher), or run --stages 3 without it"
-            )
-        if self.teacher_addr is not None and not all(
-            _HOST_PORT.match(part.strip()) for part in self.teacher_addr.split(",")
-        ):
-            raise ValueError(
-                "teacher_addr must be HOST:PORT (e.g. teacher-node:50051 or [::1]:50051), or several separated by "
-                f"commas for teacher replicas, got {self.teacher_addr!r}"
-            )
-        if self.teacher_model is not None and not (Path(self.teacher_model) / "config.json").is_file():
-            raise ValueError(
-                f"teacher_model {self.teacher_model!r} is not a checkpoint folder (no config.json); pass the "
-                "teacher's folder or use --teacher-addr for a teacher service"
-            )
+        self.check_teacher(required=why, otherwise=", or run --stages 3 without it")
         # Knob names and types are checked for each side's family now; values against its processor at load.
         self.image_options = check_image_options(self.student, self.image_options)
         self.teacher_image_options = parse_image_options(self.teacher_image_options)
@@ -268,7 +233,7 @@ class TrainConfig:
                 f"({DEFAULT_DEEPSPEED_CONFIG})"
             )
         for name in ("grad_accum", "micro_batch_size", "steps_per_stage", "rec_blocks", "save_every",
-                     "keep_checkpoints", "log_every", "teacher_retries", "chunk_size"):
+                     "keep_checkpoints", "log_every", "chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -300,8 +265,6 @@ class TrainConfig:
             )
         _check_choice("teacher_wire_dtype", self.teacher_wire_dtype, WireDtype)
         _check_choice("dtype", self.dtype, Dtype)
-        if not self.teacher_timeout_s > 0:
-            raise ValueError(f"teacher_timeout_s must be > 0 seconds, got {self.teacher_timeout_s}")
         self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         resolve_report_to(self.report_to)  # a missing wandb stops the run here, before any model loads
         _ = self.losses  # validates the loss weights (LossConfig raises with its own message)

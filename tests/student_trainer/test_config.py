@@ -64,9 +64,12 @@ def test_subcommands_and_the_default_command(base, tmp_path):
                              "--teacher-model", base["teacher_model"], "--data", base["data"], "--output", "fig7.png",
                              "--no-centre", "--dtype", "float32"])
     assert command == "align" and (config.limit, config.centre, config.dtype) == (32, False, "float32")
-    with pytest.raises(ValueError, match="pass exactly one of --teacher-addr"):
+    with pytest.raises(ValueError, match="the alignment check runs the teacher on the pairs: pass --teacher-addr"):
         parse(["align", "--student", base["student"], "--recalibrator", str(recalibrator), "--data", base["data"],
                "--output", "x.png"])
+    with pytest.raises(ValueError, match="teacher_addr must be HOST:PORT"):  # checked as train checks it
+        parse(["align", "--student", base["student"], "--recalibrator", str(recalibrator), "--data", base["data"],
+               "--output", "x.png", "--teacher-addr", "teacher-node"])
     with pytest.raises(ValueError, match="missing --student, --data, --output"):
         parse([])
 
