@@ -134,8 +134,11 @@ def _help(f: dataclasses.Field) -> str:
 
 
 def cli_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of ``cls`` that are options (``init`` fields)."""
-    return [f for f in dataclasses.fields(cls) if f.init]
+    """The fields of ``cls`` that are options (``init`` fields): its own first, then those it inherits from a
+    shared set of options (so ``--help`` lists a command's main options, e.g. ``--student``, at the top)."""
+    own = set(vars(cls).get("__annotations__", {}))
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    return sorted(fields, key=lambda f: f.name not in own)  # stable: declaration order within each part
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, config_flag: bool = True) -> None:

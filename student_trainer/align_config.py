@@ -35,9 +35,6 @@ class AlignConfig(TeacherOptions):
                           help="auto = bfloat16 on GPUs that support it, else float32")
     image_options: dict | None = option(None, group=MODEL, metavar="OPTIONS", help="the student's image "
                                         f"resolution: {RESOLUTION_HELP} (default: the checkpoint's own)")
-    teacher_image_options: dict | None = option(None, group=MODEL, metavar="OPTIONS", help="the same for an "
-                                                "in-process teacher (--teacher-model); a teacher service uses its "
-                                                "own --image-options")
     data: str = option(group=DATA, help="question-answer pairs (same formats as training data)")
     image_folder: str | None = option(None, group=DATA, metavar="PATH", help="folder image names are relative to "
                                       "(default: the data's folder)")
@@ -54,9 +51,6 @@ class AlignConfig(TeacherOptions):
         if not Path(self.recalibrator).is_file():
             raise ValueError(f"recalibrator {self.recalibrator!r} does not exist; pass a run's "
                              "stage{1,2}/recalibrator.safetensors")
-        if self.teacher_image_options and self.teacher_model is None:
-            raise ValueError("teacher_image_options apply to an in-process teacher (--teacher-model); a teacher "
-                             "service sets its own resolution")
         for name in ("limit", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

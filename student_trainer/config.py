@@ -67,10 +67,6 @@ class TrainConfig(TeacherOptions):
     # ---- model and teacher -----------------------------------------------------------------------------------
     student: str = option(group=MODEL, metavar="PATH", help="student checkpoint folder (HF format, a supported "
                           "family): the model stage 1 starts from")
-    teacher_image_options: dict | None = option(None, group=MODEL, metavar="OPTIONS", help="an in-process "
-                                                "teacher's (--teacher-model) image resolution, as --image-options; a "
-                                                "teacher service takes its own --image-options (default: the "
-                                                "checkpoint's own settings)")
     # ---- data ------------------------------------------------------------------------------------------------
     data: str = option(group=DATA, help="training data: a .json/.jsonl file (LLaVA / ShareGPT or OpenAI-style "
                        "messages records, mixed as you like), a .parquet/.arrow file, a datasets save_to_disk folder, "
@@ -183,7 +179,7 @@ class TrainConfig(TeacherOptions):
     saved_only_keys = ("resolved_dtype",)  # written by to_dict beside the fields; ignored when read back
 
     def __post_init__(self) -> None:
-        from genrecal.families.resolution import check_image_options, parse_image_options
+        from genrecal.families.resolution import check_image_options
         from genrecal.stages import TIED_POLICIES, Stage, parse_stages
         from student_trainer.sources import is_hub_id
 
@@ -218,14 +214,6 @@ class TrainConfig(TeacherOptions):
         self.check_teacher(required=why, otherwise=", or run --stages 3 without it")
         # Knob names and types are checked for each side's family now; values against its processor at load.
         self.image_options = check_image_options(self.student, self.image_options)
-        self.teacher_image_options = parse_image_options(self.teacher_image_options)
-        if self.teacher_image_options is not None:
-            if self.teacher_model is None:
-                raise ValueError(
-                    "teacher_image_options apply to an in-process teacher (--teacher-model); a teacher service "
-                    "sets its own resolution: start it with --image-options"
-                )
-            self.teacher_image_options = check_image_options(self.teacher_model, self.teacher_image_options)
 
         if not Path(self.deepspeed).is_file():
             raise ValueError(

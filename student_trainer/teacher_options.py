@@ -35,10 +35,14 @@ class TeacherOptions:
                                       "to wait for a restarted teacher to be SERVING again before failing")
     teacher_retries: int = option(5, group=MODEL, help="retries of a call the teacher answers UNAVAILABLE "
                                   "(backoff 0.5 s doubling to 15 s) before waiting for its health check")
+    teacher_image_options: dict | None = option(None, group=MODEL, metavar="OPTIONS", help="an in-process "
+                                                "teacher's (--teacher-model) image resolution, as --image-options; a "
+                                                "teacher service takes its own --image-options (default: the "
+                                                "checkpoint's own settings)")
 
     def check_teacher(self, *, required: str | None, otherwise: str = "") -> None:
         """ValueError for both teachers given, a malformed address, a teacher folder without config.json, a bad
-        timeout or retry count; and, where ``required`` says why one is needed, for neither given (the message
+        timeout or retry count, image options for a teacher service or unknown to the teacher's family; and, where ``required`` says why one is needed, for neither given (the message
         ends with ``otherwise``, another way out, if given)."""
         if self.teacher_addr is not None and self.teacher_model is not None:
             raise ValueError("give either teacher_addr (a teacher service, HOST:PORT) or teacher_model (a checkpoint "
@@ -56,6 +60,15 @@ class TeacherOptions:
                              "the teacher's folder or use --teacher-addr for a teacher service")
         if not self.teacher_timeout_s > 0:
             raise ValueError(f"teacher_timeout_s must be > 0 seconds, got {self.teacher_timeout_s}")
+        from genrecal.families.resolution import check_image_options, parse_image_options
+
+        self.teacher_image_options = parse_image_options(self.teacher_image_options)
+        if self.teacher_image_options is not None:
+            if self.teacher_model is None:
+                raise ValueError("teacher_image_options apply to an in-process teacher (--teacher-model); a teacher "
+                                 "service sets its own resolution: start it with --image-options")
+            # Knob names and types are checked for the teacher's family now; values against its processor at load.
+            self.teacher_image_options = check_image_options(self.teacher_model, self.teacher_image_options)
         retries = self.teacher_retries
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
             raise ValueError(f"teacher_retries must be a positive integer, got {retries!r}")

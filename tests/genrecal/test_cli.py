@@ -101,6 +101,28 @@ def test_help_lists_groups_and_defaults_and_hides_test_flags(capsys):
     assert "{auto,bfloat16,float32}" in text
 
 
+@dataclass(kw_only=True)
+class Connection:  # a set of options two commands share
+    host: str = option("localhost", group="model", help="where the server is")
+    port: int = option(50051, group="model", help="its port")
+
+
+@dataclass(kw_only=True)
+class Client(Connection):
+    model: str = option(group="model", help="the main option")
+    retries: int = option(3, group="model", help="how often to retry")
+
+
+def test_a_commands_own_options_are_listed_before_the_ones_it_shares(capsys):
+    with pytest.raises(SystemExit):
+        parser_for(Client).parse_args(["--help"])
+    text = capsys.readouterr().out
+    flags = [text.index(f"--{name} ") for name in ("model", "retries", "host", "port")]
+    assert flags == sorted(flags)  # own fields in their order, then the inherited ones in theirs
+    args = parser_for(Client).parse_args(["--model", "m", "--port", "1"])
+    assert config_from_args(Client, args) == Client(model="m", port=1)
+
+
 def test_a_required_field_missing_everywhere_names_its_flag(tmp_path):
     with pytest.raises(ValueError, match="missing --name: give it on the command line or in the --config file"):
         parse(["--steps", "3"])
