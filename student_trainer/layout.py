@@ -5,6 +5,7 @@ config and ``manifest.json`` (world size, teacher identity).
     OUT/stage{n}/ds/step{k}/                      DeepSpeed checkpoints (model, optimizer, scheduler, client state)
     OUT/stage{n}/student/                         the stage's student: a plain checkpoint of its family
     OUT/stage{n}/recalibrator.safetensors         the stage's Recalibrator (stages 1 and 2)
+    OUT/stage{n}/config.json                      the config the stage ran with
     OUT/stage{n}/loss_curves.png, DONE            the stage's loss curves; DONE is written last
     OUT/metrics/stage{n}.jsonl, OUT/tensorboard/  one row per optimizer step (student_trainer.metrics)
     OUT/final/                                    the last stage's student (no Recalibrator)
