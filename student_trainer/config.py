@@ -43,11 +43,11 @@ OLD_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 
 # Fields that decide the arithmetic or the data order of a run: a resumed run must keep them.
 RUN_DEFINING_FIELDS = (
-    "student", "data", "data_split", "data_config", "image_folder", "data_limit", "stages", "lr", "lr_end", "warmup_steps", "weight_decay",
-    "grad_accum", "micro_batch_size", "steps_per_stage", "alignment_steps", "alignment_lr", "rec_blocks", "dtype",
-    "seed", "max_length", "ce_weight", "kl_weight", "regularisation", "sft_weight", "grad_clip",
-    "logit_distillation", "logit_distillation_weight", "tied_embeddings", "teacher_wire_dtype", "image_options",
-    "teacher_image_options",
+    "student", "data", "data_split", "data_config", "image_folder", "data_limit", "stages", "lr", "lr_end",
+    "warmup_steps", "weight_decay", "grad_accum", "micro_batch_size", "steps_per_stage", "alignment_steps",
+    "alignment_lr", "rec_blocks", "dtype", "seed", "max_length", "ce_weight", "kl_weight", "regularisation",
+    "sft_weight", "grad_clip", "logit_distillation", "logit_distillation_weight", "tied_embeddings",
+    "teacher_wire_dtype", "image_options", "teacher_image_options",
 )
 DATA = "data"
 SCHEDULE = "stages and schedule"
@@ -212,7 +212,7 @@ class TrainConfig(TeacherOptions):
             why = ("--logit-distillation needs the teacher's distributions" if self.logit_distillation else
                    f"stages {self.stages} include stage 1 or 2, which need the teacher")
         self.check_teacher(required=why, otherwise=", or run --stages 3 without it")
-        # Knob names and types are checked for each side's family now; values against its processor at load.
+        # Knob names and types are checked for the student's family now; values against its processor at load.
         self.image_options = check_image_options(self.student, self.image_options)
 
         if not Path(self.deepspeed).is_file():

@@ -2,9 +2,9 @@
 
 :func:`load_dataset_samples` reads every record of a source into memory as a :class:`~genrecal.sample.Sample`
 (for evaluation and scripts; training reads lazily, :mod:`student_trainer.dataset`). The record formats are
-:mod:`student_trainer.records`' (LLaVA / ShareGPT, OpenAI / HF messages), the sources
-:mod:`student_trainer.sources`' (JSON, JSONL, datasets by path or Hub id), read through the same index and parser. Bad records raise :class:`genrecal.errors.SampleError`;
-by default they are skipped and counted in a :class:`SkipReport`.
+:mod:`student_trainer.records`' (LLaVA / ShareGPT, OpenAI / HF messages), the sources :mod:`student_trainer.sources`'
+(JSON, JSONL, datasets by path or Hub id), read through the same index and parser. Bad records raise
+:class:`genrecal.errors.SampleError`; by default they are skipped and counted in a :class:`SkipReport`.
 
 :class:`ShardedBatches` gives the deterministic, resumable micro-batch order for distributed training.
 """

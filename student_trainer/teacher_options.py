@@ -41,9 +41,10 @@ class TeacherOptions:
                                                 "checkpoint's own settings)")
 
     def check_teacher(self, *, required: str | None, otherwise: str = "") -> None:
-        """ValueError for both teachers given, a malformed address, a teacher folder without config.json, a bad
-        timeout or retry count, image options for a teacher service or unknown to the teacher's family; and, where ``required`` says why one is needed, for neither given (the message
-        ends with ``otherwise``, another way out, if given)."""
+        """ValueError for both teachers given, a malformed address, a teacher folder without config.json, a bad timeout
+        or retry count, image options for a teacher service or unknown to the teacher's family; and, where
+        ``required`` says why one is needed, for neither given (the message ends with ``otherwise``, another way
+        out, if given)."""
         if self.teacher_addr is not None and self.teacher_model is not None:
             raise ValueError("give either teacher_addr (a teacher service, HOST:PORT) or teacher_model (a checkpoint "
                              "run in this process), not both")

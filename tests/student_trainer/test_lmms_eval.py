@@ -1,11 +1,12 @@
-"""Evaluating the trainer's result with lmms-eval: its model class for the student's family loads ``OUTPUT/final``
-and, on the shipped local task (``examples/lmms_eval_tasks/genrecal_vqa``), answers each question as
-``genrecal-eval`` does.
+"""Evaluating the trainer's result with lmms-eval: its model class for the student's family loads ``OUTPUT/final`` and,
+on the shipped local task (``examples/lmms_eval_tasks/genrecal_vqa``), answers each question as ``genrecal-eval``
+does.
 
 A tiny InternVL student (the demo student's family and Llama-2 tokenizer) is trained by the trainer CLI (stage 3,
-150 steps: enough to name the colours, so the answers differ), so ``final`` is exactly what a run writes. lmms-eval runs in its own venv (``$GENRECAL_LMMS_EVAL_PYTHON``,
-``.ci/lmms-eval-venv``; this test skips without it), offline, through its command line as docs/evaluate.md gives
-it; its ``--log_samples`` file holds each answer, compared with ``genrecal-eval``'s on the same questions.
+150 steps: enough to name the colours, so the answers differ), so ``final`` is exactly what a run writes. lmms-eval
+runs in its own venv (``$GENRECAL_LMMS_EVAL_PYTHON``, ``.ci/lmms-eval-venv``; this test skips without it), offline,
+through its command line as docs/evaluate.md gives it; its ``--log_samples`` file holds each answer, compared with
+``genrecal-eval``'s on the same questions.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ NEW_TOKENS = 8  # the task's max_new_tokens
 def test_lmms_eval_internvl_hf_loads_the_final_student_and_answers_as_genrecal_eval(
         tiny_checkpoint, vqa_data, lmms_eval_python, subprocess_env, tmp_path):
     student = tiny_checkpoint("internvl", tokenizer="llama2")
-    final = train_final_student(student, vqa_data, subprocess_env, tmp_path / "run", steps=150, lr=5e-3)  # learns colours
+    # 150 steps: the student learns to name the colours, so its answers differ from question to question.
+    final = train_final_student(student, vqa_data, subprocess_env, tmp_path / "run", steps=150, lr=5e-3)
 
     # The evaluation set in the task's format: one JSONL row per question of the trainer's data.
     rows = []
