@@ -17,7 +17,8 @@ leaves the file's value in place; :func:`config_from_args` merges the three and 
 Why not transformers' ``HfArgumentParser`` (it reads the same ``metadata={"help": ...}``): it gives every flag
 its field's default, so a flag left out cannot be told from one given, which is what lets a config file sit below
 the flags; it makes fields without a default ``required=True``, so ``--config`` could not supply them; it groups
-by dataclass, not by topic within one; and importing it (transformers) costs about a second more. This module is argparse and ~250 lines, and imports neither torch nor transformers, so ``--help`` is quick.
+by dataclass, not by topic within one; and importing it (transformers) costs about a second more. This module
+is argparse and under 300 lines, and imports neither torch nor transformers, so ``--help`` is quick.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -131,6 +133,13 @@ def _help(f: dataclasses.Field) -> str:
     elif value is not None:
         text = f"{text} (default: {value})"
     return text.replace("%", "%%")  # argparse %-formats help texts
+
+
+def program_name(default: str) -> str:
+    """The name ``--help`` shows: the console script's (``genrecal-train``) when run as one, ``default`` (e.g.
+    ``python -m student_trainer``) when run with ``-m`` or ``-c``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return default if name in ("", "__main__.py", "-c") else name
 
 
 def cli_fields(cls: type) -> list[dataclasses.Field]:
@@ -265,5 +274,5 @@ def hidden_flags(cls: type) -> Iterable[str]:
     return ["--" + f.name.replace("_", "-") for f in cli_fields(cls) if f.metadata.get("hidden")]
 
 
-__all__ = ["CONFIG_HELP", "USAGE", "add_arguments", "cli_fields", "config_from_args", "hidden_flags", "load_config_file",
+__all__ = ["CONFIG_HELP", "USAGE", "add_arguments", "cli_fields", "config_from_args", "hidden_flags", "load_config_file", "program_name",
            "option", "upgrade_old_names"]

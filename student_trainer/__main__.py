@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
 COMMANDS = ("train", "eval", "align")
 
@@ -49,20 +48,14 @@ ALIGN_DESCRIPTION = ("Alignment check (paper Fig. 7): cosine similarities of the
                      "student shows a clearly higher diagonal.")
 
 
-def _prog(default: str) -> str:
-    """``genrecal-train`` when run as the console script, ``python -m student_trainer`` under ``-m``."""
-    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return default if name in ("", "__main__.py", "-c") else name
-
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The whole command line: one subparser per command, its flags generated from its config dataclass."""
-    from genrecal.cli import USAGE, add_arguments
+    from genrecal.cli import USAGE, add_arguments, program_name
     from student_trainer.align_config import AlignConfig
     from student_trainer.config import TrainConfig
     from student_trainer.eval_config import EvalConfig
 
-    prog = prog or _prog("python -m student_trainer")
+    prog = prog or program_name("python -m student_trainer")
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION.format(prog=prog),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -99,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """``genrecal-eval``: the ``eval`` command on its own."""
-    from genrecal.cli import USAGE, add_arguments
+    from genrecal.cli import USAGE, add_arguments, program_name
     from student_trainer.eval_config import EvalConfig
 
-    parser = argparse.ArgumentParser(prog=_prog("genrecal-eval"), usage=USAGE, description=EVAL_DESCRIPTION)
+    parser = argparse.ArgumentParser(prog=program_name("genrecal-eval"), usage=USAGE, description=EVAL_DESCRIPTION)
     add_arguments(parser, EvalConfig)
     parser.set_defaults(config_class=EvalConfig, run=run_eval)
     return _run(parser.parse_args(argv), parser)

@@ -11,22 +11,16 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 DESCRIPTION = ("Serve a frozen teacher VLM for GenRecal: Encode samples, Score Recalibrator outputs with its head. "
                "Precedence: option defaults < --config FILE < flags.")
 
 
-def _prog() -> str:
-    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return "python -m teacher_server" if name in ("", "__main__.py", "-c") else name
-
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from genrecal.cli import USAGE, add_arguments
+    from genrecal.cli import USAGE, add_arguments, program_name
     from teacher_server.config import ServeConfig
 
-    parser = argparse.ArgumentParser(prog=prog or _prog(), usage=USAGE, description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog=prog or program_name("python -m teacher_server"), usage=USAGE, description=DESCRIPTION)
     add_arguments(parser, ServeConfig)
     return parser
 
